@@ -1,0 +1,162 @@
+"""Ingest throughput and memory against the I/O limit and a naive xarray conversion.
+
+    .venv/bin/python benchmarks/ingest.py            # 20,000 frames of 512x512 uint16
+    .venv/bin/python benchmarks/ingest.py --n 2000   # quicker
+
+Writes its own CXI files (diffraction-like frames with Poisson noise, 4 files), then
+measures, in the same run:
+
+- h5py read: reading every frame with h5py in blocks (the I/O limit),
+- naive: ``xarray.open_dataset(file, engine="h5netcdf").to_zarr(...)`` per file,
+- airysort ingest at N/4 and at N frames on the default local cluster,
+
+and prints frames/s, MB/s and peak memory (resident set of this process and its worker
+processes, sampled every 50 ms) with ratios against the h5py read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import psutil
+
+
+def diffraction_like_frames(n_templates: int, shape: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """Ring patterns of droplets of random size with Poisson noise (uint16 counts)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.indices(shape) - np.array(shape)[:, None, None] / 2
+    r = np.hypot(y, x) + 1e-3
+    frames = []
+    for _ in range(n_templates):
+        radius_px = rng.uniform(0.05, 0.2)
+        envelope = 2e4 / (1 + (r / 12) ** 3)
+        intensity = envelope * (np.sinc(2 * r * radius_px) ** 2 + 1e-3)
+        frames.append(np.minimum(rng.poisson(intensity), 65535).astype(np.uint16))
+    return np.stack(frames)
+
+
+def write_inputs(directory: Path, n: int, shape: tuple[int, int], n_files: int = 4) -> list[Path]:
+    templates = diffraction_like_frames(64, shape)
+    paths, per_file = [], n // n_files
+    for f in range(n_files):
+        path = directory / f"run{f:03d}.cxi"
+        count = per_file if f < n_files - 1 else n - per_file * (n_files - 1)
+        with h5py.File(path, "w") as h5:
+            data = h5.create_dataset("entry_1/data_1/data", shape=(count, *shape), dtype=np.uint16, chunks=(1, *shape))
+            for start in range(0, count, 256):
+                stop = min(start + 256, count)
+                idx = (np.arange(start, stop) * 7 + f) % len(templates)
+                data[start:stop] = np.roll(templates[idx], f, axis=-1)
+            h5["entry_1/instrument_1/detector_1/distance"] = 0.37
+            h5["entry_1/instrument_1/source_1/wavelength"] = 13.5e-9
+        paths.append(path)
+    return paths
+
+
+class PeakMemory:
+    """Peak resident memory of this process and all its children, sampled in a thread."""
+
+    def __enter__(self):
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(0.05)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def h5py_read(paths: list[Path]) -> int:
+    frames = 0
+    for path in paths:
+        with h5py.File(path, "r") as h5:
+            data = h5["entry_1/data_1/data"]
+            for start in range(0, data.shape[0], 256):
+                frames += len(data[start : start + 256])
+    return frames
+
+
+def naive_xarray(paths: list[Path], out: Path) -> None:
+    import xarray as xr
+
+    for i, path in enumerate(paths):
+        ds = xr.open_dataset(path, engine="h5netcdf", phony_dims="sort", group="entry_1/data_1", chunks={})
+        ds.to_zarr(out, mode="w" if i == 0 else "a", zarr_format=3, **({} if i == 0 else {"append_dim": ds["data"].dims[0]}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=20000, help="frames at the largest size (default 20000)")
+    parser.add_argument("--size", type=int, default=512, help="frame side in pixels (default 512)")
+    parser.add_argument("--workdir", default=None, help="where to write inputs and stores (default: a temp dir)")
+    args = parser.parse_args()
+
+    from pipeline.dask_cluster import dask_client
+    from pipeline.ingest import ingest
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="airysort-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    shape = (args.size, args.size)
+    frame_mb = args.size * args.size * 2 / 1e6
+    rows = []
+    try:
+        (work / "small").mkdir()
+        (work / "large").mkdir()
+        small = write_inputs(work / "small", args.n // 4, shape)
+        large = write_inputs(work / "large", args.n, shape)
+
+        def row(name, n, seconds, peak):
+            rows.append((name, n, seconds, n / seconds, n * frame_mb / seconds, peak / 2**20))
+
+        with PeakMemory() as memory:
+            t = time.perf_counter()
+            n = h5py_read(large)
+            row("h5py read (I/O limit)", n, time.perf_counter() - t, memory.peak)
+        try:
+            with PeakMemory() as memory:
+                t = time.perf_counter()
+                naive_xarray(large, work / "naive.zarr")
+                row("naive xarray to_zarr", args.n, time.perf_counter() - t, memory.peak)
+        except Exception as error:  # h5netcdf missing or the layout not understood
+            print(f"naive xarray conversion skipped: {type(error).__name__}: {error}")
+        with dask_client("local") as client:
+            for name, paths, n in (("airysort ingest N/4", small, args.n // 4), ("airysort ingest N", large, args.n)):
+                client.run(lambda: None)  # workers up before timing
+                with PeakMemory() as memory:
+                    t = time.perf_counter()
+                    result = ingest(work / f"{n}.zarr", paths, client=client, log=lambda line: None)
+                    row(name, n, time.perf_counter() - t, memory.peak)
+                assert result["patterns"] == n, result
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+    reference = rows[0][3]
+    print(f"\ningest benchmark: {args.n} frames of {args.size}x{args.size} uint16, {psutil.cpu_count()} cores")
+    print(f"{'method':<24} {'frames':>8} {'seconds':>9} {'frames/s':>10} {'MB/s':>8} {'peak MiB':>9} {'vs h5py':>8}")
+    for name, n, seconds, fps, mbps, peak in rows:
+        print(f"{name:<24} {n:>8} {seconds:>9.1f} {fps:>10.0f} {mbps:>8.0f} {peak:>9.0f} {fps / reference:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Options and output handling shared by every command."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Annotated, Any, Callable
+
+import typer
+
+ClusterOption = Annotated[
+    str,
+    typer.Option(
+        "--cluster",
+        help="Where Dask runs: 'local' (embedded LocalCluster), 'slurm', 'pbs', 'lsf' "
+        "(cluster-configs/*.yaml), a path to a cluster YAML, or a scheduler address.",
+    ),
+]
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print one JSON object on stdout as the last line.")
+]
+
+
+def say(message: str) -> None:
+    """Human-readable output goes to stderr so that stdout stays machine-readable."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def emit(result: dict[str, Any], as_json: bool, human: Callable[[dict], str] | None = None) -> None:
+    """Print a command's result: JSON on stdout, or a human summary on stderr."""
+    if as_json:
+        print(json.dumps(result, default=_json_default), flush=True)
+    elif human is not None:
+        say(human(result))
+    else:
+        say(json.dumps(result, indent=2, default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def user_errors(function: Callable) -> Callable:
+    """Turn :class:`~pipeline.errors.AirysortError` (and bad files) into one ``ERROR:`` line
+    on stderr and exit status 1, instead of a traceback."""
+    from pipeline.errors import AirysortError
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except (AirysortError, FileNotFoundError) as error:
+            say(f"ERROR: {error}")
+            raise typer.Exit(code=1) from None
+
+    return wrapper

@@ -1,0 +1,33 @@
+"""``airysort ingest STORE.zarr INPUT...``"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pipeline.cli.common import ClusterOption, JsonOption, emit, user_errors
+
+
+@user_errors
+def command(
+    store: Annotated[Path, typer.Argument(help="Zarr store to create or append to.")],
+    inputs: Annotated[list[Path], typer.Argument(help="CXI, HDF5 or .npy files.")],
+    dataset: Annotated[Optional[str], typer.Option(help="HDF5 path of the frame stack in plain HDF5 files.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Ingest files already in the store again.")] = False,
+    cluster: ClusterOption = "local",
+    json: JsonOption = False,
+) -> None:
+    """Ingest raw frames into the store (appends; resumable; bad frames go to the reject log)."""
+    from pipeline.dask_cluster import dask_client
+    from pipeline.ingest import ingest
+
+    with dask_client(cluster) as client:
+        result = ingest(store, inputs, dataset=dataset, force=force, client=client)
+    emit(
+        result,
+        json,
+        lambda r: f"ingested {r['ingested']} pattern(s), rejected {r['rejected']}, "
+        f"skipped {r['skipped_files']} file(s) already stored; the store holds {r['patterns']}",
+    )

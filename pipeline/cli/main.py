@@ -1,0 +1,27 @@
+"""The ``airysort`` command: assembles the per-command modules into one Typer app."""
+
+from __future__ import annotations
+
+import typer
+
+from pipeline.cli import info, ingest
+
+app = typer.Typer(
+    name="airysort",
+    help="Classify and sort single-shot diffraction patterns from FEL beamtimes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# One line per command; each module holds only argument parsing for that command.
+app.command("ingest")(ingest.command)
+app.command("info")(info.command)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

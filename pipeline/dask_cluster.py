@@ -1,0 +1,140 @@
+"""Connect to Dask: an embedded LocalCluster, a dask-jobqueue batch cluster or a scheduler.
+
+``--cluster`` accepts
+
+- ``local`` (default): a LocalCluster with one single-threaded worker process per core
+  (settings in ``cluster-configs/local.yaml`` when present);
+- ``local-threads``: one in-process worker with a thread per core (fast to start; tests);
+- ``slurm``, ``pbs``, ``lsf``, ``slurm-gpu``…: ``cluster-configs/<name>.yaml``;
+- a path to a YAML file in the same format;
+- a scheduler address such as ``tcp://10.0.0.5:8786``.
+
+Cluster YAML format (see the commented files in ``cluster-configs/``)::
+
+    type: slurm            # local | slurm | pbs | lsf | sge | htcondor
+    jobs: 2                # worker jobs to request at start
+    adapt:                 # optional: let Dask scale between these bounds instead
+      minimum_jobs: 1
+      maximum_jobs: 20
+    cluster:               # keyword arguments of dask_jobqueue.<Type>Cluster
+      cores: 8
+      memory: 32GB
+      walltime: "01:00:00"
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from pipeline.errors import AirysortError
+
+JOBQUEUE_CLASSES = {
+    "slurm": "SLURMCluster",
+    "pbs": "PBSCluster",
+    "lsf": "LSFCluster",
+    "sge": "SGECluster",
+    "htcondor": "HTCondorCluster",
+    "oar": "OARCluster",
+}
+
+
+def config_directories() -> list[Path]:
+    """Where named cluster configs are looked up, first match wins."""
+    directories = []
+    if os.environ.get("AIRYSORT_CLUSTER_CONFIGS"):
+        directories.append(Path(os.environ["AIRYSORT_CLUSTER_CONFIGS"]))
+    directories.append(Path.cwd() / "cluster-configs")
+    directories.append(Path(__file__).resolve().parents[1] / "cluster-configs")
+    return directories
+
+
+def load_cluster_config(spec: str) -> dict[str, Any]:
+    """Read the cluster YAML named by ``spec`` (a name in cluster-configs/ or a path)."""
+    path = Path(spec).expanduser()
+    if not (spec.endswith((".yaml", ".yml")) and path.exists()):
+        candidates = [d / f"{spec}.yaml" for d in config_directories()]
+        found = [c for c in candidates if c.exists()]
+        if not found:
+            if spec.endswith((".yaml", ".yml")):
+                raise AirysortError(f"cluster config {spec!r} does not exist")
+            known = sorted({p.stem for d in config_directories() if d.is_dir() for p in d.glob("*.yaml")})
+            raise AirysortError(
+                f"unknown cluster {spec!r}; use 'local', 'local-threads', a scheduler address, "
+                f"a YAML path, or one of: {', '.join(known) or '(no cluster-configs/ found)'}"
+            )
+        path = found[0]
+    with open(path) as stream:
+        config = yaml.safe_load(stream) or {}
+    if not isinstance(config, dict) or "type" not in config:
+        raise AirysortError(f"cluster config {str(path)!r} must be a mapping with a 'type' key")
+    config["_path"] = str(path)
+    return config
+
+
+def make_cluster(config: dict[str, Any]):
+    """Build (but do not scale) the Dask cluster that ``config`` describes."""
+    kind = config["type"]
+    options = dict(config.get("cluster") or {})
+    if kind == "local":
+        from distributed import LocalCluster
+
+        options.setdefault("n_workers", os.cpu_count() or 1)
+        options.setdefault("threads_per_worker", 1)
+        options.setdefault("dashboard_address", ":0")
+        return LocalCluster(**options)
+    if kind not in JOBQUEUE_CLASSES:
+        raise AirysortError(
+            f"cluster type {kind!r} is not supported; use 'local' or one of {sorted(JOBQUEUE_CLASSES)}"
+        )
+    import dask_jobqueue
+
+    cluster_class = getattr(dask_jobqueue, JOBQUEUE_CLASSES[kind])
+    return cluster_class(**options)
+
+
+@contextlib.contextmanager
+def dask_client(spec: str = "local", *, reuse: bool = True) -> Iterator[Any]:
+    """Context manager yielding a ``distributed.Client`` for ``spec`` (see module docstring).
+
+    With ``reuse`` (the default), inside an existing client (a notebook, or a test that made
+    one) that client is used and left running.
+    """
+    from distributed import Client, default_client
+
+    try:
+        existing = default_client() if reuse else None
+    except ValueError:
+        existing = None
+    if existing is not None:
+        yield existing
+        return
+
+    if spec.startswith(("tcp://", "tls://", "ucx://", "inproc://")):
+        with Client(spec) as client:
+            yield client
+        return
+    if spec == "local-threads":
+        from distributed import LocalCluster
+
+        with LocalCluster(
+            n_workers=1, threads_per_worker=os.cpu_count() or 1, processes=False, dashboard_address=":0"
+        ) as cluster, Client(cluster) as client:
+            yield client
+        return
+    if spec == "local" and not any((d / "local.yaml").exists() for d in config_directories()):
+        config = {"type": "local"}
+    else:
+        config = load_cluster_config(spec)
+    with make_cluster(config) as cluster:
+        if config["type"] != "local":
+            if config.get("adapt"):
+                cluster.adapt(**config["adapt"])
+            else:
+                cluster.scale(jobs=int(config.get("jobs", 1)))
+        with Client(cluster) as client:
+            yield client

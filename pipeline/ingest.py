@@ -1,0 +1,385 @@
+"""Ingest raw detector frames into the store, resumably and without losing anything.
+
+An ingest runs in four steps, each safe to interrupt:
+
+1. **Scan** the inputs (metadata only) and skip files already in the store.
+2. **Validate** every frame on the Dask workers, a block of frames per task: frames that
+   cannot be read, have the wrong shape, a dtype that does not convert losslessly, or
+   NaN/inf values are rejected with a one-line reason naming file and frame.
+3. **Journal** the plan (which file and frame becomes which pattern) in the store, then
+   grow the arrays and write the frames, one Dask task per shard.
+4. **Finalize**: coordinates, labels, mask, the file list, the reject log and provenance;
+   consolidate the metadata; delete the journal.
+
+The journal makes the ingest resumable: a run killed at any point leaves either no journal
+(the store is as before) or a journal that the next ``airysort ingest`` completes first,
+ending with the same store an uninterrupted run gives. The store's writer lock refuses a
+second ingest while one is running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import zarr
+
+from pipeline import store
+from pipeline.errors import AirysortError
+from pipeline.sources import Source, SourceError, fingerprint, open_source
+from pipeline.taxonomy import N_CLASSES
+
+
+@dataclasses.dataclass
+class Reject:
+    file: str
+    frame: int | None  # None: the whole file
+    reason: str
+
+    def line(self) -> str:
+        where = "whole file" if self.frame is None else f"frame {self.frame}"
+        return f"{self.file}: {where}: {self.reason}"
+
+
+# --------------------------------------------------------------------------- kernels (workers)
+
+
+def _frame_problem(frame: np.ndarray, frame_shape: tuple, dtype: np.dtype) -> str | None:
+    """Why ``frame`` cannot be stored in a store of ``frame_shape``/``dtype``, or None."""
+    if frame.shape != tuple(frame_shape):
+        return f"shape {frame.shape!r} differs from the store's {tuple(frame_shape)!r}"
+    if frame.dtype.kind not in "biuf":
+        return f"dtype {frame.dtype} is not numeric"
+    if frame.dtype.kind == "f" and not np.isfinite(frame).all():
+        return f"{int((~np.isfinite(frame)).sum())} NaN/inf pixel values"
+    if not np.can_cast(frame.dtype, dtype, "safe"):
+        converted = frame.astype(dtype)
+        if not np.array_equal(converted.astype(frame.dtype), frame):
+            return f"values of dtype {frame.dtype} do not fit the store's dtype {dtype} losslessly"
+    return None
+
+
+def validate_block(source: Source, start: int, stop: int, frame_shape: tuple, dtype: str) -> list[tuple[int, str]]:
+    """Read frames ``start:stop`` of ``source``; return ``(frame, reason)`` for each bad one."""
+    dtype = np.dtype(dtype)
+    try:
+        frames = source.read(start, stop)
+        readable = list(zip(range(start, stop), frames))
+        problems: list[tuple[int, str]] = []
+    except Exception:  # isolate the unreadable frames one at a time
+        readable, problems = [], []
+        for index in range(start, stop):
+            try:
+                readable.append((index, source.read(index, index + 1)[0]))
+            except Exception as error:
+                problems.append((index, f"unreadable ({type(error).__name__}: {error})".replace("\n", " ")))
+    for index, frame in readable:
+        problem = _frame_problem(np.asarray(frame), frame_shape, dtype)
+        if problem:
+            problems.append((index, problem))
+    return sorted(problems)
+
+
+def write_shard(store_path: str, runs: list[tuple[Source, int, int, int]], dtype: str) -> int:
+    """Write runs of frames into the store's ``raw``; all runs lie in one shard.
+
+    Each run is ``(source, first_frame, n_frames, first_pattern)``. Returns frames written.
+    """
+    raw = zarr.open_array(f"{store_path}/raw", mode="r+")
+    written = 0
+    for source, first_frame, n_frames, first_pattern in runs:
+        frames = source.read(first_frame, first_frame + n_frames).astype(dtype, copy=False)
+        raw[first_pattern : first_pattern + n_frames] = frames
+        written += n_frames
+    return written
+
+
+# --------------------------------------------------------------------------- planning (client)
+
+
+def _scan(inputs: Sequence[str], dataset: str | None) -> tuple[list[Source], list[Reject]]:
+    sources, rejects = [], []
+    for path in inputs:
+        try:
+            sources.append(open_source(path, dataset=dataset))
+        except SourceError as error:
+            rejects.append(Reject(str(path), None, str(error).split(": ", 1)[-1]))
+    return sources, rejects
+
+
+def _validate(sources: list[Source], frame_shape: tuple, dtype: np.dtype, client) -> dict[int, list[tuple[int, str]]]:
+    """Per source index, the rejected ``(frame, reason)`` pairs (Dask, one block per task)."""
+    from pipeline.progress import wait_with_progress
+
+    tasks, keys = [], []
+    for index, source in enumerate(sources):
+        light = _lightweight(source)
+        for start in range(0, source.n_frames, store.PATTERN_CHUNK):
+            stop = min(start + store.PATTERN_CHUNK, source.n_frames)
+            tasks.append(client.submit(validate_block, light, start, stop, frame_shape, dtype.str, pure=False))
+            keys.append(index)
+    results = wait_with_progress(tasks, "ingest: validating frames")
+    problems: dict[int, list[tuple[int, str]]] = {i: [] for i in range(len(sources))}
+    for index, found in zip(keys, results):
+        problems[index].extend(found)
+    return problems
+
+
+def _lightweight(source: Source) -> Source:
+    """The source without its per-frame metadata, cheap to send to every task."""
+    return dataclasses.replace(source, shot_ids=None, pulse_energy=None, labels=None, mask=None)
+
+
+def _plan(sources: list[Source], problems: dict, start: int) -> dict[str, Any]:
+    """Which frame of which file becomes which pattern, with the per-pattern metadata."""
+    source_index, frame_index, shot_ids, pulse, labels, files = [], [], [], [], [], []
+    next_pattern = start
+    for index, source in enumerate(sources):
+        bad = {frame for frame, _ in problems[index]}
+        good = np.array([f for f in range(source.n_frames) if f not in bad], dtype=np.int64)
+        name = Path(source.path).name
+        ids = source.shot_ids if source.shot_ids is not None else np.array([f"{name}:{f}" for f in range(source.n_frames)], dtype=object)
+        energy = source.pulse_energy if source.pulse_energy is not None else np.full(source.n_frames, np.nan)
+        rows = source.labels if source.labels is not None else np.full((source.n_frames, N_CLASSES), -1, np.int8)
+        source_index.append(np.full(len(good), index, np.int64))
+        frame_index.append(good)
+        shot_ids.append(np.asarray(ids, dtype=object)[good])
+        pulse.append(np.asarray(energy, np.float64)[good])
+        labels.append(np.asarray(rows, np.int8)[good])
+        files.append(
+            {
+                **fingerprint(source.path),
+                "layout": source.layout,
+                "dataset": source.dataset,
+                "frames": source.n_frames,
+                "stored": int(len(good)),
+                "rejected": len(bad),
+                "first_pattern": next_pattern,
+                "geometry": source.geometry,
+                "has_labels": source.labels is not None,
+            }
+        )
+        next_pattern += len(good)
+    concat = lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)  # noqa: E731
+    return {
+        "source_index": concat(source_index, np.int64),
+        "frame": concat(frame_index, np.int64),
+        "shot_id": concat(shot_ids, str),
+        "pulse_energy": concat(pulse, np.float64),
+        "label": np.concatenate(labels) if labels else np.zeros((0, N_CLASSES), np.int8),
+        "files": files,
+    }
+
+
+# --------------------------------------------------------------------------- journal
+
+
+def _pending(path: Path) -> Path:
+    return path / store.PENDING_DIR
+
+
+def _write_journal(path: Path, journal: dict, plan: dict) -> None:
+    """Write the journal atomically: a temporary directory renamed into place."""
+    temporary = path / f"{store.PENDING_DIR}.tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    np.savez(
+        temporary / "plan.npz",
+        **{k: plan[k] for k in ("source_index", "frame", "pulse_energy", "label")},
+        **({"mask": plan["mask"]} if plan.get("mask") is not None else {}),
+        shot_id=plan["shot_id"].astype(str),
+    )
+    (temporary / "journal.json").write_text(json.dumps(journal))
+    os.replace(temporary, _pending(path))
+
+
+def _read_journal(path: Path) -> tuple[dict, dict] | None:
+    pending = _pending(path)
+    if not (pending / "journal.json").exists():
+        shutil.rmtree(path / f"{store.PENDING_DIR}.tmp", ignore_errors=True)
+        return None
+    journal = json.loads((pending / "journal.json").read_text())
+    with np.load(pending / "plan.npz") as npz:
+        plan = {key: npz[key] for key in npz.files}
+    return journal, plan
+
+
+def _run_journal(path: Path, journal: dict, plan: dict, client) -> None:
+    """Grow the arrays, write frames and metadata, finalize. Idempotent: safe to repeat."""
+    from pipeline.progress import wait_with_progress
+
+    start, stop = journal["start"], journal["start"] + journal["n_new"]
+    sources = [
+        _lightweight(open_source(f["path"], dataset=f["dataset"] if f["layout"] == "hdf5" else None))
+        for f in journal["files"]
+    ]
+    store.resize_patterns(path, stop)
+
+    # One task per shard: frames landing in the same shard are written by the same task.
+    shard_runs: dict[int, list] = {}
+    for pattern, (src, frame) in enumerate(zip(plan["source_index"], plan["frame"]), start=start):
+        runs = shard_runs.setdefault(pattern // store.PATTERN_CHUNK, [])
+        if runs and runs[-1][0] is sources[src] and runs[-1][1] + runs[-1][2] == frame:
+            runs[-1][2] += 1
+        else:
+            runs.append([sources[src], int(frame), 1, pattern])
+    tasks = [
+        client.submit(write_shard, str(path), [tuple(r) for r in runs], journal["dtype"], pure=False)
+        for runs in shard_runs.values()
+    ]
+    wait_with_progress(tasks, "ingest: writing frames")
+
+    group = zarr.open_group(path, mode="r+", use_consolidated=False)
+    group["pattern"][start:stop] = np.arange(start, stop)
+    group["shot_id"][start:stop] = plan["shot_id"].astype(object)
+    group["source_file"][start:stop] = np.array([journal["files"][i]["path"] for i in plan["source_index"]], dtype=object)
+    group["frame"][start:stop] = plan["frame"]
+    group["pulse_energy"][start:stop] = plan["pulse_energy"]
+    group["label"][start:stop] = plan["label"]
+    if plan.get("mask") is not None:
+        group["mask"][...] = np.asarray(group["mask"][...]) | np.asarray(plan["mask"], bool)
+
+    attrs = dict(group.attrs)
+    ingest_id = journal["ingest_id"]
+    geometry = {k: attrs.get(k) for k in ("wavelength", "detector_distance", "pixel_size")}
+    for record in journal["files"]:
+        for key, value in record["geometry"].items():
+            if geometry.get(key) is None and value is not None:
+                geometry[key] = value
+    files = list(attrs.get("ingested_files", []))
+    if not any(f.get("ingest_id") == ingest_id for f in files):
+        files += [{**f, "ingest_id": ingest_id} for f in journal["files"]]
+    rejects = list(attrs.get("rejects", []))
+    if not any(r.get("ingest_id") == ingest_id for r in rejects):
+        rejects += [{**r, "ingest_id": ingest_id} for r in journal["rejects"]]
+    provenance = list(attrs.get("provenance", []))
+    if not any(p.get("ingest_id") == ingest_id for p in provenance):
+        provenance.append(
+            {
+                "command": "ingest",
+                "version": store.__version__,
+                "time": store.now(),
+                "ingest_id": ingest_id,
+                "parameters": journal["parameters"],
+            }
+        )
+    group.attrs.update({**geometry, "ingested_files": files, "rejects": rejects, "provenance": provenance})
+    store.consolidate(path)
+    shutil.rmtree(_pending(path))
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def ingest(
+    store_path: str | os.PathLike,
+    inputs: Sequence[str | os.PathLike],
+    *,
+    dataset: str | None = None,
+    force: bool = False,
+    client=None,
+    log=None,
+) -> dict[str, int]:
+    """Ingest frames from ``inputs`` into the store at ``store_path`` (created if missing).
+
+    Parameters
+    ----------
+    store_path : path-like
+        Zarr v3 store directory.
+    inputs : sequence of path-like
+        CXI (stacked or one frame per entry), HDF5 (with ``dataset``) or ``.npy`` files.
+    dataset : str, optional
+        HDF5 path of the frame stack in plain HDF5 files.
+    force : bool, default=False
+        Ingest files again even if the store already holds them (their frames are appended).
+    client : distributed.Client, optional
+        Defaults to the current client.
+    log : callable, optional
+        Receives one line per rejected frame or skipped file (default: print to stderr).
+
+    Returns
+    -------
+    dict
+        ``ingested`` (patterns added), ``rejected`` (frames, or whole unreadable files,
+        rejected in this run), ``skipped_files`` (already ingested) and ``patterns`` (total
+        in the store).
+    """
+    from distributed import default_client
+
+    client = client or default_client()
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    path = Path(store_path)
+    inputs = [str(p) for p in dict.fromkeys(str(p) for p in inputs)]  # drop repeats, keep order
+    parameters = {"inputs": [str(Path(p).resolve()) for p in inputs], "dataset": dataset, "force": force}
+
+    with store.write_lock(path, "ingest"):
+        resumed = _read_journal(path) if store.is_store(path) else None
+        if resumed is not None:
+            log(f"completing an interrupted ingest of {len(resumed[0]['files'])} file(s) first")
+            _run_journal(path, *resumed, client)
+
+        sources, rejects = _scan(inputs, dataset)
+        known = set()
+        if store.is_store(path):
+            known = {(f["path"], f["size"], f["mtime_ns"]) for f in store.read_attrs(path).get("ingested_files", [])}
+        skipped = 0
+        if not force:
+            fresh = []
+            for source in sources:
+                fp = fingerprint(source.path)
+                if (fp["path"], fp["size"], fp["mtime_ns"]) in known:
+                    log(f"{source.path}: already in the store, skipped (use --force to ingest it again)")
+                    skipped += 1
+                else:
+                    fresh.append(source)
+            sources = fresh
+
+        if not store.is_store(path):
+            if not sources:
+                for reject in rejects:
+                    log(f"ERROR: {reject.line()}")
+                raise AirysortError(f"nothing to ingest: none of the {len(inputs)} input(s) could be read")
+            first = sources[0]
+            store.create_store(path, frame_shape=first.frame_shape, dtype=first.dtype, mask=first.mask, geometry=first.geometry)
+
+        group = zarr.open_group(path, mode="r", use_consolidated=False)
+        frame_shape, dtype = tuple(group["raw"].shape[1:]), np.dtype(group["raw"].dtype)
+        start = int(group["pattern"].shape[0])
+
+        problems = _validate(sources, frame_shape, dtype, client) if sources else {}
+        for index, source in enumerate(sources):
+            rejects += [Reject(source.path, frame, reason) for frame, reason in problems[index]]
+        for reject in rejects:
+            log(f"ERROR: {reject.line()}")
+
+        plan = _plan(sources, problems, start)
+        plan["mask"] = None
+        masks = [s.mask for s in sources if s.mask is not None and s.mask.shape == frame_shape]
+        if masks:
+            plan["mask"] = np.logical_or.reduce(masks)
+        journal = {
+            "ingest_id": uuid.uuid4().hex,
+            "start": start,
+            "n_new": int(len(plan["frame"])),
+            "dtype": dtype.str,
+            "files": plan["files"],
+            "rejects": [dataclasses.asdict(r) for r in rejects],
+            "parameters": parameters,
+        }
+        if sources or rejects:
+            _write_journal(path, journal, plan)
+            _run_journal(path, journal, plan, client)
+
+    return {
+        "ingested": journal["n_new"],
+        "rejected": len(rejects),
+        "skipped_files": skipped,
+        "patterns": store.n_committed(path),
+    }

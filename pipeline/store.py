@@ -1,0 +1,348 @@
+"""The airysort store: one xarray Dataset in a Zarr v3 directory.
+
+Layout (interface.md)::
+
+    dims      pattern, y, x (raw frame), iy, ix (model input), class, z, q1, q2/phi
+    coords    pattern (0…N-1), shot_id, source_file, frame, pulse_energy [J], class
+    raw       (pattern, y, x)   detector counts, dtype of the first ingested file
+    mask      (y, x)            bool, True = bad pixel (union of the files' masks)
+    label     (pattern, class)  int8, 1/0, -1 where unlabelled
+    …         every later stage adds its own variables with :func:`write_variables`
+
+Pattern-aligned arrays are sharded ``PATTERN_CHUNK`` patterns per shard (whole frames),
+compressed with Blosc/zstd; every Dask write touches exactly one shard per task because
+concurrent writes into one shard silently lose data. Metadata is consolidated once, at the
+end of each command. Global attributes hold geometry (SI units), the list of ingested
+files, the reject log and the provenance of every command that wrote to the store.
+
+A store is written by one process at a time: :func:`write_lock` takes an exclusive
+``flock`` on a file inside the store (released by the kernel even after SIGKILL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import os
+import socket
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import xarray as xr
+import zarr
+
+from pipeline import __version__
+from pipeline.errors import AirysortError, StoreLockedError
+from pipeline.taxonomy import CLASS_NAMES
+
+#: Patterns per shard (and per Dask chunk) along ``pattern``.
+PATTERN_CHUNK = 256
+#: Patterns per inner (compression) chunk of ``raw`` inside a shard: small enough to
+#: read a few frames at random, large enough to compress well.
+RAW_INNER_CHUNK = 8
+#: Length of the 1-D chunks of small per-pattern coordinates.
+COORD_CHUNK = 65536
+LOCK_FILE = ".airysort-writer.lock"
+PENDING_DIR = ".ingest-pending"
+PATTERN_COORDS = ("shot_id", "source_file", "frame", "pulse_energy")
+
+
+def compressors(dtype: np.dtype) -> list:
+    """Blosc with zstd; bit-shuffle suits detector integers, byte-shuffle floats."""
+    shuffle = "bitshuffle" if np.dtype(dtype).itemsize <= 2 else "shuffle"
+    return [zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle=shuffle)]
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def is_store(path: str | os.PathLike) -> bool:
+    return (Path(path) / "zarr.json").exists()
+
+
+def _check_store(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not is_store(path):
+        hint = "create it with 'airysort ingest STORE.zarr FILES...'"
+        if path.exists():
+            raise AirysortError(f"{str(path)!r} exists but is not an airysort Zarr store; {hint}")
+        raise AirysortError(f"store {str(path)!r} does not exist; {hint}")
+    return path
+
+
+# --------------------------------------------------------------------------- locking
+
+
+@contextlib.contextmanager
+def write_lock(path: str | os.PathLike, command: str) -> Iterator[None]:
+    """Hold the store's exclusive writer lock for the duration of the block.
+
+    Raises :class:`StoreLockedError` at once (no waiting) when another process holds it.
+    The lock is an ``flock``: the kernel releases it when the holder dies, even by SIGKILL.
+    A process that already holds the lock may enter again (nested commands).
+    """
+    path = Path(path)
+    key = str(path.resolve())
+    if key in _HELD_LOCKS:
+        yield
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    lock_path = path / LOCK_FILE
+    handle = open(lock_path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise StoreLockedError(
+            f"store {str(path)!r} is being written by {holder}; wait until it finishes "
+            "(two writers at once would corrupt it)"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"airysort {command} (pid {os.getpid()} on {socket.gethostname()}, since {now()})")
+    handle.flush()
+    _HELD_LOCKS.add(key)
+    try:
+        yield
+    finally:
+        _HELD_LOCKS.discard(key)
+        handle.seek(0)
+        handle.truncate()
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+_HELD_LOCKS: set[str] = set()
+# zarr lists the lock file and the pending-ingest journal as unknown objects; they are ours.
+warnings.filterwarnings("ignore", message=r"Object at \.(airysort|ingest)", category=UserWarning)
+
+
+# --------------------------------------------------------------------------- creating
+
+
+def create_store(
+    path: str | os.PathLike,
+    *,
+    frame_shape: tuple[int, int],
+    dtype: np.dtype | str,
+    mask: np.ndarray | None = None,
+    geometry: Mapping[str, float | None] | None = None,
+) -> None:
+    """Create an empty store (zero patterns) for frames of ``frame_shape`` and ``dtype``.
+
+    Parameters
+    ----------
+    path : path-like
+        Directory of the new Zarr v3 store; must not hold a store yet.
+    frame_shape : (int, int)
+        Detector frame shape (y, x) in pixels.
+    dtype : numpy dtype
+        dtype of ``raw``; frames of other dtypes are stored if they convert losslessly.
+    mask : ndarray of bool, shape frame_shape, optional
+        True where the detector pixel is bad.
+    geometry : mapping, optional
+        ``wavelength`` [m], ``detector_distance`` [m], ``pixel_size`` [m]; None if unknown.
+    """
+    path = Path(path)
+    if is_store(path):
+        raise AirysortError(f"store {str(path)!r} already exists")
+    ny, nx = (int(s) for s in frame_shape)
+    dtype = np.dtype(dtype)
+    mask = np.zeros((ny, nx), bool) if mask is None else np.asarray(mask, bool)
+    geometry = dict(geometry or {})
+    empty = np.zeros((0, ny, nx), dtype)
+    dataset = xr.Dataset(
+        {
+            "raw": (("pattern", "y", "x"), empty, {"long_name": "detector frame", "units": "counts"}),
+            "mask": (("y", "x"), mask, {"long_name": "bad-pixel mask", "flag_meanings": "True = bad pixel"}),
+            "label": (
+                ("pattern", "class"),
+                np.zeros((0, len(CLASS_NAMES)), np.int8),
+                {"long_name": "researcher labels", "flag_values": "1 = class present, 0 = absent, -1 = unlabelled"},
+            ),
+        },
+        coords={
+            "pattern": ("pattern", np.zeros(0, np.int64)),
+            "shot_id": ("pattern", np.array([], dtype=np.dtypes.StringDType())),
+            "source_file": ("pattern", np.array([], dtype=np.dtypes.StringDType())),
+            "frame": ("pattern", np.zeros(0, np.int64), {"long_name": "frame index in the source file"}),
+            "pulse_energy": ("pattern", np.zeros(0, np.float64), {"units": "J"}),
+            "class": ("class", np.array(CLASS_NAMES, dtype=object)),
+        },
+        attrs={
+            "title": "airysort store of single-shot diffraction patterns",
+            "airysort_store_version": 1,
+            "wavelength": geometry.get("wavelength"),
+            "detector_distance": geometry.get("detector_distance"),
+            "pixel_size": geometry.get("pixel_size"),
+            "geometry_units": "m",
+            "ingested_files": [],
+            "rejects": [],
+            "provenance": [],
+        },
+    )
+    encoding = {
+        "raw": {
+            "chunks": (RAW_INNER_CHUNK, ny, nx),
+            "shards": (PATTERN_CHUNK, ny, nx),
+            "compressors": compressors(dtype),
+        },
+        "label": {"chunks": (COORD_CHUNK, len(CLASS_NAMES))},
+        **{name: {"chunks": (COORD_CHUNK,)} for name in ("pattern", *PATTERN_COORDS)},
+    }
+    dataset.to_zarr(path, mode="a", zarr_format=3, encoding=encoding, consolidated=False)
+
+
+def pattern_arrays(group: zarr.Group) -> list[str]:
+    """Names of the arrays whose first dimension is ``pattern``."""
+    return [
+        name
+        for name, array in group.arrays()
+        if (array.metadata.dimension_names or (None,))[0] == "pattern"
+    ]
+
+
+def resize_patterns(path: str | os.PathLike, n_patterns: int) -> None:
+    """Set the length of every pattern-aligned array (new entries read as fill values)."""
+    group = zarr.open_group(path, mode="r+", use_consolidated=False)
+    for name in pattern_arrays(group):
+        array = group[name]
+        array.resize((n_patterns, *array.shape[1:]))
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def n_committed(path: str | os.PathLike) -> int:
+    """Patterns fully written (an interrupted ingest's partial patterns are excluded)."""
+    group = zarr.open_group(path, mode="r", use_consolidated=False)
+    pending = Path(path) / PENDING_DIR / "journal.json"
+    if pending.exists():
+        return int(json.loads(pending.read_text())["start"])
+    return int(group["pattern"].shape[0])
+
+
+def open_store(path: str | os.PathLike) -> xr.Dataset:
+    """Open the store lazily: every variable dask-backed, one chunk per shard.
+
+    Patterns of an interrupted ingest are hidden until ``airysort ingest`` completes it.
+    """
+    path = _check_store(path)
+    dataset = xr.open_zarr(path, consolidated=False, chunks={})
+    dataset = dataset.chunk({"pattern": PATTERN_CHUNK})
+    committed = n_committed(path)
+    if committed < dataset.sizes.get("pattern", 0):
+        dataset = dataset.isel(pattern=slice(0, committed))
+    return dataset
+
+
+def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
+    return dict(zarr.open_group(_check_store(path), mode="r", use_consolidated=False).attrs)
+
+
+def update_attrs(path: str | os.PathLike, **attrs: Any) -> None:
+    zarr.open_group(path, mode="r+", use_consolidated=False).attrs.update(attrs)
+
+
+def append_provenance(path: str | os.PathLike, command: str, parameters: Mapping[str, Any]) -> None:
+    """Record that ``command`` wrote to the store, with its parameters and the time."""
+    group = zarr.open_group(path, mode="r+", use_consolidated=False)
+    provenance = list(group.attrs.get("provenance", []))
+    provenance.append(
+        {"command": command, "version": __version__, "time": now(), "parameters": _jsonable(dict(parameters))}
+    )
+    group.attrs["provenance"] = provenance
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda v: v.item() if isinstance(v, np.generic) else str(v)))
+
+
+def consolidate(path: str | os.PathLike) -> None:
+    """Consolidate metadata once, at the end of a command, for remote readers."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        zarr.consolidate_metadata(str(path))
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_variables(
+    path: str | os.PathLike,
+    variables: Mapping[str, xr.DataArray],
+    *,
+    command: str,
+    parameters: Mapping[str, Any],
+    description: str | None = None,
+) -> None:
+    """Write pattern-aligned variables into the store, one Dask task per shard.
+
+    Parameters
+    ----------
+    path : path-like
+        An existing store.
+    variables : mapping of name to DataArray
+        Each has ``pattern`` as its first dimension with the store's full length; values
+        may be NumPy- or Dask-backed. Variables of the same name are replaced. Coordinates
+        of other dimensions (e.g. ``class``) are written along; ``pattern`` coordinates are
+        the store's own and are not rewritten.
+    command, parameters
+        Recorded in the store's provenance.
+    description : str, optional
+        Text of the progress bar.
+
+    Must run inside :func:`pipeline.dask_cluster.dask_client` (or any distributed client).
+    """
+    from pipeline.progress import compute_with_progress
+
+    path = _check_store(path)
+    n_patterns = n_committed(path)
+    with write_lock(path, command):
+        group = zarr.open_group(path, mode="r+", use_consolidated=False)
+        arrays: dict[str, xr.DataArray] = {}
+        encoding: dict[str, dict] = {}
+        for name, array in variables.items():
+            if array.dims[0] != "pattern" or array.sizes["pattern"] != n_patterns:
+                raise AirysortError(
+                    f"variable {name!r} must have 'pattern' first with length {n_patterns}, "
+                    f"got dims {array.dims!r} and shape {array.shape!r}"
+                )
+            array = array.drop_vars([c for c in array.coords if "pattern" in array[c].dims])
+            array = array.chunk({"pattern": PATTERN_CHUNK, **{d: -1 for d in array.dims[1:]}})
+            arrays[name] = array
+            whole = tuple(array.shape[1:])
+            encoding[name] = {
+                "chunks": (min(PATTERN_CHUNK, RAW_INNER_CHUNK if array.ndim >= 3 else PATTERN_CHUNK), *whole),
+                "shards": (PATTERN_CHUNK, *whole),
+                "compressors": compressors(array.dtype),
+            }
+            if name in group:  # replaced, possibly with another shape
+                del group[name]
+        dataset = xr.Dataset(arrays)
+        for dim in list(dataset.coords):
+            if dim in group:  # an existing coordinate (e.g. ``class``) stays as it is
+                dataset = dataset.drop_vars(dim)
+        writes = dataset.to_zarr(
+            path, mode="a", zarr_format=3, encoding=encoding, consolidated=False, compute=False, safe_chunks=True
+        )
+        compute_with_progress(writes, description or f"{command}: writing {', '.join(variables)}")
+        append_provenance(path, command, parameters)
+        consolidate(path)
+
+
+def write_pattern_variable_direct(path: str | os.PathLike, name: str, values: np.ndarray) -> None:
+    """Overwrite a small pattern-aligned variable in place from the client (e.g. ``label``).
+
+    For arrays that fit in memory and are written by one process; large data goes through
+    :func:`write_variables`.
+    """
+    group = zarr.open_group(path, mode="r+", use_consolidated=False)
+    group[name][...] = values

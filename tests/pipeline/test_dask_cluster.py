@@ -1,0 +1,40 @@
+"""Cluster configs: every shipped YAML loads and renders a valid job script."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.dask_cluster import dask_client, load_cluster_config, make_cluster
+from pipeline.errors import AirysortError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "cluster-configs").glob("*.yaml"))
+DIRECTIVES = {"slurm": "#SBATCH", "pbs": "#PBS", "lsf": "#BSUB"}
+
+
+@pytest.mark.parametrize("config_path", [p for p in CONFIGS if p.stem != "local"], ids=lambda p: p.stem)
+def test_jobqueue_config_renders_job_script(config_path, monkeypatch):
+    config = load_cluster_config(str(config_path))
+    # do not bind the real dashboard port in tests
+    config["cluster"].setdefault("scheduler_options", {})["dashboard_address"] = ":0"
+    with make_cluster(config) as cluster:
+        script = cluster.job_script()
+    assert script.startswith("#!")
+    assert DIRECTIVES[config["type"]] in script
+    assert "distributed.cli.dask_worker" in script or "dask worker" in script or "dask-worker" in script
+    assert config["cluster"]["walltime"] in script
+
+
+def test_named_config_is_found_and_unknown_name_lists_choices():
+    assert load_cluster_config("slurm")["type"] == "slurm"
+    with pytest.raises(AirysortError, match="unknown cluster 'nowhere'.*slurm"):
+        load_cluster_config("nowhere")
+
+
+def test_local_yaml_starts_a_working_cluster(tmp_path):
+    config = tmp_path / "mine.yaml"
+    config.write_text("type: local\ncluster:\n  n_workers: 1\n  processes: false\n  dashboard_address: ':0'\n")
+    with dask_client(str(config), reuse=False) as client:
+        assert len(client.scheduler_info()["workers"]) == 1
+        assert client.submit(sum, [1, 2, 3]).result() == 6

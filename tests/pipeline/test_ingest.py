@@ -1,0 +1,209 @@
+"""Ingest: both CXI layouts bit-exact against h5py, labels, rejects, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from pipeline import store
+from pipeline.cli.main import app
+from pipeline.ingest import ingest
+from tests.factories import random_frames, random_labels, write_entries_cxi, write_stacked_cxi
+
+runner = CliRunner()
+
+
+def read_all_h5(path, dataset):
+    with h5py.File(path, "r") as h5:
+        return h5[dataset][()]
+
+
+class TestLayouts:
+    def test_stacked_cxi_bit_exact_with_metadata(self, tmp_path, dask_threads):
+        frames, labels = random_frames(300), random_labels(300)
+        mask = np.zeros(frames.shape[1:], bool)
+        mask[10:14, 0:3] = True
+        cxi = write_stacked_cxi(tmp_path / "run1.cxi", frames, labels=labels, mask=mask,
+                                pulse_energy=np.linspace(1e-3, 2e-3, 300), shot_ids=[f"s{i}" for i in range(300)])
+        result = ingest(tmp_path / "s.zarr", [cxi])
+        assert result == {"ingested": 300, "rejected": 0, "skipped_files": 0, "patterns": 300}
+        ds = store.open_store(tmp_path / "s.zarr")
+        np.testing.assert_array_equal(ds.raw.values, read_all_h5(cxi, "entry_1/data_1/data"))
+        assert ds.raw.dtype == np.uint16
+        np.testing.assert_array_equal(ds.label.values, labels)
+        np.testing.assert_array_equal(ds.mask.values, mask)
+        assert list(ds.shot_id.values[:2]) == ["s0", "s1"]
+        np.testing.assert_allclose(ds.pulse_energy.values, np.linspace(1e-3, 2e-3, 300))
+        assert ds.attrs["detector_distance"] == 0.37 and ds.attrs["pixel_size"] == 75e-6
+        np.testing.assert_array_equal(ds.frame.values, np.arange(300))
+
+    def test_entries_layout_bit_exact(self, tmp_path, dask_threads):
+        frames, labels = random_frames(7, dtype=np.float32), random_labels(7)
+        cxi = write_entries_cxi(tmp_path / "cxidb94.cxi", frames, labels=labels)
+        ingest(tmp_path / "s.zarr", [cxi])
+        ds = store.open_store(tmp_path / "s.zarr")
+        with h5py.File(cxi, "r") as h5:
+            expected = np.stack([h5[f"entry_{k}/instrument_1/detector_1/data"][()] for k in range(1, 8)])
+        np.testing.assert_array_equal(ds.raw.values, expected)
+        np.testing.assert_array_equal(ds.label.values, labels)
+        assert ds.shot_id.values[0] == "run7-shot00001"
+        assert ds.attrs["wavelength"] == pytest.approx(13.5e-9, rel=1e-3)  # from photon energy
+
+    def test_hdf5_dataset_and_npy_append(self, tmp_path, dask_threads):
+        frames = random_frames(5)
+        with h5py.File(tmp_path / "plain.h5", "w") as h5:
+            h5["detector/frames"] = frames
+        np.save(tmp_path / "more.npy", frames[:3])
+        path = tmp_path / "s.zarr"
+        ingest(path, [tmp_path / "plain.h5"], dataset="detector/frames")
+        result = ingest(path, [tmp_path / "more.npy"])
+        assert result["patterns"] == 8
+        ds = store.open_store(path)
+        np.testing.assert_array_equal(ds.raw.values, np.concatenate([frames, frames[:3]]))
+        assert (ds.label.values == -1).all()
+
+    def test_reingest_is_noop_unless_forced(self, tmp_path, dask_threads):
+        cxi = write_stacked_cxi(tmp_path / "a.cxi", random_frames(4))
+        path = tmp_path / "s.zarr"
+        ingest(path, [cxi])
+        assert ingest(path, [cxi])["skipped_files"] == 1
+        assert store.n_committed(path) == 4
+        assert ingest(path, [cxi], force=True)["patterns"] == 8
+
+
+class TestRejects:
+    def test_bad_frames_rejected_and_counted(self, tmp_path, dask_threads):
+        good = random_frames(20)
+        floats = random_frames(6, dtype=np.float32)
+        floats[2, 0, 0] = np.nan
+        floats[4, 1, 1] = np.inf
+        floats[5, 0, 0] = 0.5  # not storable losslessly as uint16
+        truncated = tmp_path / "truncated.cxi"
+        write_stacked_cxi(truncated, random_frames(50))
+        with open(truncated, "r+b") as f:
+            f.truncate(os.path.getsize(truncated) // 2)
+        inputs = [
+            write_stacked_cxi(tmp_path / "good.cxi", good),
+            write_stacked_cxi(tmp_path / "floats.cxi", floats),
+            write_stacked_cxi(tmp_path / "shape.cxi", random_frames(3, shape=(8, 8))),
+            truncated,
+            tmp_path / "missing.cxi",
+        ]
+        with h5py.File(tmp_path / "nodata.h5", "w") as h5:
+            h5["something"] = 1
+        inputs.append(tmp_path / "nodata.h5")
+        path = tmp_path / "s.zarr"
+        lines = []
+        result = ingest(path, inputs, log=lines.append)
+        rejects = store.read_attrs(path)["rejects"]
+        reasons = {(os.path.basename(r["file"]), r["frame"]): r["reason"] for r in rejects}
+        assert "NaN/inf" in reasons[("floats.cxi", 2)] and "NaN/inf" in reasons[("floats.cxi", 4)]
+        assert "losslessly" in reasons[("floats.cxi", 5)]
+        assert all("shape (8, 8)" in reasons[("shape.cxi", i)] for i in range(3))
+        assert reasons[("missing.cxi", None)] == "no such file"
+        assert "no frames found" in reasons[("nodata.h5", None)]
+        assert any(name == "truncated.cxi" for name, _ in reasons)
+        # every frame seen is either stored or rejected
+        files = store.read_attrs(path)["ingested_files"]
+        for record in files:
+            assert record["frames"] == record["stored"] + record["rejected"]
+        assert result["ingested"] == sum(f["stored"] for f in files)
+        assert result["rejected"] == len(rejects) == len(lines)
+        assert all(line.startswith("ERROR: ") and "\n" not in line for line in lines)
+        ds = store.open_store(path)
+        np.testing.assert_array_equal(ds.raw.values[:20], good)
+        np.testing.assert_array_equal(ds.raw.values[20:23], floats[[0, 1, 3]].astype(np.uint16))
+
+    def test_nothing_stored_is_lost_by_a_bad_second_ingest(self, tmp_path, dask_threads):
+        path = tmp_path / "s.zarr"
+        frames = random_frames(10)
+        ingest(path, [write_stacked_cxi(tmp_path / "a.cxi", frames)])
+        ingest(path, [tmp_path / "missing.cxi"])
+        np.testing.assert_array_equal(store.open_store(path).raw.values, frames)
+
+
+class TestCommandLine:
+    def test_ingest_and_info_json(self, tmp_path, dask_threads):
+        cxi = write_stacked_cxi(tmp_path / "a.cxi", random_frames(12), labels=random_labels(12))
+        store_path = str(tmp_path / "s.zarr")
+        result = runner.invoke(app, ["ingest", store_path, str(cxi), str(tmp_path / "gone.cxi"), "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout.strip().splitlines()[-1]) == {
+            "ingested": 12, "rejected": 1, "skipped_files": 0, "patterns": 12}
+        assert "gone.cxi: whole file: no such file" in result.stderr
+        info = runner.invoke(app, ["info", store_path, "--json"])
+        summary = json.loads(info.stdout.strip().splitlines()[-1])
+        assert summary["patterns"] == 12 and summary["labelled"] == 12 and summary["rejected"] == 1
+        assert summary["variables"]["raw"]["shards"] == [256, 24, 32]
+        human = runner.invoke(app, ["info", store_path])
+        assert "patterns   12 from 1 file(s); 1 rejected" in human.stderr
+
+    def test_missing_store_error_line(self, tmp_path):
+        result = runner.invoke(app, ["info", str(tmp_path / "none.zarr")])
+        assert result.exit_code == 1
+        assert result.stderr.strip().startswith("ERROR: store") and "does not exist" in result.stderr
+
+
+def snapshot(path):
+    """Everything an ingest writes, except its own id and timestamps."""
+    group = zarr.open_group(path, mode="r", use_consolidated=False)
+    arrays = {name: np.asarray(group[name][...]) for name in ("raw", "label", "mask", "frame", "pulse_energy", "pattern")}
+    arrays["shot_id"] = np.asarray(group["shot_id"][...]).astype(object)
+    arrays["source_file"] = np.asarray(group["source_file"][...]).astype(object)
+    attrs = dict(group.attrs)
+    files = [{k: v for k, v in f.items() if k != "ingest_id"} for f in attrs["ingested_files"]]
+    rejects = [{k: v for k, v in r.items() if k != "ingest_id"} for r in attrs["rejects"]]
+    return arrays, files, rejects
+
+
+def run_ingest(store_path, inputs):
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli.main", "ingest", str(store_path), *map(str, inputs), "--cluster", "local-threads"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_point_then_rerun_gives_identical_store(tmp_path):
+    """Kill a real ingest process at several points; the rerun must finish the same store."""
+    inputs = [write_stacked_cxi(tmp_path / f"run{i}.cxi", random_frames(700, shape=(64, 64), seed=i),
+                                labels=random_labels(700, seed=i)) for i in range(3)]
+    bad = random_frames(4, dtype=np.float32)
+    bad[1, 0, 0] = np.nan
+    inputs.append(write_stacked_cxi(tmp_path / "bad.cxi", bad))
+
+    reference = tmp_path / "reference.zarr"
+    assert run_ingest(reference, inputs).wait() == 0
+    expected = snapshot(reference)
+
+    killed_with_journal = 0
+    for delay in (0.3, 1.5, 2.5, "journal", 4.0):
+        path = tmp_path / f"killed-{delay}.zarr"
+        process = run_ingest(path, inputs)
+        if delay == "journal":  # kill right when the plan is journaled
+            deadline = time.time() + 60
+            while not (path / store.PENDING_DIR).exists() and time.time() < deadline and process.poll() is None:
+                time.sleep(0.005)
+        else:
+            time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        killed_with_journal += (path / store.PENDING_DIR).exists()
+        rerun = run_ingest(path, inputs)
+        assert rerun.wait() == 0, rerun.stderr.read().decode()
+        assert not (path / store.PENDING_DIR).exists()
+        got = snapshot(path)
+        for name, array in expected[0].items():
+            np.testing.assert_array_equal(got[0][name], array, err_msg=f"{name} after kill at {delay}")
+        assert got[1] == expected[1] and got[2] == expected[2]
+    assert killed_with_journal >= 1, "no kill landed while frames were being written"

@@ -1,0 +1,95 @@
+"""The store: schema, region writes one task per shard, locking, other Zarr v3 readers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from pipeline import store
+from pipeline.errors import AirysortError, StoreLockedError
+from pipeline.taxonomy import CLASS_NAMES
+
+
+@pytest.fixture
+def filled_store(tmp_path):
+    path = tmp_path / "s.zarr"
+    store.create_store(path, frame_shape=(6, 5), dtype="uint16", geometry={"wavelength": 13.5e-9})
+    n = 600  # two full shards and a partial one
+    store.resize_patterns(path, n)
+    group = zarr.open_group(path, mode="r+")
+    raw = np.arange(n * 30, dtype=np.uint16).reshape(n, 6, 5)
+    group["raw"][:] = raw
+    group["pattern"][:] = np.arange(n)
+    group["label"][:] = -1
+    return path, raw
+
+
+def test_schema_matches_interface(filled_store):
+    path, raw = filled_store
+    ds = store.open_store(path)
+    assert set(ds.dims) >= {"pattern", "y", "x", "class"}
+    assert list(ds["class"].values) == list(CLASS_NAMES)
+    for coord in ("shot_id", "source_file", "frame", "pulse_energy"):
+        assert ds[coord].dims == ("pattern",)
+    assert ds.raw.dtype == np.uint16 and ds.mask.dtype == bool and ds.label.dtype == np.int8
+    assert ds.attrs["wavelength"] == 13.5e-9
+    assert ds.raw.chunks[0] == (256, 256, 88)  # one Dask chunk per shard
+    raw_array = zarr.open_array(path / "raw")
+    assert raw_array.shards == (store.PATTERN_CHUNK, 6, 5)
+    assert "Blosc" in type(raw_array.compressors[0]).__name__
+
+
+def test_write_variables_region_per_shard(filled_store, dask_threads):
+    path, raw = filled_store
+    ds = store.open_store(path)
+    image = (ds.raw.astype("float32") / 2).rename(y="iy", x="ix")
+    store.write_variables(path, {"image": image}, command="test", parameters={"scale": 0.5})
+    ds = store.open_store(path)
+    np.testing.assert_array_equal(ds.image.values, raw.astype("float32") / 2)
+    assert zarr.open_array(path / "image").shards[0] == store.PATTERN_CHUNK
+    assert ds.attrs["provenance"][-1]["parameters"] == {"scale": 0.5}
+    # replacing a variable with another shape works
+    small = xr.DataArray(np.ones((600, 3), np.float32), dims=("pattern", "z"))
+    store.write_variables(path, {"image": small.rename(z="iy")}, command="test", parameters={})
+    assert store.open_store(path).image.shape == (600, 3)
+
+
+def test_write_variables_rejects_wrong_length(filled_store, dask_threads):
+    path, _ = filled_store
+    bad = xr.DataArray(np.ones((10, 2), np.float32), dims=("pattern", "z"))
+    with pytest.raises(AirysortError, match="length 600"):
+        store.write_variables(path, {"latent": bad}, command="test", parameters={})
+
+
+def test_second_writer_is_refused(filled_store):
+    import subprocess
+    import sys
+
+    path, _ = filled_store
+    code = f"from pipeline import store\nwith store.write_lock({str(path)!r}, 'preprocess'): pass\n"
+    with store.write_lock(path, "ingest"):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "is being written by airysort ingest (pid" in result.stderr
+    # once released, the lock can be taken again
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_missing_store_has_clear_error(tmp_path):
+    with pytest.raises(AirysortError, match="does not exist"):
+        store.open_store(tmp_path / "nothing.zarr")
+
+
+def test_other_zarr_v3_readers_open_it(filled_store):
+    path, raw = filled_store
+    store.consolidate(path)
+    # zarr-python directly
+    group = zarr.open_group(path, mode="r")
+    np.testing.assert_array_equal(group["raw"][5:300], raw[5:300])
+    assert group["raw"].metadata.dimension_names == ("pattern", "y", "x")
+    # tensorstore, an independent implementation of Zarr v3 (sharding + blosc)
+    tensorstore = pytest.importorskip("tensorstore")
+    array = tensorstore.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path / "raw")}}).result()
+    np.testing.assert_array_equal(array[250:600].read().result(), raw[250:600])
