@@ -326,7 +326,9 @@ def write_variables(
             }
             if name in group:  # replaced, possibly with another shape
                 del group[name]
-        dataset = xr.Dataset(arrays)
+        # xarray rewrites the group's attributes on every to_zarr: hand it the existing ones
+        # (file list, reject log, provenance, geometry) so nothing is dropped.
+        dataset = xr.Dataset(arrays, attrs=dict(group.attrs))
         for dim in list(dataset.coords):
             if dim in group:  # an existing coordinate (e.g. ``class``) stays as it is
                 dataset = dataset.drop_vars(dim)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from pipeline.cli import info, ingest
+from pipeline.cli import info, ingest, report, sort
+from pipeline.cli import evaluate
 
 app = typer.Typer(
     name="airysort",
@@ -17,6 +18,9 @@ app = typer.Typer(
 # One line per command; each module holds only argument parsing for that command.
 app.command("ingest")(ingest.command)
 app.command("info")(info.command)
+app.command("sort")(sort.command)
+app.command("report")(report.command)
+app.command("evaluate")(evaluate.command)
 
 
 def main() -> None:

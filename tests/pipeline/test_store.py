@@ -50,6 +50,7 @@ def test_write_variables_region_per_shard(filled_store, dask_threads):
     np.testing.assert_array_equal(ds.image.values, raw.astype("float32") / 2)
     assert zarr.open_array(path / "image").shards[0] == store.PATTERN_CHUNK
     assert ds.attrs["provenance"][-1]["parameters"] == {"scale": 0.5}
+    assert ds.attrs["wavelength"] == 13.5e-9  # existing attributes survive the write
     # replacing a variable with another shape works
     small = xr.DataArray(np.ones((600, 3), np.float32), dims=("pattern", "z"))
     store.write_variables(path, {"image": small.rename(z="iy")}, command="test", parameters={})

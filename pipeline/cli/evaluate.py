@@ -1,0 +1,26 @@
+"""``airysort evaluate STORE.zarr [--truth LABELS.csv]``"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pipeline.cli.common import JsonOption, emit, user_errors
+
+
+@user_errors
+def command(
+    store: Annotated[Path, typer.Argument(help="Zarr store.")],
+    truth: Annotated[
+        Optional[Path],
+        typer.Option(help="Label CSV (shot_id + 11 class columns) to score against instead of the store's label."),
+    ] = None,
+    json: JsonOption = False,
+) -> None:
+    """Per-class precision/recall/F1 of 'predicted' and homogeneity/completeness/ARI/NMI of
+    every clustering against the coarse groups."""
+    from pipeline.evaluate import evaluate_store, format_report
+
+    emit(evaluate_store(store, truth_csv=truth), json, format_report)

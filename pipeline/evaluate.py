@@ -1,0 +1,270 @@
+"""``airysort evaluate``: score classifications and clusterings against known truth.
+
+Truth is the store's ``label`` (researcher labels, −1 where unlabelled) or a label CSV
+(``shot_id,`` + the 11 class names, rows matched by ``shot_id``).
+
+* Classification (``predicted`` against truth): per-class precision, recall, F1 and
+  support, micro and macro F1 (scikit-learn). Patterns the classifier was trained or
+  validated on are left out when the store records them (a ``label_role`` or
+  ``train_split`` variable, see :func:`training_mask`); the output says which subset
+  was scored.
+* Clustering (every ``cluster_<method>`` variable): homogeneity, completeness, adjusted
+  Rand index and normalised mutual information against each pattern's coarse group
+  (taxonomy.md, :func:`pipeline.taxonomy.coarse_group`), over all patterns with truth.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+from sklearn import metrics
+
+from pipeline.errors import AirysortError
+from pipeline.taxonomy import CLASS_NAMES, N_CLASSES, coarse_group
+
+#: Variables that may record which labelled patterns trained the classifier.
+SPLIT_VARIABLES = ("label_role", "train_split")
+#: Values of a string split variable meaning "used to fit or tune the model".
+TRAINING_ROLES = frozenset({"train", "training", "val", "valid", "validation"})
+
+
+def read_truth_csv(path: str | Path, shot_ids: np.ndarray) -> tuple[np.ndarray, int]:
+    """Read a label CSV and align it with the store's patterns.
+
+    Parameters
+    ----------
+    path : path-like
+        CSV with header ``shot_id,`` + the 11 class names (any column order), 0/1 values.
+    shot_ids : ndarray of str, shape (n_patterns,)
+        The store's ``shot_id`` coordinate.
+
+    Returns
+    -------
+    truth : ndarray of int8, shape (n_patterns, 11)
+        0/1 where the CSV has a row for the pattern, −1 elsewhere.
+    unmatched : int
+        CSV rows whose ``shot_id`` is not in the store.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise AirysortError(f"truth file {str(path)!r} does not exist")
+    table = pd.read_csv(path, dtype={"shot_id": str})
+    missing = [name for name in ("shot_id", *CLASS_NAMES) if name not in table.columns]
+    if missing:
+        raise AirysortError(
+            f"truth file {str(path)!r} lacks the column(s) {missing!r}; the header must be "
+            f"'shot_id,' followed by the class names {', '.join(CLASS_NAMES)}"
+        )
+    values = table[list(CLASS_NAMES)].to_numpy()
+    if not np.isin(values, (0, 1)).all():
+        raise AirysortError(f"truth file {str(path)!r} holds values other than 0 and 1 in class columns")
+    if table["shot_id"].duplicated().any():
+        duplicate = table.loc[table["shot_id"].duplicated(), "shot_id"].iloc[0]
+        raise AirysortError(f"truth file {str(path)!r} lists shot_id {duplicate!r} more than once")
+    # tolist(): the store's strings come back as NumPy StringDType, which .astype(str) rejects.
+    row_of = {str(shot): i for i, shot in enumerate(np.asarray(shot_ids).tolist())}
+    truth = np.full((len(shot_ids), N_CLASSES), -1, dtype=np.int8)
+    rows = table["shot_id"].map(row_of)
+    found = rows.notna().to_numpy()
+    if not found.any():
+        raise AirysortError(
+            f"no shot_id of truth file {str(path)!r} matches the store (first CSV id "
+            f"{table['shot_id'].iloc[0]!r}, first store id {str(shot_ids[0])!r}); "
+            "the ids must equal the store's shot_id coordinate (see `airysort info`)"
+        )
+    truth[rows[found].astype(int).to_numpy()] = values[found]
+    return truth, int((~found).sum())
+
+
+def training_mask(dataset: xr.Dataset) -> tuple[np.ndarray | None, str | None]:
+    """Which patterns trained (or validated) the classifier, if the store records it.
+
+    Looks for a pattern variable named in :data:`SPLIT_VARIABLES`: strings (a pattern
+    is a training pattern if its role is in :data:`TRAINING_ROLES`), or booleans /
+    integers (non-zero = used for training).
+
+    Returns
+    -------
+    mask : ndarray of bool, shape (n_patterns,), or None
+        True for patterns used for training; None if nothing is recorded.
+    source : str or None
+        Name of the variable read.
+    """
+    for name in SPLIT_VARIABLES:
+        if name in dataset.variables and dataset[name].dims == ("pattern",):
+            values = np.asarray(dataset[name].values)
+            if values.dtype.kind in "biu":
+                return values != 0, name
+            roles = [str(role).lower() for role in values.tolist()]
+            return np.isin(roles, sorted(TRAINING_ROLES)), name
+    return None, None
+
+
+def classification_scores(truth: np.ndarray, predicted: np.ndarray) -> dict[str, Any]:
+    """Per-class and averaged scores of multi-label predictions.
+
+    Parameters
+    ----------
+    truth, predicted : ndarray of shape (n, 11)
+        0/1 multi-hot rows (truth known for every row).
+
+    Returns
+    -------
+    dict
+        ``per_class`` (name → precision, recall, f1, support), ``micro_f1``,
+        ``macro_f1``, ``n`` — the classification section of interface.md.
+    """
+    precision, recall, f1, support = metrics.precision_recall_fscore_support(
+        truth, predicted, average=None, labels=list(range(N_CLASSES)), zero_division=0
+    )
+    per_class = {
+        name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+        for name, p, r, f, s in zip(CLASS_NAMES, precision, recall, f1, support)
+    }
+    return {
+        "per_class": per_class,
+        "micro_f1": float(metrics.f1_score(truth, predicted, average="micro", zero_division=0)),
+        "macro_f1": float(metrics.f1_score(truth, predicted, average="macro", zero_division=0)),
+        "n": int(len(truth)),
+    }
+
+
+def clustering_scores(groups: np.ndarray, clusters: np.ndarray, *, k: int) -> dict[str, Any]:
+    """Agreement of a clustering with the coarse groups.
+
+    Parameters
+    ----------
+    groups : ndarray of str, shape (n,)
+        Coarse group of each pattern.
+    clusters : ndarray of int, shape (n,)
+        Cluster index of each pattern.
+    k : int
+        Number of clusters of the clustering (reported, not used for scoring).
+
+    Returns
+    -------
+    dict
+        ``homogeneity``, ``completeness``, ``ari``, ``nmi``, ``k``, ``n``.
+    """
+    homogeneity, completeness, _ = metrics.homogeneity_completeness_v_measure(groups, clusters)
+    return {
+        "homogeneity": float(homogeneity),
+        "completeness": float(completeness),
+        "ari": float(metrics.adjusted_rand_score(groups, clusters)),
+        "nmi": float(metrics.normalized_mutual_info_score(groups, clusters)),
+        "k": int(k),
+        "n": int(len(groups)),
+    }
+
+
+def evaluate_store(path: str | Path, *, truth_csv: str | Path | None = None) -> dict[str, Any]:
+    """Score the store's ``predicted`` and ``cluster_*`` variables against truth.
+
+    Parameters
+    ----------
+    path : path-like
+        An airysort store.
+    truth_csv : path-like, optional
+        Label CSV to use as truth instead of the store's ``label``.
+
+    Returns
+    -------
+    dict
+        ``{"classification": {...}, "clustering": {METHOD: {...}}}`` as in
+        interface.md; a section is absent when its inputs are. Extra keys: ``truth``
+        (``"label"`` or the CSV path), ``classification.scored`` (``"held_out"`` when the
+        training patterns are known and excluded, else ``"all_labelled"``),
+        ``classification.excluded_training``, ``truth_unmatched_rows`` (CSV only).
+    """
+    from pipeline import store
+
+    dataset = store.open_store(path)
+    clusterings = sorted(
+        name for name in dataset.data_vars
+        if name.startswith("cluster_") and dataset[name].dims == ("pattern",)
+    )
+    if "predicted" not in dataset and not clusterings:
+        raise AirysortError(
+            f"store {str(path)!r} has nothing to evaluate (no 'predicted', no 'cluster_*'); "
+            "run `airysort predict` or `airysort cluster` first"
+        )
+    result: dict[str, Any] = {}
+    if truth_csv is not None:
+        truth, unmatched = read_truth_csv(truth_csv, dataset["shot_id"].values)
+        result["truth"] = str(truth_csv)
+        result["truth_unmatched_rows"] = unmatched
+    elif "label" in dataset:
+        truth = np.asarray(dataset["label"].values, dtype=np.int8)
+        result["truth"] = "label"
+    else:
+        raise AirysortError(f"store {str(path)!r} has no 'label'; pass --truth LABELS.csv")
+    known = (truth >= 0).all(axis=1)
+    if not known.any():
+        raise AirysortError(
+            f"no pattern of store {str(path)!r} has known truth ({result['truth']}); import "
+            "labels with `airysort label STORE LABELS.csv` or pass --truth LABELS.csv"
+        )
+
+    if "predicted" in dataset:
+        trained, split_variable = training_mask(dataset)
+        scored = known if trained is None else known & ~trained
+        if not scored.any():
+            raise AirysortError(
+                f"every labelled pattern was used to train the classifier ({split_variable!r}); "
+                "pass --truth with labels of other patterns to score it"
+            )
+        predicted = np.asarray(dataset["predicted"].values)
+        result["classification"] = classification_scores(truth[scored], predicted[scored])
+        result["classification"]["scored"] = "all_labelled" if trained is None else "held_out"
+        result["classification"]["excluded_training"] = int((known & ~scored).sum())
+
+    if clusterings:
+        groups = coarse_group(truth)
+        result["clustering"] = {}
+        for name in clusterings:
+            clusters = np.asarray(dataset[name].values)
+            k = int(dataset[name].attrs.get("k", len(np.unique(clusters))))
+            result["clustering"][name.removeprefix("cluster_")] = clustering_scores(
+                groups[known], clusters[known], k=k
+            )
+        result["coarse_groups"] = {
+            str(g): int(n) for g, n in zip(*np.unique(groups[known], return_counts=True))
+        }
+    return result
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """The evaluation as readable tables (per-class metrics, then clusterings)."""
+    lines = []
+    classification = result.get("classification")
+    if classification:
+        subset = {"held_out": "held-out", "all_labelled": "all labelled"}[classification["scored"]]
+        lines.append(
+            f"Classification: {classification['n']} {subset} patterns, truth = {result['truth']}"
+            + (f" ({classification['excluded_training']} training patterns left out)"
+               if classification["excluded_training"] else "")
+        )
+        lines.append(f"{'class':<18}{'precision':>10}{'recall':>8}{'F1':>8}{'support':>9}")
+        for name, row in classification["per_class"].items():
+            lines.append(
+                f"{name:<18}{row['precision']:>10.3f}{row['recall']:>8.3f}{row['f1']:>8.3f}{row['support']:>9d}"
+            )
+        lines.append(f"micro F1 {classification['micro_f1']:.3f}   macro F1 {classification['macro_f1']:.3f}")
+    clustering = result.get("clustering")
+    if clustering:
+        if lines:
+            lines.append("")
+        groups = ", ".join(f"{g} {n}" for g, n in result["coarse_groups"].items())
+        lines.append(f"Clustering against coarse groups ({groups}):")
+        lines.append(f"{'method':<10}{'k':>4}{'homogeneity':>13}{'completeness':>14}{'ARI':>8}{'NMI':>8}")
+        for method, row in clustering.items():
+            lines.append(
+                f"{method:<10}{row['k']:>4d}{row['homogeneity']:>13.3f}{row['completeness']:>14.3f}"
+                f"{row['ari']:>8.3f}{row['nmi']:>8.3f}"
+            )
+    return "\n".join(lines)

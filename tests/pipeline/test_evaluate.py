@@ -1,0 +1,173 @@
+"""``airysort evaluate``: classification and clustering scores against known truth."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+from typer.testing import CliRunner
+
+from pipeline import store
+from pipeline.cli.main import app
+from pipeline.evaluate import classification_scores, clustering_scores
+from pipeline.ingest import ingest
+from pipeline.taxonomy import CLASS_NAMES, N_CLASSES, coarse_group, multi_hot
+
+COMBINATIONS = [
+    ("Spherical/Oblate", "Round"),
+    ("Spherical/Oblate", "Elliptical", "Asymmetric"),
+    ("Prolate", "Streak", "Bent"),
+    ("Spherical/Oblate", "Round", "DoubleRings"),
+    ("Empty",),
+]
+
+
+def counted_scores(truth: np.ndarray, predicted: np.ndarray, column: int) -> tuple[float, float, float]:
+    """Precision, recall, F1 of one class by counting, as the scikit-learn-free reference."""
+    t, p = truth[:, column] == 1, predicted[:, column] == 1
+    tp, fp, fn = (t & p).sum(), (~t & p).sum(), (t & ~p).sum()
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return precision, recall, f1
+
+
+def run_json(*args: str) -> dict:
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def evaluated_store(tmp_path_factory, dask_threads):
+    """A store with labels (some unknown), noisy predictions, a train/test split and
+    two clusterings: one that is exactly the coarse groups (relabelled), one random."""
+    rng = np.random.default_rng(7)
+    n = 500
+    tmp = tmp_path_factory.mktemp("evaluate")
+    np.save(tmp / "frames.npy", rng.integers(0, 50, size=(n, 6, 6)).astype(np.uint16))
+    path = tmp / "beamtime.zarr"
+    ingest(path, [tmp / "frames.npy"], client=dask_threads, log=lambda line: None)
+    truth = np.stack([multi_hot(COMBINATIONS[i]) for i in rng.integers(0, len(COMBINATIONS), n)])
+    predicted = np.where(rng.random(truth.shape) < 0.1, 1 - truth, truth).astype(np.int8)
+    label = truth.copy()
+    label[:50] = -1  # unlabelled patterns
+    role = np.where(rng.random(n) < 0.6, "train", "test").astype(np.dtypes.StringDType())
+    groups = coarse_group(truth)
+    relabel = {g: i for i, g in enumerate(["round", "prolate", "empty", "double", "elliptical"])}
+    perfect = np.array([relabel[g] for g in groups], dtype=np.int32) * 3 + 1  # arbitrary ids
+    store.write_variables(
+        path,
+        {
+            "label": xr.DataArray(label, dims=("pattern", "class")),
+            "predicted": xr.DataArray(predicted, dims=("pattern", "class")),
+            "cluster_gmm": xr.DataArray(perfect, dims=("pattern",), attrs={"k": 5}),
+            "cluster_spectral": xr.DataArray(rng.integers(0, 6, n).astype(np.int32), dims=("pattern",)),
+        },
+        command="test-fixture",
+        parameters={},
+    )
+    return {"path": path, "truth": truth, "predicted": predicted, "label": label, "role": role, "tmp": tmp}
+
+
+class TestScores:
+    def test_classification_matches_counting(self):
+        rng = np.random.default_rng(0)
+        truth = rng.integers(0, 2, (200, N_CLASSES))
+        predicted = np.where(rng.random(truth.shape) < 0.2, 1 - truth, truth)
+        predicted[:, 9] = 0  # a class never predicted: precision 0 by convention, no warning
+        scores = classification_scores(truth, predicted)
+        for i, name in enumerate(CLASS_NAMES):
+            expected = counted_scores(truth, predicted, i)
+            row = scores["per_class"][name]
+            assert (row["precision"], row["recall"], row["f1"]) == pytest.approx(expected)
+            assert row["support"] == truth[:, i].sum()
+        tp = (truth & predicted).sum()
+        micro = 2 * tp / (truth.sum() + predicted.sum())
+        assert scores["micro_f1"] == pytest.approx(micro)
+        assert scores["macro_f1"] == pytest.approx(np.mean([counted_scores(truth, predicted, i)[2] for i in range(11)]))
+        assert scores["n"] == 200
+
+    def test_clustering_is_invariant_to_cluster_names(self):
+        groups = np.array(["round", "round", "empty", "prolate", "prolate", "empty"])
+        renamed = clustering_scores(groups, np.array([7, 7, 0, 3, 3, 0]), k=3)
+        assert {renamed[m] for m in ("homogeneity", "completeness", "ari", "nmi")} == {1.0}
+        merged = clustering_scores(groups, np.array([0, 0, 0, 1, 1, 0]), k=2)
+        assert merged["completeness"] == pytest.approx(1.0) and merged["homogeneity"] < 0.7
+
+
+class TestEvaluateCommand:
+    def test_json_schema_and_values_against_store_labels(self, evaluated_store):
+        result = run_json("evaluate", str(evaluated_store["path"]))
+        known = (evaluated_store["label"] >= 0).all(axis=1)
+        classification = result["classification"]
+        assert classification["scored"] == "all_labelled" and classification["n"] == known.sum()
+        assert set(classification["per_class"]) == set(CLASS_NAMES)
+        assert set(classification["per_class"]["Round"]) == {"precision", "recall", "f1", "support"}
+        truth, predicted = evaluated_store["truth"][known], evaluated_store["predicted"][known]
+        assert classification["per_class"]["Prolate"]["f1"] == pytest.approx(counted_scores(truth, predicted, 3)[2])
+        assert {"micro_f1", "macro_f1"} <= set(classification)
+        clustering = result["clustering"]
+        assert set(clustering) == {"gmm", "spectral"}
+        assert clustering["gmm"]["k"] == 5
+        for metric in ("homogeneity", "completeness", "ari", "nmi"):
+            assert clustering["gmm"][metric] == pytest.approx(1.0)
+            assert abs(clustering["spectral"][metric]) < 0.1  # random assignment
+        assert clustering["gmm"]["n"] == known.sum()
+
+    def test_training_patterns_are_left_out_when_recorded(self, evaluated_store, dask_threads, tmp_path):
+        path = tmp_path / "split.zarr"
+        shutil.copytree(evaluated_store["path"], path)  # the other tests see no split
+        role = evaluated_store["role"]
+        store.write_variables(
+            path, {"label_role": xr.DataArray(role, dims=("pattern",))}, command="test-fixture", parameters={}
+        )
+        result = run_json("evaluate", str(path))
+        known = (evaluated_store["label"] >= 0).all(axis=1)
+        held_out = known & (role == "test")
+        classification = result["classification"]
+        assert classification["scored"] == "held_out"
+        assert classification["n"] == held_out.sum()
+        assert classification["excluded_training"] == (known & (role == "train")).sum()
+        truth, predicted = evaluated_store["truth"][held_out], evaluated_store["predicted"][held_out]
+        assert classification["per_class"]["Round"]["recall"] == pytest.approx(counted_scores(truth, predicted, 1)[1])
+        # Clustering is unsupervised: still scored on every labelled pattern.
+        assert result["clustering"]["gmm"]["n"] == known.sum()
+
+    def test_truth_csv_overrides_store_labels(self, evaluated_store):
+        truth = evaluated_store["truth"]
+        shot_ids = store.open_store(evaluated_store["path"])["shot_id"].values.tolist()
+        rows = np.arange(0, 300, 2)
+        table = pd.DataFrame(truth[rows], columns=list(CLASS_NAMES))
+        table.insert(0, "shot_id", [shot_ids[i] for i in rows])
+        table.loc[len(table)] = ["not-in-store", *([0] * N_CLASSES)]
+        csv = evaluated_store["tmp"] / "truth.csv"
+        table.to_csv(csv, index=False)
+        result = run_json("evaluate", str(evaluated_store["path"]), "--truth", str(csv))
+        assert result["truth"] == str(csv) and result["truth_unmatched_rows"] == 1
+        assert result["classification"]["n"] == len(rows)
+        expected = counted_scores(truth[rows], evaluated_store["predicted"][rows], 0)
+        assert result["classification"]["per_class"]["Spherical/Oblate"]["precision"] == pytest.approx(expected[0])
+
+    def test_human_table_lists_classes_and_methods(self, evaluated_store):
+        result = CliRunner().invoke(app, ["evaluate", str(evaluated_store["path"])])
+        assert result.exit_code == 0, result.output
+        assert "DoubleRings" in result.stderr and "macro F1" in result.stderr
+        assert "homogeneity" in result.stderr and "spectral" in result.stderr and "gmm" in result.stderr
+
+    def test_bad_csv_header_is_one_error_line(self, evaluated_store):
+        csv = evaluated_store["tmp"] / "bad.csv"
+        csv.write_text("shot_id,Round\na,1\n")
+        result = CliRunner().invoke(app, ["evaluate", str(evaluated_store["path"]), "--truth", str(csv)])
+        assert result.exit_code == 1
+        assert result.stderr.startswith("ERROR: ") and "Spherical/Oblate" in result.stderr
+
+    def test_store_without_results_says_what_to_run(self, tmp_path, dask_threads):
+        np.save(tmp_path / "f.npy", np.zeros((3, 4, 4), np.uint16))
+        ingest(tmp_path / "s.zarr", [tmp_path / "f.npy"], client=dask_threads, log=lambda line: None)
+        result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "s.zarr")])
+        assert result.exit_code == 1 and "airysort cluster" in result.stderr

@@ -1,0 +1,75 @@
+"""report: a self-contained HTML file that renders in headless Chromium without errors."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+import xarray as xr
+from typer.testing import CliRunner
+
+from pipeline import store
+from pipeline.cli.main import app
+from pipeline.ingest import ingest
+from pipeline.taxonomy import N_CLASSES
+from tests.factories import random_frames, random_labels, write_stacked_cxi
+
+
+@pytest.fixture
+def evaluated_store(tmp_path, dask_threads):
+    n = 120
+    rng = np.random.default_rng(0)
+    labels = random_labels(n)
+    path = tmp_path / "s.zarr"
+    ingest(path, [write_stacked_cxi(tmp_path / "a.cxi", random_frames(n, shape=(16, 16)), labels=labels)], log=lambda line: None)
+    flip = rng.uniform(size=labels.shape) < 0.1
+    predicted = np.where(flip, 1 - labels, labels).astype(np.int8)
+    store.write_variables(path, {
+        "prob": xr.DataArray(np.clip(predicted + rng.normal(0, 0.2, labels.shape), 0, 1).astype(np.float32), dims=("pattern", "class")),
+        "predicted": xr.DataArray(predicted, dims=("pattern", "class")),
+        "cluster_gmm": xr.DataArray(rng.integers(0, 3, n).astype(np.int32), dims=("pattern",)),
+    }, command="test", parameters={})
+    return path, labels, predicted
+
+
+def test_report_sections_from_real_results(evaluated_store, tmp_path):
+    path, labels, predicted = evaluated_store
+    (tmp_path / "out" / "latent").mkdir(parents=True)
+    from pipeline.gallery import contact_sheet
+
+    contact_sheet(np.random.default_rng(0).uniform(size=(2, 8, 8)), tmp_path / "out" / "latent" / "map.png")
+    result = CliRunner().invoke(app, ["report", str(path), str(tmp_path / "out"), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["sections"] == ["Store", "Class distribution", "Classification", "Unsupervised sorting",
+                                   "Latent space", "Cluster galleries", "Provenance"]
+    document = (tmp_path / "out" / "report.html").read_text()
+    assert "<td>input files</td><td class=\"num\">1</td>" in document
+    assert "src=\"http" not in document and "<script" not in document  # self-contained
+    from sklearn.metrics import f1_score
+
+    assert f"{f1_score(labels, predicted, average='micro', zero_division=0):.3f}" in document
+
+
+def test_report_renders_in_headless_chromium(evaluated_store, tmp_path, chromium_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    path, *_ = evaluated_store
+    report = CliRunner().invoke(app, ["report", str(path), str(tmp_path / "out"), "--json"])
+    html_file = json.loads(report.stdout.strip().splitlines()[-1])["report"]
+    errors = []
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run", "--disable-quic"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"file://{html_file}")
+        sizes = page.eval_on_selector_all("img", "imgs => imgs.map(i => [i.complete, i.naturalWidth])")
+        page.screenshot(path=str(tmp_path / "out" / "report.png"), full_page=True)
+        browser.close()
+    assert errors == []
+    assert len(sizes) >= 4 and all(complete and width > 0 for complete, width in sizes)
+    assert (tmp_path / "out" / "report.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,84 @@
+"""sort: index lists and galleries for a store with known predictions and clusters."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import h5py
+import numpy as np
+import xarray as xr
+from typer.testing import CliRunner
+
+from pipeline import store
+from pipeline.cli.main import app
+from pipeline.ingest import ingest
+from pipeline.sort import export_patterns, sort_store
+from pipeline.taxonomy import CLASS_NAMES, N_CLASSES
+from tests.factories import random_frames, write_stacked_cxi
+
+
+def classified_store(tmp_path, n=300):
+    rng = np.random.default_rng(1)
+    path = tmp_path / "s.zarr"
+    ingest(path, [write_stacked_cxi(tmp_path / "a.cxi", random_frames(n, shape=(16, 16)),
+                                    shot_ids=[f"shot{i}" for i in range(n)])], log=lambda line: None)
+    prob = rng.uniform(size=(n, N_CLASSES)).astype(np.float32)
+    predicted = (prob > 0.5).astype(np.int8)
+    clusters = rng.integers(0, 3, n).astype(np.int32)
+    store.write_variables(path, {
+        "prob": xr.DataArray(prob, dims=("pattern", "class")),
+        "predicted": xr.DataArray(predicted, dims=("pattern", "class")),
+        "cluster_gmm": xr.DataArray(clusters, dims=("pattern",)),
+    }, command="test", parameters={})
+    return path, prob, predicted, clusters
+
+
+def read_csv(path):
+    with open(path) as stream:
+        return list(csv.DictReader(stream))
+
+
+def test_sort_lists_exactly_the_members(tmp_path, dask_threads):
+    path, prob, predicted, clusters = classified_store(tmp_path)
+    summary = sort_store(path, tmp_path / "out")
+    for c, name in enumerate(CLASS_NAMES):
+        rows = read_csv(tmp_path / "out" / "classes" / f"{name.replace('/', '-')}.csv")
+        patterns = [int(r["pattern"]) for r in rows]
+        assert sorted(patterns) == list(np.flatnonzero(predicted[:, c]))
+        probabilities = [float(r["probability"]) for r in rows]
+        assert probabilities == sorted(probabilities, reverse=True)  # most confident first
+        assert all(r["shot_id"] == f"shot{int(r['pattern'])}" and r["frame"] == r["pattern"] for r in rows)
+        assert summary["classes"][name] == len(rows)
+        assert (tmp_path / "out" / "classes" / f"{name.replace('/', '-')}.png").stat().st_size > 1000
+    for k in range(3):
+        rows = read_csv(tmp_path / "out" / "clusters" / "gmm" / f"cluster_{k}.csv")
+        assert sorted(int(r["pattern"]) for r in rows) == list(np.flatnonzero(clusters == k))
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["clusters"]["gmm"] == {
+        str(k): int((clusters == k).sum()) for k in range(3)}
+
+
+def test_export_class_to_cxi_round_trips(tmp_path, dask_threads):
+    path, prob, predicted, _ = classified_store(tmp_path)
+    out = tmp_path / "round.cxi"
+    count = export_patterns(path, "Round", out)
+    members = np.flatnonzero(predicted[:, 1])
+    assert count == len(members)
+    raw = store.open_store(path).raw.values
+    with h5py.File(out, "r") as h5:
+        np.testing.assert_array_equal(h5["entry_1/data_1/data"][()], raw[members])
+        np.testing.assert_array_equal(h5["entry_1/result_1/labels"][()], predicted[members])
+    # and it can be ingested again
+    assert ingest(tmp_path / "again.zarr", [out], log=lambda line: None)["ingested"] == count
+
+
+def test_sort_command_and_clear_error(tmp_path, dask_threads):
+    runner = CliRunner()
+    path, *_ = classified_store(tmp_path)
+    result = runner.invoke(app, ["sort", str(path), str(tmp_path / "o"), "--export", "Round", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["exported"]["class"] == "Round"
+    bare = tmp_path / "bare.zarr"
+    ingest(bare, [write_stacked_cxi(tmp_path / "b.cxi", random_frames(3))], log=lambda line: None)
+    result = runner.invoke(app, ["sort", str(bare), str(tmp_path / "o2")])
+    assert result.exit_code == 1 and "run 'airysort predict' or 'airysort cluster' first" in result.stderr
