@@ -6,6 +6,7 @@ import typer
 
 from pipeline.cli import info, ingest, report, sort
 from pipeline.cli import evaluate
+from pipeline.cli import simulate
 
 app = typer.Typer(
     name="airysort",
@@ -21,6 +22,7 @@ app.command("info")(info.command)
 app.command("sort")(sort.command)
 app.command("report")(report.command)
 app.command("evaluate")(evaluate.command)
+app.command("simulate")(simulate.command)
 
 
 def main() -> None:

@@ -1,0 +1,55 @@
+"""Simulator throughput: patterns per second per core, per forward model and frame size.
+
+Run: ``.venv/bin/python benchmarks/simulate.py [--quick]``
+
+Each row renders shots with the real label mix (taxonomy.md frequencies) in this
+process on one core (finufft single-threaded, no Dask), timing CPU seconds so that
+other load on the machine does not count. Targets (issue 3): projection >= 200
+patterns/s per core at 256^2, MSFT >= 5 per core at 256^2. The baseline for the
+ratios is the projection model at 256^2 measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+from pipeline.simulate.beamtime import render_block
+from pipeline.simulate.profile import load_profile
+
+TARGETS = {("projection", 256): 200.0, ("msft", 256): 5.0}
+
+
+def rate(model: str, size: int, n: int) -> float:
+    """Patterns per CPU second for ``n`` shots of the given model and frame size."""
+    # Projection belongs to the small-angle geometry; Born and MSFT to the wide-angle one.
+    base = load_profile("lcls" if model == "projection" else "fermi")
+    profile = dataclasses.replace(base, model=model).at_size(size)
+    render_block(0, 8, seed=99, profile=profile, balanced=True)  # JIT compilation and set-up
+    start = time.process_time()
+    render_block(0, n, seed=1, profile=profile, balanced=False)
+    return n / (time.process_time() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer shots (noisier)")
+    args = parser.parse_args()
+    counts = {256: 60, 1024: 4} if not args.quick else {256: 16, 1024: 1}
+    rows = []
+    for size in (256, 1024):
+        for model in ("projection", "born", "msft"):
+            n = counts[size] * (4 if model == "projection" else 1)
+            rows.append((model, size, rate(model, size, n)))
+    baseline = rows[0][2]
+    print(f"{'model':<11} {'frame':>6} {'patterns/s/core':>16} {'vs projection 256':>18} {'target':>7} {'met':>4}")
+    for model, size, value in rows:
+        target = TARGETS.get((model, size))
+        met = "" if target is None else ("yes" if value >= target else "NO")
+        print(f"{model:<11} {size:>5}² {value:>16.2f} {value / baseline:>18.3f} "
+              f"{'' if target is None else f'{target:g}':>7} {met:>4}")
+
+
+if __name__ == "__main__":
+    main()

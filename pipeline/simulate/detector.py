@@ -1,0 +1,165 @@
+"""Detector and source effects: geometry, mask, photon statistics and read-out.
+
+Pure NumPy kernels working on one frame; the per-shot random numbers come from the
+caller's ``numpy.random.Generator`` so that every frame is reproducible from its
+own seed. Frame arrays have shape (ny, nx); pixel-unit quantities refer to the
+profile's (possibly binned, see :meth:`.Profile.at_size`) frame.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.simulate.profile import Profile
+
+
+def beam_center(profile: Profile) -> tuple[float, float]:
+    """Direct-beam position (y, x) in pixel coordinates (pixel centres at integers)."""
+    ny, nx = profile.frame_shape
+    dy, dx = profile.detector["beam_center_offset"]
+    return (ny - 1) / 2 + dy, (nx - 1) / 2 + dx
+
+
+def static_mask(profile: Profile) -> np.ndarray:
+    """Bad pixels known to the experiment (True = bad): central hole, gaps, outside the sensor.
+
+    Parameters
+    ----------
+    profile : Profile
+
+    Returns
+    -------
+    ndarray of bool, shape (ny, nx)
+        Also includes ``profile.bad_pixels`` (from ``--like``). Hot pixels are not
+        listed: real masks miss most of them, and downstream code must cope.
+    """
+    det = profile.detector
+    ny, nx = profile.frame_shape
+    cy, cx = beam_center(profile)
+    yy, xx = np.mgrid[0:ny, 0:nx].astype(float)
+    radius = np.hypot(yy - cy, xx - cx)
+    bad = radius < det["central_hole_radius"]
+    if det["active_radius"] is not None:
+        # The round MCP is centred on the frame, not on the beam.
+        bad |= np.hypot(yy - (ny - 1) / 2, xx - (nx - 1) / 2) > det["active_radius"]
+    for gap in det["gaps"]:
+        coordinate = yy - (ny - 1) / 2 if gap["axis"] == "y" else xx - (nx - 1) / 2
+        bad |= np.abs(coordinate - gap["position"]) < gap["width"] / 2
+    if profile.bad_pixels is not None:
+        bad |= profile.bad_pixels
+    return bad
+
+
+def pixel_positions(profile: Profile, *, center_shift=(0.0, 0.0), supersample: int = 1):
+    """Detector positions (m) of pixel sub-samples, relative to the direct beam.
+
+    Parameters
+    ----------
+    profile : Profile
+    center_shift : tuple of 2 floats, default=(0, 0)
+        Extra shift (y, x) of the beam centre for this shot (pixels).
+    supersample : int, default=1
+        Sub-samples per pixel along each axis, at the centres of a regular
+        ``supersample x supersample`` subdivision (pixel-area integration).
+
+    Returns
+    -------
+    y, x : ndarray of shape (ny, nx, supersample**2)
+        m.
+    """
+    ny, nx = profile.frame_shape
+    cy, cx = beam_center(profile)
+    cy, cx = cy + center_shift[0], cx + center_shift[1]
+    offsets = (np.arange(supersample) + 0.5) / supersample - 0.5
+    oy, ox = np.meshgrid(offsets, offsets, indexing="ij")
+    p = profile.detector["pixel_size"]
+    y = (np.arange(ny)[:, None, None] - cy + oy.ravel()[None, None, :]) * p
+    x = (np.arange(nx)[None, :, None] - cx + ox.ravel()[None, None, :]) * p
+    return np.broadcast_to(y, (ny, nx, supersample**2)), np.broadcast_to(x, (ny, nx, supersample**2))
+
+
+def stray_light(profile: Profile, *, center_shift=(0.0, 0.0)) -> np.ndarray:
+    """Mean stray-light photons per pixel: a halo decaying away from the central hole."""
+    det = profile.detector
+    ny, nx = profile.frame_shape
+    cy, cx = beam_center(profile)
+    yy, xx = np.mgrid[0:ny, 0:nx].astype(float)
+    radius = np.hypot(yy - cy - center_shift[0], xx - cx - center_shift[1])
+    beyond = np.maximum(radius - det["central_hole_radius"], 0.0)
+    return det["stray_light"] * np.exp(-beyond / max(det["stray_light_scale"], 1e-9))
+
+
+def hot_pixels(profile: Profile, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed hot pixels of this detector: flat indices and their counts (same in every frame).
+
+    Parameters
+    ----------
+    profile : Profile
+    seed : int
+        Beamtime seed: hot pixels belong to the detector, not to a shot.
+
+    Returns
+    -------
+    index : ndarray of int, shape (n_hot,)
+        Flat pixel indices.
+    counts : ndarray of float, shape (n_hot,)
+        Extra counts per frame, log-uniform in ``detector.hot_pixel_counts``.
+    """
+    det = profile.detector
+    ny, nx = profile.frame_shape
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2**31 - 1,)))
+    n_hot = int(round(det["hot_pixel_fraction"] * ny * nx))
+    index = rng.choice(ny * nx, size=n_hot, replace=False) if n_hot else np.zeros(0, int)
+    lo, hi = det["hot_pixel_counts"]
+    counts = np.exp(rng.uniform(np.log(max(lo, 1e-3)), np.log(max(hi, 1e-3)), n_hot))
+    return index, counts
+
+
+def read_out(
+    photons: np.ndarray,
+    profile: Profile,
+    rng: np.random.Generator,
+    *,
+    mask: np.ndarray,
+    hot: tuple[np.ndarray, np.ndarray],
+) -> np.ndarray:
+    """Turn expected photons per pixel into detector counts.
+
+    Parameters
+    ----------
+    photons : ndarray of float, shape (ny, nx)
+        Expected photons per pixel (signal plus stray light).
+    profile : Profile
+    rng : numpy.random.Generator
+        The shot's generator.
+    mask : ndarray of bool, shape (ny, nx)
+        Pixels without sensor (hole, gaps, outside the MCP) read dark level and noise only.
+    hot : (index, counts)
+        From :func:`hot_pixels`.
+
+    Returns
+    -------
+    ndarray, shape (ny, nx), dtype ``detector.dtype``
+        Poisson photon counts times the gain (gamma-distributed per photon for an
+        MCP), plus dark level, Gaussian read noise and hot pixels, clipped at the
+        saturation level (and at 0 for unsigned types).
+    """
+    det = profile.detector
+    expected = np.where(mask, 0.0, photons) * det["quantum_efficiency"]
+    detected = rng.poisson(np.maximum(expected, 0.0)).astype(np.float64)
+    if det["kind"] == "mcp" and det["gain_shape"] > 0:
+        # The sum of n gamma(shape, gain/shape) pulse heights is gamma(n * shape, gain/shape).
+        shape = detected * det["gain_shape"]
+        signal = np.zeros_like(detected)
+        lit = shape > 0
+        signal[lit] = rng.gamma(shape[lit], det["gain"] / det["gain_shape"])
+    else:
+        signal = detected * det["gain"]
+    counts = signal + det["dark_level"] + rng.normal(0.0, det["read_noise"], signal.shape)
+    flat = counts.reshape(-1)
+    on_sensor = ~mask.reshape(-1)[hot[0]]  # no sensor, no hot pixel (hole, gaps)
+    flat[hot[0][on_sensor]] += hot[1][on_sensor]
+    counts = np.minimum(counts, det["saturation"])
+    if det["dtype"] == "uint16":
+        return np.clip(np.rint(counts), 0, np.iinfo(np.uint16).max).astype(np.uint16)
+    return counts.astype(np.float32)

@@ -1,0 +1,365 @@
+"""Forward models: the far-field scattering amplitude of a droplet (pure NumPy + finufft).
+
+Beam along ``+z``, wave number ``k = 2 pi / lambda``, refractive index
+``n = 1 - delta + i beta`` and ``dn = n - 1`` per material. A detector direction
+with unit vector ``s`` has momentum transfer ``q = k (s - e_z)`` (on the Ewald
+sphere). The three models differ in the effective density that is Fourier
+transformed (see ``shared/design/physics.md`` and ``docs/simulator.md``):
+
+``projection``
+    ``A(q) = int dn(x, y, z) exp(-i (qx x + qy y)) d^3r``: the 2D Fourier
+    transform of the projected density, ``q_z`` ignored. Centro-symmetric,
+    small-angle only.
+``born``
+    ``A(q) = int dn(r) exp(-i q . r) d^3r`` evaluated on the Ewald sphere:
+    wide-angle curvature, no absorption or refraction.
+``msft``
+    The multi-slice Fourier transform (Barke et al., Nat. Commun. 6, 6187
+    (2015)) in the limit of infinitely thin slices: the density carries the
+    phase and attenuation ``exp(i k int_{-inf}^z dn dz')`` of the incoming wave.
+
+All three are evaluated column by column: every column ``(x, y)`` parallel to
+the beam crosses the particle in a few segments ``[a, b]`` of uniform material
+(:func:`.particles.column_segments`). Along such a segment the integrand is an
+exponential in ``z``, so its integral is exact:
+
+    int_a^b dn exp(i Phi(z)) exp(-i qz z) dz
+        = dn [exp(i Phi_b - i qz b) - exp(i Phi_a - i qz a)] / (i u),    u = kappa dn - qz,
+
+with ``kappa = k`` (MSFT) or ``0`` (Born); a Taylor series replaces it where
+``|u T|`` is tiny. The column integrals ``G(x, y; qz)`` are band-limited in
+``qz`` (their support in ``z`` is the droplet's depth), so they are computed
+(:func:`_column_integrals`, Numba) on equally spaced ``qz`` nodes 3x finer than
+Nyquist; for each node a 2D type-2 non-uniform FFT (finufft) sums the columns at
+the transverse momentum ``(qx, qy)`` of the targets whose ``qz`` is near that
+node, and a Kaiser-windowed sinc interpolates between nodes. The cost grows with
+the number of columns and targets, not with a voxel grid. The column spacing
+follows the largest transverse momentum transfer among the targets (2x finer
+than Nyquist); 2 x 2 sub-columns per cell are averaged (a box filter that
+suppresses aliasing from the sharp droplet edge) and the filter's response is
+divided out. A single ellipsoid in the projection model uses its exact form factor.
+
+Lengths are in nm and wave numbers in 1/nm in this module.
+"""
+
+from __future__ import annotations
+
+import cmath
+from typing import Sequence
+
+import finufft
+import numba
+import numpy as np
+from scipy import special
+
+from pipeline.simulate.particles import Body, column_segments
+
+MODELS = ("projection", "born", "msft")
+
+#: q_z nodes: oversampling relative to Nyquist, interpolation half-width (nodes) and
+#: Kaiser-Bessel shape; together they interpolate to ~2e-4 relative accuracy.
+_Z_OVERSAMPLE = 3.0
+_TAPS = 4
+_KAISER_BETA = 8.38
+#: Refuse column grids larger than this (memory); reached only by absurd sizes.
+_MAX_COLUMNS = 6_000_000
+
+
+def ewald_q(x: np.ndarray, y: np.ndarray, *, distance: float, wavelength: float):
+    """Momentum transfer and solid-angle factor of detector positions.
+
+    Parameters
+    ----------
+    x, y : ndarray, any shape
+        Detector positions relative to the direct beam (m).
+    distance : float
+        Sample-detector distance (m).
+    wavelength : float
+        Wavelength (m).
+
+    Returns
+    -------
+    q : ndarray of shape x.shape + (3,)
+        Momentum transfer ``k (x/r, y/r, L/r - 1)`` (1/nm).
+    solid_angle_per_area : ndarray of shape x.shape
+        ``L / r^3`` (1/m^2): multiply by the pixel area (m^2) to get its solid angle (sr).
+    """
+    r = np.sqrt(x * x + y * y + distance**2)
+    k = 2 * np.pi / (wavelength * 1e9)
+    q = np.stack([k * x / r, k * y / r, k * (distance / r - 1.0)], axis=-1)
+    return q, distance / r**3
+
+
+def polarization_factor(q: np.ndarray, *, wavelength: float, polarization: str) -> np.ndarray:
+    """Dipole polarisation factor of each scattering direction.
+
+    Parameters
+    ----------
+    q : ndarray of shape (..., 3)
+        Momentum transfer (1/nm) on the Ewald sphere.
+    wavelength : float
+        Wavelength (m).
+    polarization : {"horizontal", "vertical", "none"}
+        Linear polarisation along x or y (FEL undulators), or unpolarised.
+
+    Returns
+    -------
+    ndarray of shape q.shape[:-1]
+        ``1 - (s . e)^2`` for polarisation ``e`` and unit direction ``s``, or
+        ``(1 + cos^2 theta) / 2`` when unpolarised.
+    """
+    k = 2 * np.pi / (wavelength * 1e9)
+    s = q / k + np.array([0.0, 0.0, 1.0])
+    if polarization == "horizontal":
+        return 1 - s[..., 0] ** 2
+    if polarization == "vertical":
+        return 1 - s[..., 1] ** 2
+    if polarization == "none":
+        return 0.5 * (1 + s[..., 2] ** 2)
+    raise ValueError(f"unknown polarization {polarization!r}; use 'horizontal', 'vertical' or 'none'")
+
+
+def _column_grid(bodies: Sequence[Body], spacing: float):
+    """Column centres (nm) covering the bodies' shadow, on a grid of the given spacing."""
+    lows, highs = [], []
+    for body in bodies:
+        hx, hy = body.half_extent_xy()
+        lows.append((body.center[0] - hx, body.center[1] - hy))
+        highs.append((body.center[0] + hx, body.center[1] + hy))
+    lo, hi = np.min(lows, axis=0), np.max(highs, axis=0)
+    centre = 0.5 * (lo + hi)
+    counts = np.ceil((hi - lo) / spacing).astype(int) + 2
+    counts += counts % 2  # even sizes keep the type-2 mode ordering simple
+    if counts[0] * counts[1] > _MAX_COLUMNS:
+        raise ValueError(
+            f"particle of extent {hi - lo!r} nm needs {counts[0] * counts[1]} columns at "
+            f"spacing {spacing:.3g} nm; reduce its size or the maximum scattering angle"
+        )
+    gx = centre[0] + (np.arange(counts[0]) - counts[0] // 2) * spacing
+    gy = centre[1] + (np.arange(counts[1]) - counts[1] // 2) * spacing
+    return centre, gx, gy
+
+
+@numba.njit(cache=True, nogil=True)
+def _column_integrals(cell, start, thickness, material, phase, dn_table, nodes, kappa, n_cells):  # pragma: no cover
+    """Column integrals ``int dn exp(i Phi(z)) exp(-i qz z) dz`` at each node ``qz``, summed per cell.
+
+    ``start``, ``thickness`` (nm), ``material`` (index into ``dn_table``, -1 for
+    vacuum) and ``phase`` (complex, rad: the incoming wave's phase and attenuation
+    at the segment entry) have shape (n_columns, n_segments); ``cell`` (n_columns,)
+    is the grid cell each column belongs to; ``nodes`` are equally spaced.
+    Returns (n_nodes, n_cells). Inside a segment ``[a, a + T]`` the integrand is
+    ``exp(i u z)`` with ``u = kappa dn - qz``; its integral
+    ``(exp(i kappa dn T) exp(-i qz (a + T)) - exp(-i qz a)) / (i u)`` is replaced by
+    a short Taylor series where ``|u T|`` is tiny (near the forward direction). The
+    phases ``exp(-i qz a)`` of successive nodes follow by one multiplication each.
+    """
+    n_nodes = nodes.shape[0]
+    n_columns, n_segments = start.shape
+    step = nodes[1] - nodes[0] if n_nodes > 1 else 0.0
+    inv_iu = np.empty((dn_table.shape[0], n_nodes), dtype=np.complex128)
+    abs_u = np.empty((dn_table.shape[0], n_nodes))
+    for m in range(dn_table.shape[0]):
+        for j in range(n_nodes):
+            u = kappa * dn_table[m] - nodes[j]
+            abs_u[m, j] = abs(u)
+            inv_iu[m, j] = 1.0 / (1j * u) if abs(u) > 0 else 0.0
+    out = np.zeros((n_nodes, n_cells), dtype=np.complex128)
+    for c in range(n_columns):
+        k = cell[c]
+        for s in range(n_segments):
+            m = material[c, s]
+            t = thickness[c, s]
+            if m < 0 or t <= 0.0:
+                continue
+            d = dn_table[m]
+            a = start[c, s]
+            b = a + t
+            prefactor = d * cmath.exp(1j * phase[c, s])
+            transmitted = cmath.exp(1j * kappa * d * t)
+            ea = cmath.exp(-1j * nodes[0] * a)
+            eb = cmath.exp(-1j * nodes[0] * b)
+            da = cmath.exp(-1j * step * a)
+            db = cmath.exp(-1j * step * b)
+            for j in range(n_nodes):
+                if abs_u[m, j] * t < 1e-4:
+                    x = (kappa * d - nodes[j]) * t
+                    out[j, k] += prefactor * ea * t * (1 + 0.5j * x - x * x / 6)
+                else:
+                    out[j, k] += prefactor * (transmitted * eb - ea) * inv_iu[m, j]
+                ea *= da
+                eb *= db
+    return out
+
+
+def droplet_amplitude(
+    bodies: Sequence[Body],
+    q: np.ndarray,
+    *,
+    wavelength: float,
+    index_minus_one: Sequence[complex],
+    model: str = "msft",
+    oversample: float = 2.0,
+    supersample: int = 2,
+    eps: float = 1e-4,
+) -> np.ndarray:
+    """Scattering amplitude ``A(q)`` (nm^3) of one droplet made of convex bodies.
+
+    Parameters
+    ----------
+    bodies : sequence of Body
+        The droplet (positions in nm, relative to the droplet's own origin).
+    q : ndarray of shape (n_targets, 3)
+        Momentum transfers (1/nm); for ``model="projection"`` only ``qx, qy`` are used.
+    wavelength : float
+        Wavelength (m).
+    index_minus_one : sequence of complex
+        ``n - 1 = -delta + i beta`` of each material index used by the bodies.
+    model : {"projection", "born", "msft"}, default="msft"
+        Forward model, see the module docstring.
+    oversample : float, default=2
+        Column-grid sampling relative to the Nyquist spacing ``pi / max|q_perp|``.
+    supersample : int, default=2
+        Columns per grid cell along x and y whose column integrals are averaged: a
+        box filter that suppresses aliasing of the sharp droplet edge (undone
+        exactly for the unaliased part by dividing by its transfer function).
+    eps : float, default=1e-4
+        Relative precision of the non-uniform FFTs.
+
+    Returns
+    -------
+    ndarray of complex128, shape (n_targets,)
+        ``int dn_eff(r) exp(-i q . r) d^3r`` (nm^3). The differential cross-section
+        is ``(k^2 / 2 pi)^2 |A|^2`` (nm^2/sr).
+    """
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; use one of {MODELS}")
+    q = np.asarray(q, dtype=np.float64)
+    if model == "projection" and _nested_ellipsoids(bodies):
+        # Projection is linear in the density: a droplet plus the clusters inside it is
+        # the droplet's form factor plus each cluster's with the density difference.
+        outer = bodies[0]
+        dn_outer = index_minus_one[outer.material]
+        amplitude = _ellipsoid_projection(outer, q, dn_outer)
+        for inner in bodies[1:]:
+            amplitude += _ellipsoid_projection(inner, q, index_minus_one[inner.material] - dn_outer)
+        return amplitude
+    q_perp = float(np.sqrt(np.max(q[:, 0] ** 2 + q[:, 1] ** 2)))
+    spacing = np.pi / max(q_perp, 1e-6) / oversample
+    centre, gx, gy = _column_grid(bodies, spacing)
+    # Sub-columns: `supersample` x `supersample` per cell, averaged below.
+    offsets = (np.arange(supersample) + 0.5) / supersample - 0.5
+    sx = (gx[:, None] + offsets[None, :] * spacing).ravel()
+    sy = (gy[:, None] + offsets[None, :] * spacing).ravel()
+    xx, yy = np.meshgrid(sx, sy, indexing="xy")  # (ny * s, nx * s)
+    start, end, material = column_segments(bodies, xx.ravel(), yy.ravel())
+    # Keep only the columns that cross the droplet; `cell` says which grid cell each
+    # sub-column (iy * s + sy, ix * s + sx) belongs to: cell (iy, ix).
+    ny, nx = len(gy), len(gx)
+    cell = ((np.arange(ny * supersample) // supersample)[:, None] * nx
+            + (np.arange(nx * supersample) // supersample)[None, :]).ravel()
+    hit = (material >= 0).any(axis=1)
+    start, end, material, cell = start[hit], end[hit], material[hit], cell[hit]
+    thickness = end - start
+    dn_table = np.asarray(list(index_minus_one) + [0.0], dtype=np.complex128)
+    dn = dn_table[material]  # material -1 (vacuum) picks the trailing 0
+
+    k = 2 * np.pi / (wavelength * 1e9)
+    kappa = k if model == "msft" else 0.0
+    if model == "projection":
+        nodes, step, z0 = np.zeros(1), 1.0, 0.0
+    else:
+        # The column integrals are band-limited in q_z (their z-extent is the droplet's
+        # depth), so they are computed on a grid of q_z nodes 3x finer than Nyquist and
+        # interpolated to each target from its 2 * _TAPS nearest nodes.
+        z_lo = np.min(np.where(dn != 0, start, np.inf))
+        z_hi = np.max(np.where(dn != 0, end, -np.inf))
+        z0 = 0.5 * (z_lo + z_hi)
+        step = 2 * np.pi / (_Z_OVERSAMPLE * max(z_hi - z_lo, 1.0))
+        qz_lo = float(q[:, 2].min()) - _TAPS * step
+        count = int(np.ceil((float(q[:, 2].max()) - qz_lo) / step)) + _TAPS + 1
+        nodes = qz_lo + step * np.arange(count)
+    optical = dn * thickness
+    phase_start = kappa * (np.cumsum(optical, axis=1) - optical)
+    cells = _column_integrals(
+        cell, start - z0, thickness, material, phase_start, dn_table[:-1], nodes, kappa, ny * nx,
+    ).reshape(len(nodes), ny, nx)
+    cells *= spacing * spacing / supersample**2
+
+    # Undo the box filter's transfer function on the unaliased spectrum.
+    filt = _box_response(q[:, 0] * spacing, supersample) * _box_response(q[:, 1] * spacing, supersample)
+    qx = np.ascontiguousarray(q[:, 0] * spacing)
+    qy = np.ascontiguousarray(q[:, 1] * spacing)
+    if model == "projection":
+        amplitude = finufft.nufft2d2(qy, qx, cells[0], isign=-1, eps=eps, nthreads=1)
+    else:
+        # Targets sorted by q_z: each node's targets (|offset| < _TAPS) are one slice.
+        position = (q[:, 2] - nodes[0]) / step
+        order = np.argsort(position)
+        sorted_position = position[order]
+        lower = np.searchsorted(sorted_position, np.arange(len(nodes)) - _TAPS)
+        upper = np.searchsorted(sorted_position, np.arange(len(nodes)) + _TAPS)
+        amplitude = np.zeros(len(q), dtype=np.complex128)
+        # One plan (one FFT set-up) for all nodes; each node sees only its targets.
+        plan = finufft.Plan(2, (ny, nx), eps=eps, isign=-1, nthreads=1, upsampfac=1.25)
+        for j in range(len(nodes)):
+            near = order[lower[j]:upper[j]]
+            if near.size == 0:
+                continue
+            plan.setpts(qy[near], qx[near])
+            amplitude[near] += plan.execute(cells[j]) * _interpolation_weight(position[near] - j)
+        amplitude *= np.exp(-1j * q[:, 2] * z0)
+    return amplitude / filt * np.exp(-1j * (q[:, 0] * centre[0] + q[:, 1] * centre[1]))
+
+
+def _nested_ellipsoids(bodies: Sequence[Body]) -> bool:
+    """True for one ellipsoid, optionally with ellipsoids of other materials wholly inside it."""
+    outer = bodies[0]
+    if outer.kind != "ellipsoid":
+        return False
+    for inner in bodies[1:]:
+        reach = np.linalg.norm(inner.center - outer.center) + max(inner.size)
+        if inner.kind != "ellipsoid" or inner.material == outer.material or reach > min(outer.size):
+            return False
+    return True
+
+
+def _ellipsoid_projection(body: Body, q: np.ndarray, dn: complex) -> np.ndarray:
+    """Exact projection-model amplitude of a uniform ellipsoid (the sphere form factor
+    at the scaled momentum transfer), used instead of the column sum for speed."""
+    # |S R^T q|^2 for q = (qx, qy, 0) is a quadratic form in (qx, qy).
+    shadow = (body.rotation @ np.diag(np.square(body.size)) @ body.rotation.T)[:2, :2]
+    qx, qy = q[:, 0], q[:, 1]
+    x = np.sqrt(shadow[0, 0] * qx * qx + 2 * shadow[0, 1] * qx * qy + shadow[1, 1] * qy * qy)
+    small = x < 1e-3
+    xs = np.where(small, 1.0, x)
+    shape = np.where(small, 1 - x * x / 10, 3 * (np.sin(xs) - xs * np.cos(xs)) / xs**3)
+    amplitude = (dn * body.volume()) * shape
+    if body.center[0] or body.center[1]:
+        amplitude = amplitude * np.exp(-1j * (qx * body.center[0] + qy * body.center[1]))
+    return amplitude
+
+
+def _interpolation_weight(offset: np.ndarray) -> np.ndarray:
+    """Kaiser-Bessel-windowed sinc for band-limited interpolation (offset in node steps).
+
+    Tabulated once on a fine grid and linearly interpolated (error < 1e-7).
+    """
+    return np.interp(offset, _WEIGHT_GRID, _WEIGHT_TABLE)
+
+
+def _weight_table(samples: int = 20001):
+    grid = np.linspace(-_TAPS, _TAPS, samples)
+    window = special.i0(_KAISER_BETA * np.sqrt(np.clip(1 - (grid / _TAPS) ** 2, 0, None)))
+    return grid, np.sinc(grid) * window / special.i0(_KAISER_BETA)
+
+
+_WEIGHT_GRID, _WEIGHT_TABLE = _weight_table()
+
+
+def _box_response(phase_step: np.ndarray, supersample: int) -> np.ndarray:
+    """Frequency response of averaging ``supersample`` sub-columns spaced ``1/supersample`` of a cell."""
+    if supersample == 1:
+        return np.ones_like(phase_step)
+    offsets = (np.arange(supersample) + 0.5) / supersample - 0.5
+    return np.cos(np.outer(phase_step, offsets)).mean(axis=1)

@@ -1,0 +1,284 @@
+"""``airysort simulate``: API, label rules, detector effects, CXI layouts, Dask, ``--like``."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli.main import app
+from pipeline.errors import AirysortError
+from pipeline.simulate import load_profile, simulate_beamtime, simulate_patterns
+from pipeline.simulate import beamtime
+from pipeline.simulate import labels as rules
+from pipeline.simulate.render import Setup, expected_photons
+from pipeline.simulate.scene import Shot, newton_feasible, sample_shot
+from pipeline.taxonomy import CLASS_INDEX, CLASS_NAMES, multi_hot
+
+runner = CliRunner()
+
+
+def _last_json(output: str) -> dict:
+    return json.loads(output.strip().splitlines()[-1])
+
+
+class TestProfiles:
+    @pytest.mark.parametrize("name,model", [("fermi", "msft"), ("lcls", "projection")])
+    def test_shipped_profiles(self, name, model):
+        profile = load_profile(name)
+        assert profile.model == model
+        assert profile.frame_shape == (1024, 1024)
+
+    def test_lcls_is_small_angle(self):
+        assert np.degrees(load_profile("lcls").max_angle()) < 5
+
+    def test_at_size_keeps_the_angles(self):
+        full = load_profile("fermi")
+        small = full.at_size(128)
+        assert small.frame_shape == (128, 128)
+        assert small.max_angle() == pytest.approx(full.max_angle(), rel=0.02)
+        assert small.detector["pixel_size"] == pytest.approx(8 * full.detector["pixel_size"])
+
+    def test_yaml_file_and_errors(self, tmp_path):
+        text = (tmp_path / "p.yaml")
+        text.write_text("name: mine\nmodel: born\nwavelength: 4.0e-9\ndetector: {frame_shape: [64, 64]}\n")
+        with pytest.raises(AirysortError, match="lacks detector"):
+            load_profile(text)
+        with pytest.raises(AirysortError, match="neither a shipped profile"):
+            load_profile("no-such-profile")
+
+
+class TestLabelRules:
+    def test_combination_frequencies_follow_taxonomy(self):
+        combos, p = rules.combination_table(wide_angle=True, balanced=False)
+        probability = dict(zip(combos, p))
+        assert probability[("Spherical/Oblate", "Round")] == pytest.approx(5300 / 7264, rel=1e-6)
+        totals = sum(p_i * multi_hot(c).astype(float) for c, p_i in zip(combos, p))
+        real = np.array([6589, 5792, 796, 453, 242, 390, 367, 460, 218, 47, 211]) / 7264
+        np.testing.assert_allclose(totals, real, atol=0.006)
+
+    def test_balanced_groups_are_equal(self):
+        from pipeline.taxonomy import coarse_group
+
+        combos, p = rules.combination_table(wide_angle=True, balanced=True)
+        groups = coarse_group(np.stack([multi_hot(c) for c in combos]))
+        shares = {g: p[groups == g].sum() for g in np.unique(groups)}
+        # Every simulated combination falls in one of five groups ("other" needs none of them).
+        assert set(shares) == {"empty", "double", "prolate", "elliptical", "round"}
+        assert all(share == pytest.approx(1 / 5) for share in shares.values())
+
+    def test_small_angle_drops_wide_angle_labels(self):
+        combos, _ = rules.combination_table(wide_angle=False, balanced=False)
+        assert not any({"Bent", "Asymmetric"} & set(c) for c in combos)
+
+    @pytest.mark.parametrize("profile_name", ["fermi", "lcls"])
+    def test_every_combination_can_be_drawn(self, profile_name):
+        profile = load_profile(profile_name).at_size(128)
+        combos, _ = rules.combination_table(wide_angle=profile.wide_angle, balanced=False,
+                                            newton=newton_feasible(profile))
+        rng = np.random.default_rng(1)
+        for combo in combos:
+            shot = sample_shot(combo, rng, profile)
+            got = rules.physical_labels(shot, wide_angle=profile.wide_angle,
+                                        newton_fringe_pixels=shot.newton_period(profile))
+            assert rules.label_names(got) == tuple(n for n in CLASS_NAMES if n in combo)
+
+    def test_rules_on_hand_made_shots(self):
+        def names(shot, wide=True):
+            return set(rules.label_names(rules.physical_labels(shot, wide_angle=wide, newton_fringe_pixels=np.inf)))
+
+        assert names(Shot("sphere", 300.0)) == {"Spherical/Oblate", "Round"}
+        assert names(Shot(None)) == {"Empty"}
+        # Pill with its axis in the detector plane: straight streak, not bent.
+        assert names(Shot("capsule", 300.0, 2.5, axis_polar=np.pi / 2)) == {"Prolate", "Streak"}
+        # Tilted by 30 degrees out of the plane: bent and asymmetric at wide angle only.
+        tilted = Shot("capsule", 300.0, 2.5, axis_polar=np.radians(60))
+        assert names(tilted) == {"Prolate", "Streak", "Bent", "Asymmetric"}
+        assert names(tilted, wide=False) == {"Prolate", "Streak"}
+        # Oblate droplet seen edge-on: elliptical outline.
+        assert "Elliptical" in names(Shot("oblate", 300.0, 0.6, axis_polar=np.pi / 2))
+        # A smaller second droplet: double rings.
+        assert "DoubleRings" in names(Shot("sphere", 300.0, companion_radius=150.0,
+                                           companion_offset=(900.0, 0.0, 0.0)))
+
+    def test_asymmetric_label_matches_asymmetric_patterns(self):
+        """Droplets labelled Asymmetric scatter measurably less centro-symmetrically (MSFT)."""
+        from pipeline.simulate.forward import droplet_amplitude, ewald_q
+        from pipeline.simulate.optics import refractive_index
+
+        profile = load_profile("fermi")
+        g = (np.arange(40) - 19.5) / 20 * np.tan(profile.max_angle())
+        x, y = np.meshgrid(g, g)
+        q, _ = ewald_q(x, y, distance=1.0, wavelength=profile.wavelength)
+        dn = [refractive_index("helium", profile.wavelength) - 1]
+        rng = np.random.default_rng(3)
+
+        def asymmetry(combo):
+            values = []
+            for _ in range(4):
+                shot = sample_shot(combo, rng, profile)
+                shot.core_radius = 0.0
+                a = droplet_amplitude(shot.bodies(), q.reshape(-1, 3), wavelength=profile.wavelength,
+                                      index_minus_one=dn, model="msft")
+                image = (np.abs(a) ** 2).reshape(40, 40)
+                mate = image[::-1, ::-1]  # the pixel at -q_perp
+                values.append(np.abs(image - mate).sum() / (image + mate).sum())
+            return np.median(values)
+
+        asymmetric = asymmetry(("Spherical/Oblate", "Elliptical", "Asymmetric"))
+        assert asymmetric > 3 * asymmetry(("Spherical/Oblate", "Elliptical"))
+        assert asymmetric > 3 * asymmetry(("Spherical/Oblate", "Round"))
+
+
+class TestPatterns:
+    def test_shapes_types_and_metadata(self):
+        frames, labels, meta = simulate_patterns(6, seed=2, profile="fermi", size=48, balanced=True)
+        assert frames.shape == (6, 48, 48) and frames.dtype == np.uint16
+        assert labels.shape == (6, 11) and labels.dtype == np.int8
+        assert set(np.unique(labels)) <= {0, 1}
+        assert meta["mask"].shape == (48, 48) and meta["mask"].dtype == bool
+        assert meta["pulse_energy"].shape == (6,) and np.all(meta["pulse_energy"] > 0)
+        assert meta["wavelength"] == pytest.approx(13.5e-9)
+
+    def test_reproducible_and_seed_dependent(self):
+        a = simulate_patterns(3, seed=7, profile="lcls", size=48)
+        b = simulate_patterns(3, seed=7, profile="lcls", size=48)
+        c = simulate_patterns(3, seed=8, profile="lcls", size=48)
+        np.testing.assert_array_equal(a[0], b[0])
+        assert not np.array_equal(a[0], c[0])
+
+    def test_detector_effects(self):
+        profile = load_profile("lcls").at_size(64)
+        frames, labels, meta = simulate_patterns(8, seed=4, profile=profile, balanced=True)
+        mask = meta["mask"]
+        # The gap between the pnCCD halves and the central stop are masked and dark.
+        assert mask[32].all() and mask[31].all()
+        assert np.abs(frames[:, mask]).mean() < 1.0
+        # Empty shots hold only background; hits hold many more photons.
+        empty = labels[:, CLASS_INDEX["Empty"]] == 1
+        totals = frames[:, ~mask].sum(axis=1)
+        if empty.any() and (~empty).any():
+            assert totals[~empty].min() > 3 * totals[empty].max()
+        # Hot pixels are the same in every frame (they belong to the detector).
+        hot = frames.min(axis=0) > 40
+        assert hot.any()
+
+    def test_pixel_area_integration_averages_fine_fringes(self):
+        """A droplet too large for the pixels gives a smooth, not aliased, pattern."""
+        profile = load_profile("fermi").at_size(48)
+        setup = Setup.build(profile, seed=0)
+        image = expected_photons(Shot("sphere", 900.0, focus_fraction=1.0, pulse_energy=60e-6), setup)
+        live = ~setup.mask
+        # Radial profile of the pixel-integrated pattern decreases smoothly: few sign changes.
+        yy, xx = np.indices(image.shape)
+        r = np.hypot(yy - 23.5 - 3 / 21.3, xx - 23.5 + 2 / 21.3).astype(int)
+        radial = np.bincount(r[live], image[live]) / np.maximum(np.bincount(r[live]), 1)
+        radial = radial[radial > 0]
+        assert np.all(np.diff(np.log(radial[2:])) < 0.2)
+
+
+class TestBeamtime:
+    def test_stacked_cxi_and_dask_matches_serial(self, tmp_path):
+        from distributed import Client, LocalCluster
+
+        serial = simulate_beamtime(tmp_path / "a.cxi", 20, size=48, seed=3, profile="lcls")
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                          dashboard_address=":0") as cluster, Client(cluster) as client:
+            parallel = simulate_beamtime(tmp_path / "b.cxi", 20, size=48, seed=3, profile="lcls",
+                                         client=client)
+        assert serial["class_counts"] == parallel["class_counts"]
+        with h5py.File(tmp_path / "a.cxi") as a, h5py.File(tmp_path / "b.cxi") as b:
+            np.testing.assert_array_equal(a["entry_1/data_1/data"][()], b["entry_1/data_1/data"][()])
+            assert a["entry_1/data_1/data"].chunks == (1, 48, 48)
+            assert a["entry_1/result_1/labels"].shape == (20, 11)
+            assert a["entry_1/instrument_1/source_1/pulse_energy"].shape == (20,)
+            assert a["entry_1/instrument_1/detector_1/mask"].dtype == np.uint32
+            assert a["entry_1/instrument_1/source_1/wavelength"][()] == pytest.approx(0.8266e-9)
+            assert len(set(a["entry_1/experiment_identifier"][()])) == 20
+
+    def test_block_size_does_not_change_the_result(self, tmp_path, monkeypatch):
+        simulate_beamtime(tmp_path / "a.cxi", 10, size=32, seed=5, profile="lcls")
+        monkeypatch.setattr(beamtime, "BLOCK", 3)
+        simulate_beamtime(tmp_path / "b.cxi", 10, size=32, seed=5, profile="lcls")
+        with h5py.File(tmp_path / "a.cxi") as a, h5py.File(tmp_path / "b.cxi") as b:
+            np.testing.assert_array_equal(a["entry_1/data_1/data"][()], b["entry_1/data_1/data"][()])
+
+    def test_entries_layout(self, tmp_path):
+        result = simulate_beamtime(tmp_path / "e.cxi", 4, size=32, seed=1, profile="lcls", layout="entries")
+        assert result["patterns"] == 4
+        with h5py.File(tmp_path / "e.cxi") as h5:
+            for k in range(1, 5):
+                entry = h5[f"entry_{k}"]
+                assert entry["instrument_1/detector_1/data"].shape == (32, 32)
+                assert entry["note_1/data"].shape == (11,)
+                assert entry["instrument_1/source_1/energy"][()] == pytest.approx(1.5e3 * 1.602e-19, rel=0.01)
+                assert entry["instrument_1/detector_1/distance"][()] == pytest.approx(0.735)
+
+    def test_bad_arguments(self, tmp_path):
+        with pytest.raises(AirysortError, match="layout"):
+            simulate_beamtime(tmp_path / "x.cxi", 2, layout="sideways")
+        with pytest.raises(AirysortError, match="at least 1"):
+            simulate_beamtime(tmp_path / "x.cxi", 0)
+
+
+class TestCommandLine:
+    def test_simulate_then_ingest_gives_a_labelled_store(self, tmp_path):
+        out = tmp_path / "sim.cxi"
+        result = runner.invoke(app, ["simulate", str(out), "--n", "24", "--size", "48", "--seed", "2",
+                                     "--cluster", "local-threads", "--json"])
+        assert result.exit_code == 0, result.output
+        summary = _last_json(result.stdout)
+        assert summary["patterns"] == 24 and summary["model"] == "msft"
+        assert sum(summary["class_counts"].values()) >= 24
+        store = tmp_path / "s.zarr"
+        result = runner.invoke(app, ["ingest", str(store), str(out), "--cluster", "local-threads", "--json"])
+        assert result.exit_code == 0, result.output
+        assert _last_json(result.stdout)["ingested"] == 24
+        from pipeline.store import open_store
+
+        ds = open_store(store)
+        with h5py.File(out) as h5:
+            np.testing.assert_array_equal(ds["label"].values, h5["entry_1/result_1/labels"][()])
+        assert ds.attrs["wavelength"] == pytest.approx(13.5e-9)
+
+    def test_bad_profile_is_one_error_line(self, tmp_path):
+        result = runner.invoke(app, ["simulate", str(tmp_path / "x.cxi"), "--n", "2", "--profile", "nope",
+                                     "--cluster", "local-threads"])
+        assert result.exit_code == 1
+        assert "ERROR:" in result.output and "nope" in result.output
+
+    def test_like_copies_geometry_mask_and_count_range(self, tmp_path):
+        real = tmp_path / "real.cxi"
+        rng = np.random.default_rng(0)
+        mask = np.zeros((40, 56), np.uint32)
+        mask[:, 27:29] = 1  # a vertical gap
+        frames = rng.poisson(2.0, (10, 40, 56)).astype(np.float32)
+        frames[:, 18:22, 26:30] += 500.0  # bright centre
+        with h5py.File(real, "w") as h5:
+            h5["entry_1/data_1/data"] = frames
+            h5["entry_1/instrument_1/detector_1/distance"] = 0.5
+            h5["entry_1/instrument_1/detector_1/x_pixel_size"] = 100e-6
+            h5["entry_1/instrument_1/detector_1/y_pixel_size"] = 100e-6
+            h5["entry_1/instrument_1/detector_1/mask"] = mask
+            h5["entry_1/instrument_1/source_1/wavelength"] = 1.0e-9
+        out = tmp_path / "like.cxi"
+        result = runner.invoke(app, ["simulate", str(out), "--n", "12", "--like", str(real), "--profile", "lcls",
+                                     "--cluster", "local-threads", "--json"])
+        assert result.exit_code == 0, result.output
+        assert _last_json(result.stdout)["frame_shape"] == [40, 56]
+        with h5py.File(out) as h5:
+            data = h5["entry_1/data_1/data"][()]
+            assert data.dtype == np.float32
+            np.testing.assert_array_equal(h5["entry_1/instrument_1/detector_1/mask"][()] != 0, mask != 0)
+            assert h5["entry_1/instrument_1/source_1/wavelength"][()] == pytest.approx(1e-9)
+            assert h5["entry_1/instrument_1/detector_1/distance"][()] == pytest.approx(0.5)
+            labels = h5["entry_1/result_1/labels"][()]
+        hits = labels[:, CLASS_INDEX["Empty"]] == 0
+        levels = [np.percentile(frame[mask == 0], 99.5) for frame in data[hits]]
+        real_level = np.median([np.percentile(f[mask == 0], 99.5) for f in frames])
+        # Same order of magnitude as the real file (shot-to-shot fluctuations are large).
+        assert real_level / 10 < np.median(levels) < real_level * 10
+        assert data.max() <= frames.max()  # saturates where the real detector did
