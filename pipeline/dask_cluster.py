@@ -12,7 +12,7 @@
 Cluster YAML format (see the commented files in ``cluster-configs/``)::
 
     type: slurm            # local | slurm | pbs | lsf | sge | htcondor
-    jobs: 2                # worker jobs to request at start
+    jobs: 2                # worker jobs to keep running (a job that ends early is resubmitted)
     adapt:                 # optional: let Dask scale between these bounds instead
       minimum_jobs: 1
       maximum_jobs: 20
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -132,9 +133,12 @@ def dask_client(spec: str = "local", *, reuse: bool = True) -> Iterator[Any]:
         config = load_cluster_config(spec)
     with make_cluster(config) as cluster:
         if config["type"] != "local":
-            if config.get("adapt"):
-                cluster.adapt(**config["adapt"])
-            else:
-                cluster.scale(jobs=int(config.get("jobs", 1)))
+            # Always adapt, with fixed bounds when only ``jobs`` is given: a worker job that
+            # ends early (scancel, walltime, preemption, node failure) is then resubmitted.
+            # A plain ``scale(jobs=n)`` never replaces it and the run limps on with fewer.
+            jobs = int(config.get("jobs", 1))
+            cluster.adapt(**(config.get("adapt") or {"minimum_jobs": jobs, "maximum_jobs": jobs}))
         with Client(cluster) as client:
+            # The port is only known now (8787 may be taken); docs/hpc.md shows the tunnel.
+            print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr, flush=True)
             yield client
