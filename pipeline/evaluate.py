@@ -222,6 +222,12 @@ def evaluate_store(path: str | Path, *, truth_csv: str | Path | None = None) -> 
         result["classification"] = classification_scores(truth[scored], predicted[scored])
         result["classification"]["scored"] = "all_labelled" if trained is None else "held_out"
         result["classification"]["excluded_training"] = int((known & ~scored).sum())
+        if trained is None and truth_csv is None:
+            result["classification"]["note"] = (
+                "the store does not record which labelled patterns trained the classifier, so "
+                "these scores include them and are optimistic; pass --truth with labels of "
+                "patterns outside the training set for an unbiased estimate"
+            )
 
     if clusterings:
         groups = coarse_group(truth)
@@ -255,6 +261,8 @@ def format_report(result: dict[str, Any]) -> str:
                 f"{name:<18}{row['precision']:>10.3f}{row['recall']:>8.3f}{row['f1']:>8.3f}{row['support']:>9d}"
             )
         lines.append(f"micro F1 {classification['micro_f1']:.3f}   macro F1 {classification['macro_f1']:.3f}")
+        if "note" in classification:
+            lines.append(f"note: {classification['note']}")
     clustering = result.get("clustering")
     if clustering:
         if lines:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from pipeline.cli import info, ingest, report, sort
-from pipeline.cli import evaluate
+from pipeline.cli import cluster, evaluate
 from pipeline.cli import simulate
 
 app = typer.Typer(
@@ -21,6 +21,7 @@ app.command("ingest")(ingest.command)
 app.command("info")(info.command)
 app.command("sort")(sort.command)
 app.command("report")(report.command)
+app.command("cluster")(cluster.command)
 app.command("evaluate")(evaluate.command)
 app.command("simulate")(simulate.command)
 

@@ -106,6 +106,7 @@ class TestEvaluateCommand:
         known = (evaluated_store["label"] >= 0).all(axis=1)
         classification = result["classification"]
         assert classification["scored"] == "all_labelled" and classification["n"] == known.sum()
+        assert "optimistic" in classification["note"]  # the store does not say what trained it
         assert set(classification["per_class"]) == set(CLASS_NAMES)
         assert set(classification["per_class"]["Round"]) == {"precision", "recall", "f1", "support"}
         truth, predicted = evaluated_store["truth"][known], evaluated_store["predicted"][known]
@@ -149,6 +150,7 @@ class TestEvaluateCommand:
         table.to_csv(csv, index=False)
         result = run_json("evaluate", str(evaluated_store["path"]), "--truth", str(csv))
         assert result["truth"] == str(csv) and result["truth_unmatched_rows"] == 1
+        assert "note" not in result["classification"]
         assert result["classification"]["n"] == len(rows)
         expected = counted_scores(truth[rows], evaluated_store["predicted"][rows], 0)
         assert result["classification"]["per_class"]["Spherical/Oblate"]["precision"] == pytest.approx(expected[0])
