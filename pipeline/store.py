@@ -330,8 +330,10 @@ def write_variables(
         # (file list, reject log, provenance, geometry) so nothing is dropped.
         dataset = xr.Dataset(arrays, attrs=dict(group.attrs))
         for dim in list(dataset.coords):
-            if dim in group:  # an existing coordinate (e.g. ``class``) stays as it is
-                dataset = dataset.drop_vars(dim)
+            if dim in group and group[dim].shape == dataset[dim].shape:
+                dataset = dataset.drop_vars(dim)  # an existing coordinate (e.g. ``class``) stays
+            elif dim in group:
+                del group[dim]  # a coordinate whose length changed (e.g. another --n-q)
         writes = dataset.to_zarr(
             path, mode="a", zarr_format=3, encoding=encoding, consolidated=False, compute=False, safe_chunks=True
         )

@@ -6,6 +6,7 @@ import typer
 
 from pipeline.cli import info, ingest, report, sort
 from pipeline.cli import cluster, evaluate
+from pipeline.cli import correlate, preprocess
 from pipeline.cli import simulate
 
 app = typer.Typer(
@@ -23,6 +24,8 @@ app.command("sort")(sort.command)
 app.command("report")(report.command)
 app.command("cluster")(cluster.command)
 app.command("evaluate")(evaluate.command)
+app.command("preprocess")(preprocess.command)
+app.command("correlate")(correlate.command)
 app.command("simulate")(simulate.command)
 
 

@@ -1,0 +1,67 @@
+"""``airysort preprocess STORE.zarr [--size 128] [--scaling log|asinh] [--dark FILE.npy]``"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pipeline.cli.common import ClusterOption, JsonOption, emit, user_errors
+
+
+class Scaling(str, Enum):
+    log = "log"
+    asinh = "asinh"
+
+
+@user_errors
+def command(
+    store: Annotated[Path, typer.Argument(help="Zarr store.")],
+    size: Annotated[int, typer.Option(help="Side of the preprocessed image, pixels.")] = 128,
+    scaling: Annotated[Scaling, typer.Option(help="Intensity scaling: log(1+I) or asinh(I/scale).")] = Scaling.log,
+    asinh_scale: Annotated[float, typer.Option(help="Counts where asinh scaling turns logarithmic.")] = 1.0,
+    dark: Annotated[
+        Optional[Path],
+        typer.Option(help="Dark frame (.npy, y×x counts) to subtract instead of the median of non-hit frames."),
+    ] = None,
+    saturation: Annotated[
+        Optional[float],
+        typer.Option(help="Counts at which a pixel saturates (default: the store's 'saturation' "
+                          "attribute or the largest value of an integer raw dtype)."),
+    ] = None,
+    hot_sigma: Annotated[float, typer.Option(help="Hot-pixel threshold, robust standard deviations.")] = 10.0,
+    hit_sigma: Annotated[float, typer.Option(help="Hit threshold, Poisson standard deviations.")] = 5.0,
+    min_photons: Annotated[float, typer.Option(help="Least inner-disc photon excess of a hit.")] = 50.0,
+    search_radius: Annotated[float, typer.Option(help="Largest beam-centre offset searched, pixels.")] = 8.0,
+    cluster: ClusterOption = "local",
+    json: JsonOption = False,
+) -> None:
+    """Mask, background, hit finding, centring, scaling, crop/resize -> 'image', 'hit', centres."""
+    from pipeline.dask_cluster import dask_client
+    from pipeline.preprocess import preprocess_store
+
+    with dask_client(cluster):
+        result = preprocess_store(
+            store,
+            size=size,
+            scaling=scaling.value,
+            asinh_scale=asinh_scale,
+            dark=dark,
+            saturation="auto" if saturation is None else saturation,
+            hot_sigma=hot_sigma,
+            hit_sigma=hit_sigma,
+            min_photons=min_photons,
+            search_radius=search_radius,
+        )
+    emit(result, json, _summary)
+
+
+def _summary(result: dict) -> str:
+    return (
+        f"preprocessed {result['patterns']} patterns into {result['image_shape'][0]}×{result['image_shape'][1]} "
+        f"images; {result['hits']} hits ({result['hit_rate']:.1%}); background: {result['background']}; "
+        f"{result['hot_pixels']} hot pixels; median centre "
+        f"({result['centre_median'][0]:.2f}, {result['centre_median'][1]:.2f}) px"
+    )

@@ -1,0 +1,450 @@
+"""``airysort preprocess``: Dask wiring of :mod:`pipeline.preprocess_kernels` over the store.
+
+One full pass over ``raw`` plus three over a bounded sample, each one Dask task per
+shard, so memory stays bounded by a few shards whatever the store size:
+
+1. **Hot pixels** (sample) — per-pixel mean over up to ``stat_shards`` shards spread
+   evenly over the run (a Dask ``sum`` reduction; hot pixels are persistent, so a
+   sample of a few hundred frames finds them), then
+   :func:`~pipeline.preprocess_kernels.hot_pixels`.
+2. **Hit threshold** (sample) — hit statistics of the sampled frames; when they show
+   a separate population of empty frames lit by stray light,
+   :func:`~pipeline.preprocess_kernels.excess_threshold` gives the level between it
+   and the hits (otherwise each frame is tested on its own).
+3. **Background** (sample) — a dark frame the user gives, or the per-pixel median of
+   the non-hit frames: hits are found in each sampled shard and the median of its
+   non-hit frames taken (:func:`~pipeline.preprocess_kernels.empty_median_block`),
+   then the median across those shards. No non-hit frame in the sample and no dark:
+   no background is subtracted.
+4. **Everything else** (full pass) — per shard, hit finding, then every frame through
+   :func:`~pipeline.preprocess_kernels.analyse_block` (centre, scaling, crop, resize,
+   normalisation), written with :func:`pipeline.store.write_variables`: ``image``,
+   ``hit``, ``photon_count``, ``centre_y``, ``centre_x``. Hit finding is per frame
+   (:func:`~pipeline.preprocess_kernels.is_hit`), so the sample and the full pass agree.
+
+The run-level results (combined mask without saturation, background) are written as
+the store variables ``preprocess_mask`` and ``background`` (``y, x``) so that
+``airysort correlate`` uses exactly the same corrections.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from pipeline import preprocess_kernels as kernels
+from pipeline.errors import AirysortError
+
+COMMAND = "preprocess"
+
+
+def analyse_array(raw, *, hit_settings: kernels.HitSettings, settings: kernels.PreprocessSettings) -> dict:
+    """Hit finding and preprocessing of a Dask array of frames, one task per chunk.
+
+    Parameters
+    ----------
+    raw : dask.array.Array, shape (n, y, x)
+        Frames, chunked along the first axis only.
+    hit_settings : HitSettings
+    settings : PreprocessSettings
+
+    Returns
+    -------
+    dict of dask.array.Array
+        ``image`` (n, size, size) float32, ``centre_y``, ``centre_x``, ``photon_count``
+        (n,) float32 and ``hit`` (n,) bool, all slices of one packed array so that one
+        task per chunk computes them together.
+    """
+    import dask
+    import dask.array as da
+
+    size = settings.size
+    # One copy of the settings (masks, background) in the graph, not one per task.
+    packed = da.map_blocks(
+        _analyse_block,
+        raw,
+        dask.delayed(hit_settings, pure=True),
+        dask.delayed(settings, pure=True),
+        drop_axis=2,
+        chunks=(raw.chunks[0], (size * size + len(kernels.PACKED_COLUMNS),)),
+        dtype=np.float32,
+        meta=np.empty((0, 0), np.float32),
+    )
+    out = {"image": packed[:, : size * size].reshape((raw.shape[0], size, size))}
+    for i, name in enumerate(kernels.PACKED_COLUMNS):
+        out[name] = packed[:, size * size + i]
+    out["hit"] = out["hit"] > 0.5
+    return out
+
+
+def _analyse_block(frames, hit_settings: kernels.HitSettings, settings: kernels.PreprocessSettings) -> np.ndarray:
+    return kernels.analyse_block(frames, hit_settings=hit_settings, settings=settings)
+
+
+def frame_statistics(raw, *, hit_settings: kernels.HitSettings):
+    """Per-frame hit statistics of a Dask array of frames, one task per chunk.
+
+    Returns
+    -------
+    dask.array.Array of float64, shape (n, 3)
+        See :func:`~pipeline.preprocess_kernels.frame_statistics_block`.
+    """
+    import dask
+    import dask.array as da
+
+    return da.map_blocks(
+        _frame_statistics_block,
+        raw,
+        dask.delayed(hit_settings, pure=True),
+        drop_axis=2,
+        chunks=(raw.chunks[0], (3,)),
+        dtype=np.float64,
+        meta=np.empty((0, 0), np.float64),
+    )
+
+
+def _frame_statistics_block(frames, hit_settings: kernels.HitSettings) -> np.ndarray:
+    return kernels.frame_statistics_block(
+        frames, regions=hit_settings.regions, dark=hit_settings.dark, saturation=hit_settings.saturation
+    )
+
+
+def sample_shards(raw, n_shards: int):
+    """Up to ``n_shards`` whole chunks of ``raw`` spread evenly along the first axis."""
+    import dask.array as da
+
+    n_blocks = raw.numblocks[0]
+    picks = np.unique(np.linspace(0, n_blocks - 1, min(n_shards, n_blocks)).round().astype(int))
+    return da.concatenate([raw.blocks[int(i)] for i in picks], axis=0)
+
+
+def background_median(sample, *, hit_settings: kernels.HitSettings) -> tuple[np.ndarray | None, int]:
+    """Median of non-hit frames: within each chunk of ``sample``, then across chunks.
+
+    Parameters
+    ----------
+    sample : dask.array.Array, shape (n, y, x)
+        Frames, chunked along the first axis only (e.g. :func:`sample_shards`).
+    hit_settings : HitSettings
+
+    Returns
+    -------
+    background : ndarray of float32, shape (y, x), or None when no frame is a non-hit
+    n_chunks : int
+        Chunks that held non-hit frames.
+    """
+    import dask
+    import dask.array as da
+
+    medians = da.map_blocks(
+        _empty_median_block,
+        sample,
+        dask.delayed(hit_settings, pure=True),
+        chunks=((1,) * sample.numblocks[0], *((s,) for s in sample.shape[1:])),
+        dtype=np.float32,
+        meta=np.empty((0, 0, 0), np.float32),
+    ).compute()
+    used = ~np.isnan(medians).all(axis=(1, 2))
+    if not used.any():
+        return None, 0
+    return np.median(medians[used], axis=0).astype(np.float32), int(used.sum())
+
+
+def _empty_median_block(frames, hit_settings: kernels.HitSettings) -> np.ndarray:
+    return kernels.empty_median_block(frames, hit_settings=hit_settings)
+
+
+def resolve_saturation(saturation: float | str | None, *, dtype: np.dtype, attrs: dict[str, Any]) -> float | None:
+    """Saturation level in counts: a number, ``None`` (off), or ``"auto"``: the store's
+    ``saturation`` attribute, else the largest value of an integer ``raw`` dtype, else off."""
+    if saturation is None or isinstance(saturation, (int, float)) and not isinstance(saturation, bool):
+        return None if saturation is None else float(saturation)
+    if saturation != "auto":
+        raise AirysortError(f"saturation {saturation!r} must be a number of counts, 'auto' or None")
+    if attrs.get("saturation") is not None:
+        return float(attrs["saturation"])
+    if np.issubdtype(dtype, np.integer):
+        return float(np.iinfo(dtype).max)
+    return None
+
+
+def load_dark(dark: str | os.PathLike | np.ndarray | None, shape: tuple[int, int]) -> np.ndarray | None:
+    """A dark frame from a ``.npy`` file (or an array), checked against the frame shape."""
+    if dark is None:
+        return None
+    if not isinstance(dark, np.ndarray):
+        path = Path(dark)
+        if not path.exists():
+            raise AirysortError(f"dark frame {str(path)!r} does not exist; give a .npy file of shape {shape!r}")
+        try:
+            dark = np.load(path)
+        except ValueError as error:
+            raise AirysortError(f"dark frame {str(path)!r} is not a readable .npy file ({error})") from None
+    dark = np.asarray(dark, np.float32)
+    if dark.shape != tuple(shape):
+        raise AirysortError(f"dark frame has shape {dark.shape!r} but frames are {tuple(shape)!r}; give one frame (y, x)")
+    if not np.all(np.isfinite(dark)):
+        raise AirysortError("dark frame holds NaN or inf values; replace them (e.g. by 0) first")
+    return dark
+
+
+def preprocess_store(
+    path: str | os.PathLike,
+    *,
+    size: int = 128,
+    scaling: str = "log",
+    asinh_scale: float = 1.0,
+    dark: str | os.PathLike | np.ndarray | None = None,
+    saturation: float | str | None = "auto",
+    hot_sigma: float = 10.0,
+    hit_sigma: float = 5.0,
+    min_photons: float = 50.0,
+    search_radius: float = 8.0,
+    centre_window: int | None = None,
+    stat_shards: int = 2,
+) -> dict[str, Any]:
+    """Preprocess every frame of a store into ``image``; find hits, centres, background.
+
+    Must run inside :func:`pipeline.dask_cluster.dask_client`.
+
+    Parameters
+    ----------
+    path : path-like
+        The store.
+    size : int, default=128
+        Side of ``image`` in pixels.
+    scaling : {"log", "asinh"}, default="log"
+        Intensity scaling (:func:`~pipeline.preprocess_kernels.scale_intensity`).
+    asinh_scale : float, default=1.0
+        Counts where ``asinh`` scaling turns logarithmic.
+    dark : path to a .npy file or ndarray (y, x), optional
+        Subtracted instead of the median of non-hit frames.
+    saturation : float, "auto" or None, default="auto"
+        Counts at or above which a pixel is masked in that frame
+        (:func:`resolve_saturation`).
+    hot_sigma : float, default=10.0
+        Hot-pixel threshold in robust standard deviations.
+    hit_sigma, min_photons : float, default=5.0, 50.0
+        A hit has an inner-disc photon excess above ``hit_sigma`` Poisson standard
+        deviations and above ``min_photons``.
+    search_radius : float, default=8.0
+        Largest centre offset searched around the nominal centre, pixels.
+    centre_window : int, optional
+        Half side of the window used for centring, pixels; default a quarter of the
+        frame's smaller side, at most 64 (the bright low-q region, where Friedel's law
+        holds best and noise matters least).
+    stat_shards : int, default=2
+        Shards sampled (evenly over the run) for the hot-pixel mean and the background
+        median.
+
+    Returns
+    -------
+    dict
+        ``patterns``, ``hits``, ``hit_rate``, ``background`` (how it was obtained),
+        ``hot_pixels``, ``nominal_centre``, ``centre_median``, ``seconds`` (per pass) and
+        ``parameters``.
+    """
+    from pipeline import store
+
+    if scaling not in kernels.SCALINGS:
+        raise AirysortError(f"unknown scaling {scaling!r}; use one of {kernels.SCALINGS}")
+    if not 4 <= int(size) <= 2048:
+        raise AirysortError(f"--size {size!r} must be between 4 and 2048 pixels")
+    dataset = store.open_store(path)
+    n_patterns = dataset.sizes["pattern"]
+    if n_patterns == 0:
+        raise AirysortError(f"store {str(path)!r} holds no patterns; ingest some first")
+    raw = dataset["raw"].data
+    shape = tuple(raw.shape[1:])
+    file_mask = dataset["mask"].values.astype(bool)
+    dark_frame = load_dark(dark, shape)
+    level = resolve_saturation(saturation, dtype=raw.dtype, attrs=dict(dataset.attrs))
+
+    clock = _Clock()
+    # 1. Hot pixels from a bounded sample of shards.
+    sample = sample_shards(raw, stat_shards)
+    # sum(dtype=float64) accumulates without a float64 copy of each shard.
+    mean_frame = sample.sum(axis=0, dtype=np.float64).compute() / sample.shape[0]
+    if dark_frame is not None:
+        mean_frame = mean_frame - dark_frame
+    hot = kernels.hot_pixels(mean_frame, mask=file_mask, n_frames=sample.shape[0], n_sigma=hot_sigma)
+    run_mask = file_mask | hot
+    centre0 = kernels.nominal_centre(file_mask)
+    hit_settings = kernels.HitSettings(
+        regions=kernels.HitRegions.around(run_mask, centre0),
+        dark=dark_frame,
+        saturation=level,
+        n_sigma=hit_sigma,
+        min_photons=min_photons,
+    )
+    clock.lap("hot_pixels")
+
+    # 2. A run-level hit threshold when the sample shows empty frames lit by stray light.
+    sample_statistics = frame_statistics(sample, hit_settings=hit_settings).compute()
+    threshold = kernels.excess_threshold(sample_statistics, n_sigma=hit_sigma, min_photons=min_photons)
+    hit_settings = dataclasses.replace(hit_settings, threshold=threshold)
+    clock.lap("hit_threshold")
+
+    # 3. Background from the non-hits of the same sample.
+    if dark_frame is not None:
+        background, background_source, n_background = dark_frame, "dark", 0
+    else:
+        background, n_background = background_median(sample, hit_settings=hit_settings)
+        background_source = "median of non-hits" if background is not None else "none"
+        if background is None:
+            background = np.zeros(shape, np.float32)
+        # NaN where every sampled frame had the pixel masked does not matter, but must
+        # not propagate.
+        background = np.nan_to_num(background, nan=0.0)
+    clock.lap("background")
+
+    # 4. Hits and images, one pass.
+    if centre_window is None:
+        centre_window = min(64, min(shape) // 4)
+    radius = kernels.disc_radius(shape, centre0) - search_radius
+    settings = kernels.PreprocessSettings(
+        mask=run_mask,
+        background=background.astype(np.float32),
+        nominal_centre=centre0,
+        half_side=radius / np.sqrt(2.0),
+        size=int(size),
+        scaling=scaling,
+        asinh_scale=asinh_scale,
+        saturation=level,
+        search_radius=search_radius,
+        centre_window=centre_window,
+    )
+    outputs = analyse_array(raw, hit_settings=hit_settings, settings=settings)
+
+    parameters = {
+        "size": int(size),
+        "scaling": scaling,
+        "asinh_scale": asinh_scale,
+        "dark": _describe_dark(dark),
+        "saturation": level,
+        "hot_sigma": hot_sigma,
+        "hit_sigma": hit_sigma,
+        "min_photons": min_photons,
+        "hit_threshold": threshold,
+        "search_radius": search_radius,
+        "centre_window": centre_window,
+        "stat_shards": stat_shards,
+        "nominal_centre": list(centre0),
+        "crop_half_side": settings.half_side,
+        "background": background_source,
+        "background_shards": n_background,
+        "hot_pixels": int(hot.sum()),
+    }
+    with store.write_lock(path, COMMAND), preserving_attrs(path):
+        _write_run_arrays(path, run_mask=run_mask, background=settings.background)
+        _write_outputs(path, outputs, scaling=scaling, parameters=parameters)
+    clock.lap("images")
+    written = store.open_store(path)[["hit", "centre_y", "centre_x"]].compute()
+    hits = written["hit"].values
+    hit_centres = np.stack([written["centre_y"].values[hits], written["centre_x"].values[hits]], axis=1)
+    n_hits = int(hits.sum())
+    return {
+        "patterns": int(n_patterns),
+        "hits": n_hits,
+        "hit_rate": n_hits / n_patterns,
+        "background": background_source,
+        "hot_pixels": int(hot.sum()),
+        "nominal_centre": list(centre0),
+        "centre_median": np.median(hit_centres, axis=0).tolist() if n_hits else list(centre0),
+        "image_shape": [int(size), int(size)],
+        "seconds": clock.laps,
+        "parameters": parameters,
+    }
+
+
+@contextlib.contextmanager
+def preserving_attrs(path: str | os.PathLike) -> Iterator[None]:
+    """Keep the store's global attributes (geometry, file list, provenance) across writes.
+
+    ``xarray.Dataset.to_zarr(mode="a")`` replaces the group's attributes with the written
+    dataset's own; this restores the ones present before and keeps the provenance
+    entries added in between.
+    """
+    from pipeline import store
+
+    before = store.read_attrs(path)
+    yield
+    after = store.read_attrs(path)
+    history = list(before.get("provenance", []))
+    added = list(after.get("provenance", []))
+    if added[: len(history)] == history:
+        added = added[len(history) :]
+    store.update_attrs(path, **{**before, **after, "provenance": history + added})
+    store.consolidate(path)
+
+
+def _write_outputs(path, outputs: dict, *, scaling: str, parameters: dict[str, Any]) -> None:
+    """Write the per-pattern results in one pass (one task per shard computes them all)."""
+    import xarray as xr
+
+    from pipeline import store
+
+    pattern = ("pattern",)
+    descriptions = {
+        "hit": {"long_name": "hit (not an empty frame)"},
+        "photon_count": {"long_name": "photons in valid pixels of the on-detector disc", "units": "counts"},
+        "centre_y": {"long_name": "beam centre row", "units": "px"},
+        "centre_x": {"long_name": "beam centre column", "units": "px"},
+    }
+    variables = {
+        "image": xr.DataArray(
+            outputs["image"],
+            dims=("pattern", "iy", "ix"),
+            attrs={"long_name": "preprocessed network input", "units": "1",
+                   "comment": f"{scaling} scaled, normalised per pattern; masked pixels are 0"},
+        ),
+        **{name: xr.DataArray(outputs[name], dims=pattern, attrs=attrs) for name, attrs in descriptions.items()},
+    }
+    store.write_variables(path, variables, command=COMMAND, parameters=parameters, description="preprocess: images")
+
+
+class _Clock:
+    """Wall-clock seconds of each pass, reported in the result."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._start, 3)
+        self._start = now
+
+
+def _describe_dark(dark: str | os.PathLike | np.ndarray | None) -> str | None:
+    if dark is None:
+        return None
+    return "array given through the API" if isinstance(dark, np.ndarray) else str(Path(dark).resolve())
+
+
+def _write_run_arrays(path: str | os.PathLike, *, run_mask: np.ndarray, background: np.ndarray) -> None:
+    """Store the run's combined mask and background (``y, x``) for ``correlate``."""
+    import xarray as xr
+    import zarr
+
+    from pipeline import store
+
+    run = xr.Dataset(
+        {
+            "preprocess_mask": (("y", "x"), run_mask,
+                                {"long_name": "file mask and hot pixels", "flag_meanings": "True = bad pixel"}),
+            "background": (("y", "x"), background, {"long_name": "subtracted background", "units": "counts"}),
+        }
+    )
+    with store.write_lock(path, COMMAND):
+        group = zarr.open_group(path, mode="r+", use_consolidated=False)
+        for name in run.data_vars:
+            if name in group:
+                del group[name]
+        run.to_zarr(path, mode="a", zarr_format=3, consolidated=False)

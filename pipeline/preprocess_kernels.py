@@ -1,0 +1,886 @@
+"""Pure NumPy / SciPy kernels of preprocessing: no Dask here.
+
+Every function works on one frame ``(y, x)`` or one block of frames
+``(n, y, x)`` held in memory; :mod:`pipeline.preprocess` maps the ``*_block``
+functions over the store's shards with Dask and computes the per-run statistics
+(hot pixels, background) that the block kernels take as arguments.
+
+The steps, in the order they are applied to a frame:
+
+1. **Mask** — the file's detector mask, hot pixels found per run by robust
+   statistics (:func:`hot_pixels`) and, per frame, saturated pixels
+   (``raw >= saturation``). True means bad, as in the store.
+2. **Background** — subtract a per-pixel background (the median of non-hit frames,
+   or a dark frame the user gives).
+3. **Hit finding** — :func:`frame_statistics` measures the photon count and the
+   excess of photons in an inner disc over a flat background; :func:`is_hit` flags a
+   frame when that excess is significant (Poisson), so that no run-wide threshold
+   is needed and runs with only hits or only empty frames are handled alike.
+4. **Centre** — :func:`refine_centre` finds the point about which the masked frame is
+   most centro-symmetric (Friedel symmetry of small-angle diffraction), to sub-pixel
+   accuracy.
+5. **Scaling** — ``log1p`` or ``asinh`` of the background-subtracted counts
+   (:func:`scale_intensity`).
+6. **Crop and resize** — the square inscribed in the disc that fits on the detector
+   around the centre, anti-aliased (Gaussian pre-filter) and resampled to
+   ``size × size`` with sub-pixel centring (:func:`crop_resize`). Masked pixels are
+   first filled with the azimuthal mean at their radius (:func:`fill_masked`) so the
+   filter does not smear the mask's edges into valid pixels.
+7. **Normalisation** — zero mean and unit standard deviation over the valid pixels;
+   masked pixels are set to exactly 0, so they carry no signal into a network.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.fft
+import scipy.ndimage
+
+from pipeline.errors import AirysortError
+
+SCALINGS = ("log", "asinh")
+
+
+# --------------------------------------------------------------------------------------
+# Geometry of the detector
+# --------------------------------------------------------------------------------------
+
+
+def nominal_centre(mask: np.ndarray) -> tuple[float, float]:
+    """Beam position guessed from the detector mask: the centroid of the central hole.
+
+    Parameters
+    ----------
+    mask : ndarray of bool, shape (y, x)
+        True where the pixel is bad.
+
+    Returns
+    -------
+    (cy, cx) : tuple of float
+        Centre in pixels (row, column). The centroid of the masked region that does not
+        touch the frame border and lies nearest to the frame's middle; the frame's
+        middle ``((y-1)/2, (x-1)/2)`` when there is no such region.
+    """
+    mask = np.asarray(mask, bool)
+    ny, nx = mask.shape
+    middle = np.array([(ny - 1) / 2, (nx - 1) / 2])
+    labels, n_regions = scipy.ndimage.label(mask)
+    if n_regions == 0:
+        return float(middle[0]), float(middle[1])
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    inner = [i for i in range(1, n_regions + 1) if i not in set(border.tolist())]
+    if not inner:
+        return float(middle[0]), float(middle[1])
+    centroids = np.array(scipy.ndimage.center_of_mass(mask, labels, inner))
+    nearest = centroids[np.argmin(np.hypot(*(centroids - middle).T))]
+    return float(nearest[0]), float(nearest[1])
+
+
+def disc_radius(shape: tuple[int, int], centre: tuple[float, float]) -> float:
+    """Radius in pixels of the largest disc around ``centre`` that lies on the frame."""
+    ny, nx = shape
+    cy, cx = centre
+    return float(min(cy, cx, ny - 1 - cy, nx - 1 - cx))
+
+
+def hole_radius(mask: np.ndarray, centre: tuple[float, float]) -> float:
+    """Radius in pixels of the masked central hole around ``centre`` (0 if none).
+
+    The largest radius ``r`` such that at least half of the pixels at integer radius
+    ``r`` (rounded) are masked, scanning outwards from the centre.
+    """
+    mask = np.asarray(mask, bool)
+    radius = _radius(mask.shape, centre).round().astype(np.int64)
+    total = np.bincount(radius.ravel())
+    masked = np.bincount(radius.ravel(), weights=mask.ravel().astype(float), minlength=total.size)
+    populated = total > 0
+    mostly_valid = populated & (masked < 0.5 * total)
+    first_valid = np.flatnonzero(mostly_valid)
+    if first_valid.size == 0:
+        return float(total.size)
+    innermost = np.flatnonzero(populated)[0]
+    return 0.0 if first_valid[0] == innermost else float(first_valid[0])
+
+
+def _radius(shape: tuple[int, int], centre: tuple[float, float]) -> np.ndarray:
+    yy, xx = np.indices(shape, dtype=np.float32)
+    return np.hypot(yy - np.float32(centre[0]), xx - np.float32(centre[1]))
+
+
+# --------------------------------------------------------------------------------------
+# Masks
+# --------------------------------------------------------------------------------------
+
+
+def hot_pixels(
+    mean_frame: np.ndarray,
+    *,
+    mask: np.ndarray,
+    n_frames: int,
+    n_sigma: float = 10.0,
+    size: int = 5,
+    min_excess: float = 1.0,
+) -> np.ndarray:
+    """Pixels much brighter on average than their neighbours: hot pixels.
+
+    Diffraction averaged over many shots varies smoothly from pixel to pixel, while a
+    hot pixel stands out alone. With the residual ``e = mean - median_filter(mean)`` over
+    ``size × size`` neighbourhoods, a pixel is hot when ``e`` exceeds ``n_sigma`` robust
+    standard deviations of the residuals *around it* (1.4826 × the local median of
+    ``|e|`` over ``(2 size + 1)²`` pixels, but at least the shot noise of a mean of
+    ``n_frames`` Poisson counts, ``sqrt((median + 1) / n_frames)``) and ``min_excess``
+    counts. The local scale keeps steep but smooth regions (next to the beam stop,
+    bright rings) from being flagged; one hot pixel does not move its neighbourhood's
+    median; the shot-noise floor keeps a few lucky photons in a small sample from
+    counting.
+
+    Parameters
+    ----------
+    mean_frame : ndarray of float, shape (y, x)
+        Per-pixel mean over a sample of the run's frames, in counts.
+    mask : ndarray of bool, shape (y, x)
+        Already-known bad pixels (excluded from the statistics, never reported hot).
+    n_frames : int
+        Number of frames averaged into ``mean_frame``.
+    n_sigma : float, default=10.0
+        Threshold in robust standard deviations.
+    size : int, default=5
+        Side in pixels of the median-filter neighbourhood.
+    min_excess : float, default=1.0
+        Smallest excess over the neighbourhood, counts, that can make a pixel hot.
+
+    Returns
+    -------
+    ndarray of bool, shape (y, x)
+        True at hot pixels.
+    """
+    if n_sigma <= 0:
+        raise AirysortError(f"hot-pixel threshold n_sigma={n_sigma!r} must be positive")
+    mean_frame = np.asarray(mean_frame, np.float64)
+    mask = np.asarray(mask, bool)
+    if mask.all():
+        return np.zeros_like(mask)
+    # Masked pixels (the central hole, gaps) take the value of the nearest valid pixel,
+    # so the filters see neither an artificial edge nor a patch of zero residuals.
+    nearest = scipy.ndimage.distance_transform_edt(mask, return_distances=False, return_indices=True)
+    filled = mean_frame[tuple(nearest)]
+    smooth = scipy.ndimage.median_filter(filled, size=size, mode="nearest")
+    residual = (filled - smooth)[tuple(nearest)]
+    local_sigma = 1.4826 * scipy.ndimage.median_filter(np.abs(residual), size=2 * size + 1, mode="nearest")
+    shot_noise = np.sqrt((np.maximum(smooth, 0.0) + 1.0) / max(int(n_frames), 1))
+    local_sigma = np.maximum(local_sigma, shot_noise)
+    return (residual > n_sigma * local_sigma) & (residual > min_excess) & ~mask
+
+
+def saturated(frames: np.ndarray, level: float | None) -> np.ndarray:
+    """True where a pixel reached the detector's saturation ``level`` (None: never)."""
+    if level is None:
+        return np.zeros(frames.shape, bool)
+    return frames >= level
+
+
+# --------------------------------------------------------------------------------------
+# Hit finding
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HitRegions:
+    """Pixel regions used by hit finding: an inner disc and the annulus outside it.
+
+    ``inner`` and ``outer`` are boolean (y, x) maps of valid pixels (not masked).
+    """
+
+    inner: np.ndarray
+    outer: np.ndarray
+
+    @classmethod
+    def around(
+        cls, mask: np.ndarray, centre: tuple[float, float], *, inner_fraction: float = 0.35
+    ) -> HitRegions:
+        """Inner disc of ``inner_fraction`` × the on-detector disc radius, outer annulus to
+        that radius, both without masked pixels."""
+        radius = _radius(mask.shape, centre)
+        r_max = disc_radius(mask.shape, centre)
+        valid = ~np.asarray(mask, bool)
+        inner = valid & (radius < inner_fraction * r_max)
+        outer = valid & (radius >= inner_fraction * r_max) & (radius <= r_max)
+        if not inner.any() or not outer.any():
+            raise AirysortError(
+                f"hit finding needs valid pixels both within and beyond {inner_fraction:.2f} × "
+                f"the detector radius {r_max:.1f} px around the centre {centre!r}; check the mask"
+            )
+        return cls(inner=inner, outer=outer)
+
+
+def frame_statistics_block(
+    frames: np.ndarray,
+    *,
+    regions: HitRegions,
+    dark: np.ndarray | None = None,
+    saturation: float | None = None,
+) -> np.ndarray:
+    """Per-frame photon statistics for hit finding.
+
+    Parameters
+    ----------
+    frames : ndarray, shape (n, y, x)
+        Detector counts (photons).
+    regions : HitRegions
+        Inner disc and outer annulus of valid pixels.
+    dark : ndarray of float, shape (y, x), optional
+        Subtracted before counting.
+    saturation : float, optional
+        Pixels at or above this count are left out.
+
+    Returns
+    -------
+    ndarray of float64, shape (n, 3)
+        Columns: photon count over all valid pixels (inner + outer), the excess of photons
+        in the inner disc over a flat background estimated from the outer annulus, and
+        the Poisson standard deviation of that excess under the flat hypothesis.
+    """
+    frames = np.asarray(frames)
+    n = frames.shape[0]
+    flat = frames.reshape(n, -1)
+    where = {"inner": np.flatnonzero(regions.inner), "outer": np.flatnonzero(regions.outer)}
+    dark_flat = None if dark is None else np.asarray(dark, np.float64).ravel()
+    sums = {name: np.zeros(n) for name in where}  # counts, dark subtracted
+    levels = np.zeros(n)  # raw counts per outer pixel, for the shot noise
+    sizes = {name: np.zeros(n) for name in where}
+    # Frame by frame, so temporaries stay one frame's size whatever the block size.
+    for i in range(n):
+        for name, index in where.items():
+            values = flat[i, index]
+            keep = None if saturation is None else values < saturation
+            if keep is not None and keep.all():
+                keep = None
+            raw_sum = values.sum(dtype=np.float64) if keep is None else values[keep].sum(dtype=np.float64)
+            size = index.size if keep is None else np.count_nonzero(keep)
+            dark_sum = 0.0
+            if dark_flat is not None:
+                dark_values = dark_flat[index]
+                dark_sum = dark_values.sum() if keep is None else dark_values[keep].sum()
+            sums[name][i] = raw_sum - dark_sum
+            sizes[name][i] = size
+            if name == "outer":
+                levels[i] = max(raw_sum, 0.0) / max(size, 1)
+    inner, outer = sums["inner"], sums["outer"]
+    n_inner, n_outer = sizes["inner"], np.maximum(sizes["outer"], 1)
+    # Shot noise follows the counts as measured, before any dark is subtracted.
+    sigma = np.sqrt(n_inner * levels + n_inner**2 * levels / n_outer + 1.0)
+    expected = n_inner * outer / n_outer
+    return np.stack([inner + outer, inner - expected, sigma], axis=1)
+
+
+def is_hit(
+    statistics: np.ndarray, *, n_sigma: float = 5.0, min_photons: float = 50.0, threshold: float = 0.0
+) -> np.ndarray:
+    """Flag hits: the inner disc holds significantly more photons than a flat background.
+
+    A frame is a hit when the inner excess (column 1 of :func:`frame_statistics_block`)
+    exceeds ``n_sigma`` Poisson standard deviations, ``min_photons`` and ``threshold``
+    (a run-level level from :func:`excess_threshold`, 0 when the run gives none). The
+    first two are per frame, so a run of only hits or only empty frames is classified
+    frame by frame like any other.
+
+    Returns
+    -------
+    ndarray of bool, shape (n,)
+    """
+    statistics = np.asarray(statistics)
+    excess, sigma = statistics[:, 1], statistics[:, 2]
+    return (excess > n_sigma * sigma) & (excess > min_photons) & (excess > threshold)
+
+
+def excess_threshold(
+    statistics: np.ndarray,
+    *,
+    n_sigma: float = 5.0,
+    min_photons: float = 50.0,
+    min_gap: float = 0.5,
+    max_spread: float = 0.5,
+    min_frames: int = 16,
+) -> float:
+    """Run-level excess threshold separating empty frames lit by stray light from hits.
+
+    Beam-induced stray light (a halo around the beam stop) gives every frame, empty or
+    not, an inner-disc excess that the per-frame Poisson test of :func:`is_hit` flags.
+    Empty frames then form a low, tight group in ``log10(excess)`` (their excess only
+    follows the pulse energy), well below the hits, which spread over decades with
+    droplet size. Among the frames that pass the per-frame test, the widest gap between
+    consecutive sorted ``log10(excess)`` values is taken as that separation when it is
+    wider than ``min_gap`` decades and than twice the spread of the (at least two)
+    values below it, which must stay within ``max_spread`` decades; the threshold is
+    then the gap's middle (geometric mean of its ends). Otherwise (or with fewer than
+    ``min_frames`` candidates) there is no separate empty group and the threshold is 0.
+    This is a heuristic: a run of hits whose faintest few are tightly grouped and
+    isolated by half a decade would lose them as "empty"; a ``--dark`` taken with the
+    beam on but no sample (which then holds the stray light) avoids it.
+
+    Parameters
+    ----------
+    statistics : ndarray, shape (n, 3)
+        From :func:`frame_statistics_block`, for a sample of the run.
+    n_sigma, min_photons : float
+        The per-frame test of :func:`is_hit`.
+    min_gap : float, default=0.5
+        Narrowest gap, decades, taken as a separation.
+    max_spread : float, default=0.5
+        Widest spread, decades, of the empty group.
+    min_frames : int, default=16
+        Fewest candidate frames to look for a gap in.
+
+    Returns
+    -------
+    float
+        Photons; 0.0 when the sample shows no separate empty group.
+    """
+    candidates = is_hit(statistics, n_sigma=n_sigma, min_photons=min_photons)
+    values = np.sort(np.log10(np.asarray(statistics)[candidates, 1]))
+    # A few hits spread over decades show wide gaps by chance: judge only larger samples.
+    if values.size < min_frames:
+        return 0.0
+    gaps = np.diff(values)
+    widest = int(np.argmax(gaps))
+    gap = gaps[widest]
+    below = values[: widest + 1]
+    spread = below[-1] - below[0]
+    # One faint frame alone is as likely a faint hit as an empty frame: need a group,
+    # and a tight one (stray light only follows the pulse energy).
+    if gap < min_gap or below.size < 2 or spread > max_spread or gap <= 2 * spread:
+        return 0.0
+    return float(10 ** (0.5 * (values[widest] + values[widest + 1])))
+
+
+@dataclass(frozen=True)
+class HitSettings:
+    """Settings of hit finding, fixed per run.
+
+    Attributes
+    ----------
+    regions : HitRegions
+        Inner disc and outer annulus of valid pixels.
+    dark : ndarray of float, shape (y, x), or None
+        Subtracted before counting (only a dark the user gave; the median background
+        is itself computed from hit finding).
+    saturation : float or None
+        Counts at or above which a pixel is left out.
+    n_sigma, min_photons, threshold : float
+        Thresholds of :func:`is_hit`.
+    """
+
+    regions: HitRegions
+    dark: np.ndarray | None = None
+    saturation: float | None = None
+    n_sigma: float = 5.0
+    min_photons: float = 50.0
+    threshold: float = 0.0
+
+
+def find_hits_block(frames: np.ndarray, *, hit_settings: HitSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Hit statistics and hit flags of a block of frames.
+
+    Returns
+    -------
+    statistics : ndarray of float64, shape (n, 3)
+        See :func:`frame_statistics_block`.
+    hits : ndarray of bool, shape (n,)
+    """
+    statistics = frame_statistics_block(
+        frames, regions=hit_settings.regions, dark=hit_settings.dark, saturation=hit_settings.saturation
+    )
+    hits = is_hit(
+        statistics, n_sigma=hit_settings.n_sigma, min_photons=hit_settings.min_photons, threshold=hit_settings.threshold
+    )
+    return statistics, hits
+
+
+def empty_median_block(frames: np.ndarray, *, hit_settings: HitSettings) -> np.ndarray:
+    """Per-pixel median of the non-hit frames of a block, after finding the hits.
+
+    Returns
+    -------
+    ndarray of float32, shape (1, y, x)
+        NaN everywhere when the block holds no non-hit frame.
+    """
+    _, hits = find_hits_block(frames, hit_settings=hit_settings)
+    return background_median_block(frames, hits)
+
+
+def background_median_block(frames: np.ndarray, hits: np.ndarray) -> np.ndarray:
+    """Per-pixel median of the non-hit frames of one block.
+
+    Returns
+    -------
+    ndarray of float32, shape (1, y, x)
+        NaN everywhere when the block holds no non-hit frame.
+    """
+    empty = np.asarray(frames)[~np.asarray(hits, bool)]
+    if empty.shape[0] == 0:
+        return np.full((1, *frames.shape[1:]), np.nan, np.float32)
+    return np.median(empty, axis=0).astype(np.float32)[None]
+
+
+# --------------------------------------------------------------------------------------
+# Centre refinement
+# --------------------------------------------------------------------------------------
+
+
+def refine_centre(
+    frame: np.ndarray,
+    bad: np.ndarray,
+    *,
+    guess: tuple[float, float],
+    search_radius: float = 8.0,
+    window: int = 64,
+) -> tuple[float, float]:
+    """Centre of centro-symmetry of a masked frame, to sub-pixel accuracy.
+
+    Small-angle diffraction obeys Friedel's law, ``I(c + d) = I(c - d)``. For every
+    candidate centre ``c = s / 2`` on a half-pixel grid, the mean squared difference
+    between the frame and its point reflection through ``c``, over pixel pairs that are
+    both valid,
+
+    ``D(s) = Σ w(r) w(s-r) (f(r) - f(s-r))² / Σ w(r) w(s-r)``
+    ``     = 2 [(f² ⋆ w)(s) - (f ⋆ f)(s)] / (w ⋆ w)(s)``,
+
+    is a sum of linear convolutions (⋆), computed with FFTs in a square window of
+    half-side ``window`` around the guess; ``f = w · log1p(frame)`` compresses the
+    dynamic range so that outer rings count too. The minimum of ``D`` within
+    ``search_radius`` of the guess is refined with a parabola through its neighbours
+    along each axis.
+
+    Parameters
+    ----------
+    frame : ndarray, shape (y, x)
+        Background-subtracted counts.
+    bad : ndarray of bool, shape (y, x)
+        True at masked pixels.
+    guess : (float, float)
+        Starting centre (row, column) in pixels.
+    search_radius : float, default=8.0
+        Largest offset from ``guess`` considered, in pixels.
+    window : int, default=64
+        Half-side in pixels of the square window used.
+
+    Returns
+    -------
+    (cy, cx) : tuple of float
+        Refined centre in pixels; ``guess`` when too few valid pixel pairs exist.
+    """
+    ny, nx = frame.shape
+    gy, gx = int(round(guess[0])), int(round(guess[1]))
+    half = int(min(window, gy, gx, ny - 1 - gy, nx - 1 - gx))
+    if half < 4:
+        return float(guess[0]), float(guess[1])
+    rows, cols = slice(gy - half, gy + half + 1), slice(gx - half, gx + half + 1)
+    valid = ~bad[rows, cols]
+    weight = valid.astype(np.float64)
+    values = np.log1p(np.maximum(frame[rows, cols], 0.0)).astype(np.float64) * weight
+    side = 2 * half + 1
+    n = scipy.fft.next_fast_len(2 * side - 1, real=True)
+    spectrum_f = scipy.fft.rfft2(values, (n, n))
+    spectrum_f2 = scipy.fft.rfft2(values * values, (n, n))
+    # The mask's terms are the same for every frame of a run (unless a pixel saturates).
+    spectrum_w, overlap = _mask_terms(np.packbits(valid).tobytes(), side, n)
+    difference = scipy.fft.irfft2(2 * (spectrum_f2 * spectrum_w - spectrum_f * spectrum_f), (n, n))
+
+    # s = 2 (c - window origin); the guess sits at s = 2 * half.
+    reach = int(np.ceil(2 * search_radius))
+    lo, hi = 2 * half - reach, 2 * half + reach + 1
+    d = difference[lo:hi, lo:hi]
+    p = overlap[lo:hi, lo:hi]
+    enough = p > 0.25 * overlap[2 * half, 2 * half]
+    if not enough.any() or overlap[2 * half, 2 * half] < 16:
+        return float(guess[0]), float(guess[1])
+    score = np.where(enough, d / np.maximum(p, 1e-12), np.inf)
+    iy, ix = np.unravel_index(np.argmin(score), score.shape)
+    sy = iy + _parabola_offset(score[iy - 1 : iy + 2, ix] if 0 < iy < score.shape[0] - 1 else None)
+    sx = ix + _parabola_offset(score[iy, ix - 1 : ix + 2] if 0 < ix < score.shape[1] - 1 else None)
+    cy = gy - half + (lo + sy) / 2
+    cx = gx - half + (lo + sx) / 2
+    return float(cy), float(cx)
+
+
+@functools.lru_cache(maxsize=4)
+def _mask_terms(packed_valid: bytes, side: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """FFT of a window's validity and its autoconvolution (read-only, cached)."""
+    valid = np.unpackbits(np.frombuffer(packed_valid, np.uint8), count=side * side).reshape(side, side)
+    spectrum_w = scipy.fft.rfft2(valid.astype(np.float64), (n, n))
+    overlap = scipy.fft.irfft2(spectrum_w * spectrum_w, (n, n))
+    spectrum_w.flags.writeable = False
+    overlap.flags.writeable = False
+    return spectrum_w, overlap
+
+
+def _parabola_offset(three: np.ndarray | None) -> float:
+    """Offset in [-0.5, 0.5] of the vertex of the parabola through three samples."""
+    if three is None or not np.all(np.isfinite(three)):
+        return 0.0
+    left, middle, right = three
+    curvature = left - 2 * middle + right
+    if curvature <= 0:
+        return 0.0
+    return float(np.clip(0.5 * (left - right) / curvature, -0.5, 0.5))
+
+
+# --------------------------------------------------------------------------------------
+# Scaling, filling, cropping, normalising
+# --------------------------------------------------------------------------------------
+
+
+def scale_intensity(frame: np.ndarray, *, scaling: str = "log", asinh_scale: float = 1.0) -> np.ndarray:
+    """Compress the dynamic range of background-subtracted counts.
+
+    ``log``: ``log(1 + max(I, 0))``; ``asinh``: ``asinh(I / asinh_scale)``, linear for
+    ``|I| ≪ asinh_scale`` (so noise around zero stays symmetric) and logarithmic above.
+    """
+    if scaling == "log":
+        return np.log1p(np.maximum(frame, 0, dtype=np.float32))
+    if scaling == "asinh":
+        if asinh_scale <= 0:
+            raise AirysortError(f"asinh_scale={asinh_scale!r} must be positive (counts)")
+        return np.arcsinh(np.asarray(frame, np.float32) / np.float32(asinh_scale))
+    raise AirysortError(f"unknown scaling {scaling!r}; use one of {SCALINGS}")
+
+
+def fill_masked(values: np.ndarray, bad: np.ndarray, *, centre: tuple[float, float]) -> np.ndarray:
+    """Replace masked pixels by the azimuthal mean of the valid pixels at their radius.
+
+    Radii are rounded to whole pixels around ``centre``; radii without valid pixels
+    (inside the central hole) take the value of the nearest radius that has some.
+
+    Returns
+    -------
+    ndarray of float32, same shape as ``values``
+    """
+    bad = np.asarray(bad, bool)
+    values = np.asarray(values, np.float32)
+    if not bad.any():
+        return values.copy()
+    radius = _rounded_radius(values.shape, centre)
+    valid = ~bad
+    n_bins = int(radius.max()) + 1
+    counts = np.bincount(radius[valid], minlength=n_bins)
+    sums = np.bincount(radius[valid], weights=values[valid], minlength=n_bins)
+    have = counts > 0
+    if not have.any():
+        return np.zeros_like(values)
+    bins = np.arange(n_bins)
+    profile = np.interp(bins, bins[have], sums[have] / counts[have]).astype(np.float32)
+    filled = values.copy()
+    filled[bad] = profile[radius[bad]]
+    return filled
+
+
+def _rounded_radius(shape: tuple[int, int], centre: tuple[float, float]) -> np.ndarray:
+    """Integer radius of every pixel around ``centre`` rounded to a whole pixel.
+
+    Sliced out of one cached grid twice the frame's size, so no per-frame ``hypot``.
+    """
+    ny, nx = shape
+    grid = _radius_grid(ny, nx)
+    oy, ox = ny - int(round(centre[0])), nx - int(round(centre[1]))
+    return grid[oy : oy + ny, ox : ox + nx]
+
+
+@functools.lru_cache(maxsize=8)
+def _radius_grid(ny: int, nx: int) -> np.ndarray:
+    yy, xx = np.indices((2 * ny, 2 * nx))
+    return np.rint(np.hypot(yy - ny, xx - nx)).astype(np.int32)
+
+
+def bilinear(
+    values: np.ndarray, bad: np.ndarray | None, rows: np.ndarray, cols: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Bilinear interpolation at fractional pixel positions, with a validity flag.
+
+    Equivalent to ``scipy.ndimage.map_coordinates(values, [rows, cols], order=1)`` but
+    several times faster for many points, and it reports which samples touch a bad
+    pixel or fall outside the frame.
+
+    Parameters
+    ----------
+    values : ndarray, shape (y, x)
+    bad : ndarray of bool, shape (y, x), or None
+        True at masked pixels.
+    rows, cols : ndarray of float, any shape (the same)
+        Positions in pixels.
+
+    Returns
+    -------
+    samples : ndarray of float32, shape of ``rows``
+        Interpolated values (0 where not good).
+    good : ndarray of bool, shape of ``rows``
+        True where the four pixels around the position are valid and inside the frame.
+    """
+    ny, nx = values.shape
+    r0 = np.floor(rows).astype(np.int32)
+    c0 = np.floor(cols).astype(np.int32)
+    fr = (rows - r0).astype(np.float32)
+    fc = (cols - c0).astype(np.float32)
+    inside = (r0 >= 0) & (c0 >= 0) & (r0 < ny - 1) & (c0 < nx - 1)
+    index = np.where(inside, r0 * nx + c0, 0)
+    # Bad pixels read as NaN, so a sample that touches one comes out NaN: one gather
+    # per neighbour serves both the value and the validity.
+    flat = np.asarray(values, np.float32)
+    if bad is not None:
+        flat = np.where(bad, np.float32(np.nan), flat)
+    flat = flat.ravel()
+    top = flat[index] * (1 - fc) + flat[index + 1] * fc
+    bottom = flat[index + nx] * (1 - fc) + flat[index + nx + 1] * fc
+    samples = top * (1 - fr) + bottom * fr
+    good = inside & np.isfinite(samples)
+    return np.where(good, samples, np.float32(0)), good
+
+
+def antialias_sigma(*, half_side: float, size: int) -> float:
+    """Gaussian pre-filter width, input pixels, for shrinking ``2 half_side`` to ``size``.
+
+    ``(scale - 1) / 2`` with ``scale`` input pixels per output pixel, the convention of
+    ``skimage.transform.resize``; 0 when enlarging.
+    """
+    return max((2.0 * half_side / size - 1.0) / 2.0, 0.0)
+
+
+def sample_square(
+    values: np.ndarray, *, centre: tuple[float, float], half_side: float, size: int
+) -> np.ndarray:
+    """Bilinear samples at the pixel centres of a ``size × size`` grid over ``centre ± half_side``.
+
+    Output pixel ``i`` covers ``[c - h + i s, c - h + (i + 1) s)`` with ``s = 2 h / size``;
+    its middle is sampled, so a sub-pixel ``centre`` is honoured exactly.
+
+    Returns
+    -------
+    ndarray of float32, shape (size, size)
+    """
+    scale = 2.0 * half_side / size
+    steps = (np.arange(size, dtype=np.float64) + 0.5) * scale - half_side
+    rows, cols = np.meshgrid(centre[0] + steps, centre[1] + steps, indexing="ij")
+    samples, inside = bilinear(values, None, rows, cols)
+    if not inside.all():
+        raise AirysortError(
+            f"the square of half side {half_side:.1f} px around {centre!r} leaves the "
+            f"{values.shape!r} region; use a smaller crop or search radius"
+        )
+    return samples.astype(np.float32)
+
+
+def crop_resize(
+    values: np.ndarray, *, centre: tuple[float, float], half_side: float, size: int
+) -> np.ndarray:
+    """Anti-aliased crop of the square ``centre ± half_side`` resampled to ``size × size``.
+
+    A Gaussian pre-filter (:func:`antialias_sigma`) removes the frequencies the output
+    grid cannot hold, then :func:`sample_square` interpolates the output pixel centres.
+    Only the square plus the filter's reach is filtered.
+
+    Parameters
+    ----------
+    values : ndarray of float, shape (y, x)
+    centre : (float, float)
+        Centre of the square in input pixels (row, column).
+    half_side : float
+        Half the side of the square, input pixels.
+    size : int
+        Output side, pixels.
+
+    Returns
+    -------
+    ndarray of float32, shape (size, size)
+    """
+    sigma = antialias_sigma(half_side=half_side, size=size)
+    margin = int(np.ceil(4 * sigma)) + 2
+    ny, nx = values.shape
+    y0 = max(int(np.floor(centre[0] - half_side)) - margin, 0)
+    x0 = max(int(np.floor(centre[1] - half_side)) - margin, 0)
+    y1 = min(int(np.ceil(centre[0] + half_side)) + margin + 1, ny)
+    x1 = min(int(np.ceil(centre[1] + half_side)) + margin + 1, nx)
+    patch = np.asarray(values[y0:y1, x0:x1], np.float32)
+    if sigma > 0:
+        patch = scipy.ndimage.gaussian_filter(patch, sigma, mode="nearest", truncate=4.0)
+    return sample_square(patch, centre=(centre[0] - y0, centre[1] - x0), half_side=half_side, size=size)
+
+
+def normalise(image: np.ndarray, bad: np.ndarray) -> np.ndarray:
+    """Zero mean and unit standard deviation over valid pixels; masked pixels exactly 0.
+
+    A frame whose valid pixels are all equal is only shifted to zero mean.
+    """
+    image = np.asarray(image, np.float32)
+    valid = ~np.asarray(bad, bool)
+    if not valid.any():
+        return np.zeros_like(image)
+    mean = image[valid].mean(dtype=np.float64)
+    std = image[valid].std(dtype=np.float64)
+    out = (image - np.float32(mean)) / np.float32(std if std > 1e-12 else 1.0)
+    out[~valid] = 0.0
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Whole frames and blocks
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    """Per-run settings of :func:`preprocess_block`, fixed before the block kernels run.
+
+    Attributes
+    ----------
+    mask : ndarray of bool, shape (y, x)
+        Run mask: file mask and hot pixels (saturation is added per frame).
+    background : ndarray of float32, shape (y, x)
+        Subtracted from every frame (zeros when none).
+    nominal_centre : (float, float)
+        Centre used for non-hits and as the starting guess of refinement, pixels.
+    half_side : float
+        Half side of the cropped square, pixels; the same for every frame so that all
+        images share one scale.
+    size : int
+        Output side, pixels.
+    scaling : str
+        ``"log"`` or ``"asinh"``.
+    asinh_scale : float
+        Counts at which ``asinh`` scaling turns logarithmic.
+    saturation : float or None
+        Counts at or above which a pixel is masked in that frame.
+    search_radius : float
+        Largest centre offset from the nominal centre, pixels.
+    centre_window : int
+        Half side of the window used for centre refinement, pixels.
+    """
+
+    mask: np.ndarray
+    background: np.ndarray
+    nominal_centre: tuple[float, float]
+    half_side: float
+    size: int = 128
+    scaling: str = "log"
+    asinh_scale: float = 1.0
+    saturation: float | None = None
+    search_radius: float = 8.0
+    centre_window: int = 64
+    #: The run mask after the anti-aliasing filter (derived, computed once per run).
+    smoothed_mask: np.ndarray = field(init=False, repr=False)
+    #: Rows and columns (slices) of the part of the frame any crop can reach.
+    region: tuple[slice, slice] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.scaling not in SCALINGS:
+            raise AirysortError(f"unknown scaling {self.scaling!r}; use one of {SCALINGS}")
+        if self.size < 4:
+            raise AirysortError(f"image size {self.size!r} is too small; use at least 4 pixels")
+        if self.half_side <= 0:
+            raise AirysortError(
+                f"crop half side {self.half_side!r} px is not positive: the centre "
+                f"{self.nominal_centre!r} is too close to the frame edge"
+            )
+        sigma = antialias_sigma(half_side=self.half_side, size=self.size)
+        smoothed = self.mask.astype(np.float32)
+        if sigma > 0:
+            smoothed = scipy.ndimage.gaussian_filter(smoothed, sigma, mode="nearest", truncate=4.0)
+        object.__setattr__(self, "smoothed_mask", smoothed)
+        reach = self.half_side + self.search_radius + 4 * sigma + 3
+        ny, nx = self.mask.shape
+        cy, cx = self.nominal_centre
+        rows = slice(max(int(cy - reach), 0), min(int(np.ceil(cy + reach)) + 1, ny))
+        cols = slice(max(int(cx - reach), 0), min(int(np.ceil(cx + reach)) + 1, nx))
+        object.__setattr__(self, "region", (rows, cols))
+
+
+def preprocess_frame(
+    frame: np.ndarray, *, hit: bool, settings: PreprocessSettings
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """Preprocess one raw frame into a normalised network input.
+
+    Parameters
+    ----------
+    frame : ndarray, shape (y, x)
+        Raw detector counts.
+    hit : bool
+        Whether the frame is a hit; only hits get their centre refined (an empty frame
+        has no symmetry to find and keeps the nominal centre).
+    settings : PreprocessSettings
+
+    Returns
+    -------
+    image : ndarray of float32, shape (size, size)
+        Zero mean, unit standard deviation over valid pixels; masked pixels are 0.
+    centre : (float, float)
+        Centre used, raw pixels (row, column).
+    """
+    # Work only on the part of the frame that any crop can reach.
+    rows, cols = settings.region
+    offset = np.array([rows.start, cols.start], float)
+    raw = np.asarray(frame[rows, cols])
+    counts = raw.astype(np.float32) - settings.background[rows, cols]
+    sat = saturated(raw, settings.saturation)
+    bad = settings.mask[rows, cols] | sat
+    guess = tuple(np.asarray(settings.nominal_centre) - offset)
+    centre = guess
+    if hit:
+        centre = refine_centre(
+            counts, bad, guess=guess, search_radius=settings.search_radius, window=settings.centre_window
+        )
+    scaled = scale_intensity(counts, scaling=settings.scaling, asinh_scale=settings.asinh_scale)
+    filled = fill_masked(scaled, bad, centre=centre)
+    square = {"half_side": settings.half_side, "size": settings.size}
+    image = crop_resize(filled, centre=centre, **square)
+    # The run mask was filtered once per run; only this frame's saturated pixels are new.
+    bad_fraction = sample_square(settings.smoothed_mask[rows, cols], centre=centre, **square)
+    if sat.any():
+        bad_fraction = bad_fraction + crop_resize(sat.astype(np.float32), centre=centre, **square)
+    global_centre = (float(centre[0] + offset[0]), float(centre[1] + offset[1]))
+    return normalise(image, bad_fraction > 0.5), global_centre
+
+
+def preprocess_block(frames: np.ndarray, hits: np.ndarray, *, settings: PreprocessSettings) -> np.ndarray:
+    """Apply :func:`preprocess_frame` to a block of frames.
+
+    Parameters
+    ----------
+    frames : ndarray, shape (n, y, x)
+    hits : ndarray of bool, shape (n,) (or any shape with n elements)
+
+    Returns
+    -------
+    ndarray of float32, shape (n, size * size + 2)
+        Each row is the flattened image followed by the centre (cy, cx), packed in one
+        array so that one Dask task yields both.
+    """
+    hits = np.asarray(hits, bool).reshape(-1)
+    n = frames.shape[0]
+    out = np.empty((n, settings.size * settings.size + 2), np.float32)
+    for i in range(n):
+        image, centre = preprocess_frame(frames[i], hit=bool(hits[i]), settings=settings)
+        out[i, :-2] = image.ravel()
+        out[i, -2:] = centre
+    return out
+
+
+#: Columns after the flattened image in a row of :func:`analyse_block`'s output.
+PACKED_COLUMNS = ("centre_y", "centre_x", "photon_count", "hit")
+
+
+def analyse_block(
+    frames: np.ndarray, *, hit_settings: HitSettings, settings: PreprocessSettings
+) -> np.ndarray:
+    """Hit finding and preprocessing of a block of frames, in one pass over the data.
+
+    Returns
+    -------
+    ndarray of float32, shape (n, size * size + 4)
+        Each row: the flattened image, then the centre (row, column) in raw pixels, the
+        photon count and the hit flag (1.0 or 0.0) (:data:`PACKED_COLUMNS`).
+    """
+    statistics, hits = find_hits_block(frames, hit_settings=hit_settings)
+    packed = preprocess_block(frames, hits, settings=settings)
+    extra = np.stack([statistics[:, 0], hits.astype(np.float64)], axis=1).astype(np.float32)
+    return np.concatenate([packed, extra], axis=1)

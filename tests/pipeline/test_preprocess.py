@@ -1,0 +1,191 @@
+"""Preprocessing as Dask graphs: oracle tests on uneven chunks, the store, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import dask.array as da
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pipeline import preprocess, store
+from pipeline import preprocess_kernels as pk
+from pipeline.cli.main import app
+from pipeline.ingest import ingest
+from tests.factories import write_stacked_cxi
+from tests.pipeline.test_preprocess_kernels import SHAPE, airy_pattern, detector_mask
+
+runner = CliRunner()
+UNEVEN = (7, 1, 12, 4)  # deliberately uneven chunks along ``pattern``
+
+
+def beamtime(n_hits: int, n_empty: int, *, seed: int = 0):
+    """Interleaved hits (Airy patterns with known centres) and empty frames.
+
+    Returns frames (uint16), the true hit flags and the true centres (NaN for empty).
+    """
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(np.r_[np.ones(n_hits, bool), np.zeros(n_empty, bool)])
+    frames, centres = [], []
+    for i, hit in enumerate(order):
+        centre = (127.5 + rng.uniform(-4, 4), 127.5 + rng.uniform(-4, 4))
+        photons = 10 ** rng.uniform(4, 6) if hit else 0
+        frames.append(
+            airy_pattern(centre=centre, photons=photons, ellipticity=rng.uniform(1, 1.4), angle=rng.uniform(0, 3),
+                         background=0.3, seed=seed * 1000 + i)
+        )
+        centres.append(centre if hit else (np.nan, np.nan))
+    frames = np.stack(frames)
+    frames[:, 40, 200] += 500  # a hot pixel, not in the file mask
+    return frames, order, np.array(centres)
+
+
+def make_store(tmp_path, frames, name="run.zarr"):
+    cxi = write_stacked_cxi(tmp_path / "run.cxi", frames, mask=detector_mask())
+    ingest(tmp_path / name, [cxi])
+    return tmp_path / name
+
+
+def hit_settings(mask=None):
+    mask = detector_mask() if mask is None else mask
+    return pk.HitSettings(regions=pk.HitRegions.around(mask, (127.5, 127.5)), saturation=65535)
+
+
+class TestOracles:
+    """Each Dask stage equals its kernel applied to the whole NumPy array."""
+
+    def test_analyse_array(self):
+        frames, hits, _ = beamtime(14, 10)
+        settings = pk.PreprocessSettings(
+            mask=detector_mask(), background=np.full(SHAPE, 0.3, np.float32), nominal_centre=(127.5, 127.5),
+            half_side=80.0, size=32, saturation=65535,
+        )
+        lazy = preprocess.analyse_array(
+            da.from_array(frames, chunks=(UNEVEN, -1, -1)), hit_settings=hit_settings(), settings=settings
+        )
+        assert lazy["image"].chunks[0] == UNEVEN and lazy["image"].shape == (24, 32, 32)
+        computed = {name: array.compute() for name, array in lazy.items()}
+        packed = pk.analyse_block(frames, hit_settings=hit_settings(), settings=settings)
+        np.testing.assert_array_equal(computed["image"].reshape(24, -1), packed[:, : 32 * 32])
+        for i, name in enumerate(pk.PACKED_COLUMNS):
+            np.testing.assert_array_equal(computed[name], packed[:, 32 * 32 + i] if name != "hit" else hits)
+
+    def test_frame_statistics(self):
+        frames, _, _ = beamtime(14, 10)
+        lazy = preprocess.frame_statistics(da.from_array(frames, chunks=(UNEVEN, -1, -1)), hit_settings=hit_settings())
+        settings = hit_settings()
+        expected = pk.frame_statistics_block(frames, regions=settings.regions, saturation=settings.saturation)
+        np.testing.assert_array_equal(lazy.compute(), expected)
+
+    def test_background_median(self):
+        frames, hits, _ = beamtime(14, 10)
+        lazy = da.from_array(frames, chunks=(UNEVEN, -1, -1))
+        whole, n = preprocess.background_median(lazy.rechunk((-1, -1, -1)), hit_settings=hit_settings())
+        np.testing.assert_array_equal(whole, np.median(frames[~hits], axis=0))
+        assert n == 1
+        # Uneven chunks: the median of the per-chunk medians of non-hits.
+        per_chunk, n = preprocess.background_median(lazy, hit_settings=hit_settings())
+        bounds = np.cumsum((0,) + UNEVEN)
+        medians = [pk.background_median_block(frames[a:b], hits[a:b])[0] for a, b in zip(bounds, bounds[1:])
+                   if (~hits[a:b]).any()]
+        np.testing.assert_array_equal(per_chunk, np.median(medians, axis=0))
+        assert n == len(medians)
+
+    def test_sample_shards(self):
+        lazy = da.from_array(np.arange(24)[:, None, None], chunks=(UNEVEN, -1, -1))
+        assert preprocess.sample_shards(lazy, 2).compute().ravel().tolist() == [0, 1, 2, 3, 4, 5, 6, 20, 21, 22, 23]
+        assert preprocess.sample_shards(lazy, 10).shape[0] == 24
+
+
+class TestStore:
+    def test_preprocess_finds_hits_centres_and_hot_pixels(self, tmp_path, dask_threads):
+        frames, hits, centres = beamtime(20, 12)
+        path = make_store(tmp_path, frames)
+        result = preprocess.preprocess_store(path, size=48)
+        ds = store.open_store(path)
+        np.testing.assert_array_equal(ds.hit.values, hits)
+        assert result["hits"] == 20 and result["hit_rate"] == pytest.approx(20 / 32)
+        found = np.stack([ds.centre_y.values, ds.centre_x.values], axis=1)
+        assert np.hypot(*(found[hits] - centres[hits]).T).max() < 0.5
+        assert np.all(found[~hits] == np.float32(result["nominal_centre"]))
+        assert ds.preprocess_mask.values[40, 200] and result["hot_pixels"] == 1
+        assert result["background"] == "median of non-hits"
+        np.testing.assert_allclose(ds.background.values[100:110, 60], np.median(frames[~hits, 100:110, 60], axis=0))
+        image = ds.image.values
+        assert image.shape == (32, 48, 48) and image.dtype == np.float32 and np.isfinite(image).all()
+        valid = image[0] != 0
+        assert image[0][valid].mean() == pytest.approx(0, abs=1e-3)
+        assert ds.photon_count.dtype == np.float32 and np.all(ds.photon_count.values[hits] > 1000)
+        assert [entry["command"] for entry in ds.attrs["provenance"]] == ["ingest", "preprocess"]
+        assert ds.attrs["wavelength"] == 13.5e-9 and len(ds.attrs["ingested_files"]) == 1
+        recorded = ds.attrs["provenance"][-1]
+        assert recorded["parameters"]["size"] == 48 and recorded["parameters"]["scaling"] == "log"
+
+    @pytest.mark.parametrize("n_hits,n_empty", [(0, 6), (6, 0)])
+    def test_stores_of_only_empty_frames_or_only_hits(self, tmp_path, dask_threads, n_hits, n_empty):
+        frames, hits, _ = beamtime(n_hits, n_empty, seed=3)
+        path = make_store(tmp_path, frames)
+        result = preprocess.preprocess_store(path, size=32)
+        assert result["hits"] == n_hits
+        assert result["background"] == ("none" if n_empty == 0 else "median of non-hits")
+        assert np.isfinite(store.open_store(path).image.values).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("profile", ["lcls", "fermi"])
+def test_simulated_beamtime(tmp_path, dask_threads, profile):
+    """On the simulator's frames (stray light, dark level, hot pixels, beam jitter) hit
+    finding agrees with the 'Empty' labels and hits are centred on the beam."""
+    from pipeline.simulate.beamtime import resolve_profile, simulate_patterns
+    from pipeline.simulate.detector import beam_center
+    from pipeline.taxonomy import CLASS_INDEX
+
+    frames, labels, metadata = simulate_patterns(24, seed=2, profile=profile, size=128, balanced=True)
+    cxi = write_stacked_cxi(tmp_path / "sim.cxi", frames, labels=labels, mask=metadata["mask"])
+    ingest(tmp_path / "sim.zarr", [cxi])
+    preprocess.preprocess_store(tmp_path / "sim.zarr", size=64)
+    ds = store.open_store(tmp_path / "sim.zarr")
+    empty = labels[:, CLASS_INDEX["Empty"]] == 1
+    assert empty.any() and not empty.all()
+    np.testing.assert_array_equal(ds.hit.values, ~empty)
+    hits = ds.hit.values
+    beam = beam_center(resolve_profile(profile, size=128))
+    offsets = np.hypot(ds.centre_y.values[hits] - beam[0], ds.centre_x.values[hits] - beam[1])
+    if profile == "lcls":  # small-angle (projection) patterns obey Friedel's law
+        assert offsets.max() < 0.5
+    else:
+        # Wide-angle MSFT patterns break centro-symmetry (absorption, Ewald curvature, the
+        # 'Asymmetric' and 'Bent' classes) and the beam jitters by 1/8 px rms: typical
+        # hits are still within half a pixel.
+        assert np.median(offsets) < 0.5 and offsets.max() < 3
+
+
+class TestCommand:
+    def test_cli_json_dark_and_info(self, tmp_path, dask_threads):
+        frames, hits, _ = beamtime(5, 3, seed=5)
+        path = make_store(tmp_path, frames)
+        dark = tmp_path / "dark.npy"
+        np.save(dark, np.full(SHAPE, 0.3, np.float32))
+        outcome = runner.invoke(
+            app, ["preprocess", str(path), "--size", "32", "--scaling", "asinh", "--dark", str(dark),
+                  "--cluster", "local-threads", "--json"],
+        )
+        assert outcome.exit_code == 0, outcome.output
+        result = json.loads(outcome.stdout.strip().splitlines()[-1])
+        assert result["patterns"] == 8 and result["hits"] == 5 and result["background"] == "dark"
+        assert result["parameters"]["scaling"] == "asinh" and result["parameters"]["dark"].endswith("dark.npy")
+        info = runner.invoke(app, ["info", str(path), "--json"])
+        info_result = json.loads(info.stdout.strip().splitlines()[-1])
+        assert info_result["hit_rate"] == pytest.approx(5 / 8)
+
+    def test_cli_errors(self, tmp_path, dask_threads):
+        frames, _, _ = beamtime(2, 2)
+        path = make_store(tmp_path, frames)
+        np.save(tmp_path / "small.npy", np.zeros((3, 3)))
+        outcome = runner.invoke(app, ["preprocess", str(path), "--dark", str(tmp_path / "small.npy"),
+                                      "--cluster", "local-threads"])
+        assert outcome.exit_code == 1
+        assert "ERROR: dark frame has shape (3, 3) but frames are (256, 256)" in outcome.output
+        outcome = runner.invoke(app, ["preprocess", str(tmp_path / "nothing.zarr"), "--cluster", "local-threads"])
+        assert outcome.exit_code == 1 and "does not exist" in outcome.output

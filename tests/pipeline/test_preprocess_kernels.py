@@ -1,0 +1,271 @@
+"""Tests of the pure NumPy preprocessing kernels on synthetic diffraction patterns."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.special
+
+from pipeline import preprocess_kernels as pk
+from pipeline.errors import AirysortError
+
+SHAPE = (256, 256)
+
+
+def airy_pattern(
+    shape=SHAPE,
+    *,
+    centre=(127.5, 127.5),
+    speckle=12.0,
+    photons=1e5,
+    ellipticity=1.0,
+    angle=0.0,
+    background=0.02,
+    seed=0,
+    noise=True,
+):
+    """Far-field pattern of an (elliptical) disc: ``(2 J1(x)/x)²`` with the first zero at
+    ``speckle`` px along the long axis, Poisson noise on ``photons`` plus a flat
+    ``background`` per pixel."""
+    yy, xx = np.indices(shape, dtype=float)
+    dy, dx = yy - centre[0], xx - centre[1]
+    u = np.cos(angle) * dx + np.sin(angle) * dy
+    v = (-np.sin(angle) * dx + np.cos(angle) * dy) * ellipticity
+    x = np.maximum(3.8317 * np.hypot(u, v) / speckle, 1e-9)
+    intensity = (2 * scipy.special.j1(x) / x) ** 2
+    intensity = intensity / intensity.sum() * photons + background
+    if not noise:
+        return intensity
+    return np.random.default_rng(seed).poisson(intensity).astype(np.uint16)
+
+
+def detector_mask(shape=SHAPE, *, hole=7.0):
+    """Central hole of radius ``hole`` px around the frame's middle and a 2-px gap."""
+    yy, xx = np.indices(shape)
+    ny, nx = shape
+    mask = np.hypot(yy - (ny - 1) / 2, xx - (nx - 1) / 2) < hole
+    mask[:, nx // 2 + 20 : nx // 2 + 22] = True
+    return mask
+
+
+class TestGeometry:
+    def test_nominal_centre_is_the_hole_centroid(self):
+        mask = np.zeros((100, 120), bool)
+        mask[40:51, 60:71] = True  # hole centred at (45, 65)
+        mask[:, :3] = True  # a border strip is not the hole
+        assert pk.nominal_centre(mask) == pytest.approx((45.0, 65.0))
+
+    def test_nominal_centre_without_hole_is_the_middle(self):
+        assert pk.nominal_centre(np.zeros((100, 120), bool)) == pytest.approx((49.5, 59.5))
+
+    def test_hole_and_disc_radius(self):
+        mask = detector_mask(hole=10)
+        assert pk.hole_radius(mask, (127.5, 127.5)) == pytest.approx(10, abs=1)
+        assert pk.disc_radius(SHAPE, (100.0, 127.5)) == 100.0
+
+
+class TestHotPixels:
+    def test_finds_planted_hot_pixels_and_nothing_else(self):
+        mask = detector_mask()
+        frames = np.stack([airy_pattern(centre=(127.5 + i % 3, 127.5), seed=i) for i in range(20)]).astype(float)
+        hot = [(30, 40), (128, 140), (200, 17)]
+        for y, x in hot:
+            frames[:, y, x] += 50
+        frames[:, 127, 127] = 1e4  # inside the hole: already masked, never "hot"
+        found = pk.hot_pixels(frames.mean(axis=0), mask=mask, n_frames=len(frames))
+        assert sorted(map(tuple, np.argwhere(found).tolist())) == sorted(hot)
+
+    def test_rejects_nonpositive_threshold(self):
+        with pytest.raises(AirysortError, match="n_sigma"):
+            pk.hot_pixels(np.zeros(SHAPE), mask=np.zeros(SHAPE, bool), n_frames=1, n_sigma=0)
+
+
+class TestHitFinding:
+    def statistics(self, frames, mask):
+        regions = pk.HitRegions.around(mask, pk.nominal_centre(mask))
+        return pk.frame_statistics_block(np.stack(frames), regions=regions, saturation=65535)
+
+    def test_hits_and_empty_frames_are_told_apart(self):
+        mask = detector_mask()
+        empty = [airy_pattern(photons=0, background=0.5, seed=s) for s in range(10)]
+        hits = [airy_pattern(photons=p, seed=s) for s, p in enumerate([300, 1e3, 1e5, 1e6])]
+        flags = pk.is_hit(self.statistics(empty + hits, mask))
+        assert flags.tolist() == [False] * 10 + [True] * 4
+
+    @pytest.mark.parametrize("kind", ["only_empty", "only_hits"])
+    def test_needs_no_mixture_of_hits_and_empty_frames(self, kind):
+        mask = detector_mask()
+        if kind == "only_empty":
+            frames = [airy_pattern(photons=0, background=b, seed=s) for s, b in enumerate([0, 0.01, 2, 20])]
+        else:
+            frames = [airy_pattern(photons=p, seed=s) for s, p in enumerate([500, 5e3, 5e4, 5e5])]
+        flags = pk.is_hit(self.statistics(frames, mask))
+        assert flags.tolist() == [kind == "only_hits"] * 4
+
+    def test_photon_count_is_the_sum_over_valid_pixels(self):
+        mask = detector_mask()
+        frame = airy_pattern(photons=1e4)
+        stats = self.statistics([frame], mask)
+        regions = pk.HitRegions.around(mask, pk.nominal_centre(mask))
+        assert stats[0, 0] == frame[regions.inner | regions.outer].sum()
+
+
+class TestExcessThreshold:
+    """The run-level threshold for empty frames lit by stray light (a halo every frame has)."""
+
+    @staticmethod
+    def statistics(excess):
+        excess = np.asarray(excess, float)
+        return np.stack([excess * 2, excess, np.full_like(excess, 30.0)], axis=1)
+
+    def test_separates_a_tight_empty_population_from_hits(self):
+        rng = np.random.default_rng(0)
+        empty = 1e4 * rng.normal(1, 0.1, 20)  # stray light, following the pulse energy
+        hits = 10 ** rng.uniform(5, 7, 60)
+        threshold = pk.excess_threshold(self.statistics(np.r_[empty, hits]))
+        assert empty.max() < threshold < hits.min()
+
+    @pytest.mark.parametrize("kind", ["only_hits", "only_empty"])
+    def test_no_threshold_without_two_populations(self, kind):
+        rng = np.random.default_rng(1)
+        excess = 10 ** rng.uniform(3, 7, 60) if kind == "only_hits" else 1e4 * rng.normal(1, 0.1, 60)
+        assert pk.excess_threshold(self.statistics(excess)) == 0.0
+
+
+    def test_a_few_spread_hits_are_not_split(self):
+        # Six hits with a chance gap of 1.3 decades: too few to call the low ones empty.
+        assert pk.excess_threshold(self.statistics(10 ** np.array([4.0, 4.1, 4.2, 5.5, 5.8, 5.9]))) == 0.0
+
+
+class TestCentre:
+    @pytest.mark.parametrize("seed", range(8))
+    def test_recovers_known_offsets_within_half_a_pixel(self, seed):
+        rng = np.random.default_rng(seed)
+        mask = detector_mask()
+        true = (127.5 + rng.uniform(-5, 5), 127.5 + rng.uniform(-5, 5))
+        frame = airy_pattern(
+            centre=true,
+            photons=10 ** rng.uniform(4, 6),
+            ellipticity=rng.uniform(1, 1.5),
+            angle=rng.uniform(0, np.pi),
+            speckle=rng.uniform(6, 20),
+            seed=seed,
+        )
+        found = pk.refine_centre(frame.astype(np.float32), mask, guess=pk.nominal_centre(mask))
+        assert np.hypot(found[0] - true[0], found[1] - true[1]) < 0.5
+
+    def test_frame_too_close_to_the_edge_keeps_the_guess(self):
+        frame = airy_pattern().astype(np.float32)
+        assert pk.refine_centre(frame, np.zeros(SHAPE, bool), guess=(1.0, 2.0)) == (1.0, 2.0)
+
+
+class TestScalingAndResampling:
+    def test_log_and_asinh(self):
+        frame = np.array([[-3.0, 0.0, 1.0, 1e4]])
+        assert np.allclose(pk.scale_intensity(frame, scaling="log"), np.log1p([0, 0, 1, 1e4]))
+        assert np.allclose(pk.scale_intensity(frame, scaling="asinh", asinh_scale=2), np.arcsinh(frame / 2))
+        with pytest.raises(AirysortError, match="unknown scaling 'sqrt'"):
+            pk.scale_intensity(frame, scaling="sqrt")
+
+    def test_fill_masked_uses_the_azimuthal_mean(self):
+        radius = np.hypot(*(np.indices(SHAPE) - 127.5))
+        smooth = 100 * np.exp(-(radius**2) / (2 * 40.0**2))
+        mask = detector_mask()
+        filled = pk.fill_masked(np.where(mask, 1e9, smooth), mask, centre=(127.5, 127.5))
+        gap = mask & (np.indices(SHAPE)[0] > 140)  # the gap, away from the hole
+        # Radii are binned to whole pixels: up to ±0.5 px × the slope (≤ 6 % here).
+        assert np.allclose(filled[gap], smooth[gap], rtol=0.07)
+        assert np.array_equal(filled[~mask], smooth[~mask].astype(np.float32))
+        assert filled[mask].max() < smooth.max()  # the hole took its edge's value, not 1e9
+
+    def test_crop_resize_honours_a_subpixel_centre(self):
+        # A linear ramp resampled around a centre: the output's mean is the ramp at the centre.
+        ramp = np.add.outer(np.arange(256.0), np.zeros(256))
+        image = pk.crop_resize(ramp, centre=(100.3, 128.0), half_side=40, size=32)
+        assert image.shape == (32, 32)
+        assert image.mean() == pytest.approx(100.3, abs=1e-3)
+        assert np.allclose(np.diff(image[:, 0]), 80 / 32, atol=1e-3)
+
+    def test_crop_resize_is_antialiased(self):
+        checkerboard = (np.indices(SHAPE).sum(axis=0) % 2).astype(float)
+        image = pk.crop_resize(checkerboard, centre=(127.5, 127.5), half_side=100, size=32)
+        # Without the Gaussian pre-filter samples would alias to 0/1 patterns.
+        assert image.std() < 0.02
+        assert image.mean() == pytest.approx(0.5, abs=0.02)
+
+    def test_normalise(self):
+        rng = np.random.default_rng(0)
+        image = rng.normal(5, 3, (16, 16)).astype(np.float32)
+        bad = np.zeros((16, 16), bool)
+        bad[:4] = True
+        out = pk.normalise(image, bad)
+        assert out[~bad].mean() == pytest.approx(0, abs=1e-5)
+        assert out[~bad].std() == pytest.approx(1, abs=1e-5)
+        assert np.all(out[bad] == 0)
+        assert np.all(pk.normalise(np.ones((4, 4)), np.zeros((4, 4), bool)) == 0)
+
+
+class TestPreprocessFrame:
+    def settings(self, **changes):
+        mask = detector_mask()
+        mask[60, 60] = True  # a hot pixel known to the run
+        centre = pk.nominal_centre(mask)
+        options = dict(
+            mask=mask,
+            background=np.full(SHAPE, 0.02, np.float32),
+            nominal_centre=centre,
+            half_side=(pk.disc_radius(SHAPE, centre) - 8) / np.sqrt(2),
+            size=64,
+            saturation=60000,
+        )
+        options.update(changes)
+        return pk.PreprocessSettings(**options)
+
+    def test_masked_pixels_carry_no_signal(self):
+        settings = self.settings()
+        frame = airy_pattern(centre=(129.2, 126.4), photons=1e6)
+        image, centre = pk.preprocess_frame(frame, hit=True, settings=settings)
+        assert centre == pytest.approx((129.2, 126.4), abs=0.5)
+        assert image.dtype == np.float32 and image.shape == (64, 64)
+        valid = image != 0
+        assert image[valid].mean() == pytest.approx(0, abs=1e-4)
+        assert image[valid].std() == pytest.approx(1, abs=1e-3)
+        # Whatever a masked pixel holds (hot, garbage) the result is the same ...
+        spoiled = frame.copy()
+        spoiled[settings.mask] = np.random.default_rng(1).integers(0, 50000, settings.mask.sum())
+        assert np.array_equal(pk.preprocess_frame(spoiled, hit=True, settings=settings)[0], image)
+        # ... and so is a saturated pixel's value, once it is saturated.
+        one, two = frame.copy(), frame.copy()
+        one[70, 150], two[70, 150] = 60000, 65000
+        image_one, _ = pk.preprocess_frame(one, hit=True, settings=settings)
+        assert np.array_equal(image_one, pk.preprocess_frame(two, hit=True, settings=settings)[0])
+        assert not np.array_equal(image_one, image)  # the saturated pixel was masked
+
+    def test_non_hits_keep_the_nominal_centre(self):
+        settings = self.settings(scaling="asinh")
+        frame = airy_pattern(photons=0, background=1)
+        image, centre = pk.preprocess_frame(frame, hit=False, settings=settings)
+        assert centre == settings.nominal_centre
+        assert np.isfinite(image).all()
+
+    def test_block_packs_images_and_centres(self):
+        settings = self.settings()
+        frames = np.stack([airy_pattern(centre=(128 + i, 127), photons=1e5, seed=i) for i in range(3)])
+        packed = pk.preprocess_block(frames, np.array([True, False, True]), settings=settings)
+        assert packed.shape == (3, 64 * 64 + 2)
+        image, centre = pk.preprocess_frame(frames[2], hit=True, settings=settings)
+        assert np.array_equal(packed[2, :-2], image.ravel())
+        assert np.array_equal(packed[1, -2:], np.float32(settings.nominal_centre))
+
+    def test_settings_are_validated(self):
+        with pytest.raises(AirysortError, match="unknown scaling"):
+            self.settings(scaling="linear")
+        with pytest.raises(AirysortError, match="too close to the frame edge"):
+            self.settings(half_side=-1.0)
+
+
+def test_background_median_of_non_hits():
+    frames = np.stack([np.full((4, 4), v, np.uint16) for v in (1, 2, 3, 100, 200)])
+    median = pk.background_median_block(frames, np.array([0, 0, 0, 1, 1], bool))
+    assert median.shape == (1, 4, 4) and np.all(median == 2)
+    assert np.isnan(pk.background_median_block(frames, np.ones(5, bool))).all()
