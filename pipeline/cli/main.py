@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import typer
 
-from pipeline.cli import info, ingest, report, sort
+from pipeline.cli import demo, info, ingest, report, sort
 from pipeline.cli import cluster, evaluate
 from pipeline.cli import correlate, preprocess
+from pipeline.cli import embed, latent
+from pipeline.cli import explain, label, predict, train
 from pipeline.cli import simulate
 
 app = typer.Typer(
@@ -17,15 +19,39 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+
+def _version(value: bool) -> None:
+    if value:
+        from pipeline import __version__
+
+        typer.echo(f"airysort {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+) -> None:
+    """Classify and sort single-shot diffraction patterns from FEL beamtimes."""
+
+
 # One line per command; each module holds only argument parsing for that command.
 app.command("ingest")(ingest.command)
 app.command("info")(info.command)
 app.command("sort")(sort.command)
 app.command("report")(report.command)
+app.command("demo")(demo.command)
 app.command("cluster")(cluster.command)
 app.command("evaluate")(evaluate.command)
 app.command("preprocess")(preprocess.command)
 app.command("correlate")(correlate.command)
+app.command("embed")(embed.command)
+app.command("latent")(latent.command)
+app.command("label")(label.command)
+app.command("train")(train.command)
+app.command("predict")(predict.command)
+app.command("explain")(explain.command)
 app.command("simulate")(simulate.command)
 
 

@@ -1,0 +1,126 @@
+"""Accuracy of the supervised classifier on a simulated beamtime (issue 5, item 7).
+
+    airysort simulate beam.cxi --n 4000 --size 128 --seed 7
+    airysort ingest beam.zarr beam.cxi
+    airysort preprocess beam.zarr --size 128
+    .venv/bin/python benchmarks/cnn_accuracy.py beam.zarr --fraction 0.2 --work acc20
+
+The simulated file carries ground-truth labels, which ``ingest`` puts into ``label``.
+This script saves them as ``WORK/truth.csv`` (once), hides them (``label`` = -1
+everywhere), labels a random ``fraction`` of the patterns through ``airysort label``,
+trains with ``airysort train --model cnn``, classifies every pattern with
+``airysort predict`` and scores ``predicted`` against the truth on the patterns that
+were NOT labelled: per-class precision, recall, F1 and support, micro F1, and macro
+F1 over the classes with at least ``--min-support`` (30) test patterns. Targets:
+macro F1 >= 0.90 and micro F1 >= 0.95 with 20 % labelled.
+
+Each CLI call is printed before it runs, so the numbers can be reproduced by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import store  # noqa: E402
+from pipeline.taxonomy import CLASS_NAMES  # noqa: E402
+
+
+def airysort(*args: str) -> dict:
+    """Run one airysort command in a subprocess; return its --json result."""
+    command = [sys.executable, "-m", "pipeline.cli.main", *map(str, args), "--json"]
+    print("$ airysort " + " ".join(map(str, args)) + " --json", file=sys.stderr, flush=True)
+    run = subprocess.run(command, stdout=subprocess.PIPE, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    if run.returncode:
+        raise SystemExit(f"airysort {args[0]} failed with status {run.returncode}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def write_csv(path: Path, shot_ids, labels) -> None:
+    lines = ["shot_id," + ",".join(CLASS_NAMES)]
+    lines += [f"{s}," + ",".join(str(int(v)) for v in row) for s, row in zip(shot_ids, labels)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def read_csv(path: Path) -> dict[str, np.ndarray]:
+    rows = path.read_text().splitlines()[1:]
+    return {r.split(",")[0]: np.array([int(v) for v in r.split(",")[1:]]) for r in rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("store", type=Path)
+    parser.add_argument("--fraction", type=float, default=0.2, help="fraction of patterns labelled")
+    parser.add_argument("--work", type=Path, required=True, help="directory for CSVs and the model")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the labelled subset")
+    parser.add_argument("--min-support", type=int, default=30)
+    parser.add_argument("--train-option", action="append", default=[],
+                        help="extra 'airysort train' option, e.g. --train-option=--width=16")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    dataset = store.open_store(args.store)
+    shot_ids = np.asarray(dataset["shot_id"].values).astype(object).astype(str)
+    truth_csv = args.work / "truth.csv"
+    if not truth_csv.exists():
+        labels = np.asarray(dataset["label"].values)
+        if (labels < 0).any():
+            raise SystemExit("the store must hold ground-truth labels for every pattern")
+        write_csv(truth_csv, shot_ids, labels)
+    truth_of = read_csv(truth_csv)
+    truth = np.stack([truth_of[s] for s in shot_ids])
+
+    # Hide the truth, then label the chosen subset through the CLI.
+    with store.write_lock(args.store, "cnn_accuracy"):
+        store.write_pattern_variable_direct(args.store, "label", np.full(truth.shape, -1, np.int8))
+    rng = np.random.default_rng(args.seed)
+    n = len(shot_ids)
+    labelled = np.sort(rng.choice(n, int(round(args.fraction * n)), replace=False))
+    subset_csv = args.work / "labels.csv"
+    write_csv(subset_csv, shot_ids[labelled], truth[labelled])
+    airysort("label", args.store, subset_csv)
+
+    start = time.perf_counter()
+    trained = airysort("train", args.store, args.work / "model", "--model", "cnn", "--fresh",
+                       *args.train_option)
+    train_seconds = time.perf_counter() - start
+    airysort("predict", args.store, args.work / "model")
+
+    from sklearn.metrics import f1_score, precision_recall_fscore_support
+
+    predicted = np.asarray(store.open_store(args.store)["predicted"].values)
+    rest = np.setdiff1d(np.arange(n), labelled)
+    y_true, y_pred = truth[rest], predicted[rest]
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, zero_division=0.0)
+    print(f"\n{len(labelled)} labelled ({args.fraction:.0%}), scored on the {len(rest)} others; "
+          f"training {train_seconds:.0f} s, {trained['steps']} steps, "
+          f"best epoch {trained['best_epoch'] + 1}")
+    print(f"{'class':<18}{'precision':>10}{'recall':>8}{'F1':>7}{'support':>9}")
+    for c, name in enumerate(CLASS_NAMES):
+        print(f"{name:<18}{precision[c]:>10.3f}{recall[c]:>8.3f}{f1[c]:>7.3f}{support[c]:>9d}")
+    enough = support >= args.min_support
+    micro = f1_score(y_true, y_pred, average="micro", zero_division=0.0)
+    macro = float(np.mean(f1[enough])) if enough.any() else float("nan")
+    print(f"micro F1 {micro:.3f} (target 0.95); macro F1 over {int(enough.sum())} classes with "
+          f">= {args.min_support} test patterns {macro:.3f} (target 0.90)")
+    (args.work / "scores.json").write_text(json.dumps({
+        "fraction": args.fraction, "n_labelled": int(len(labelled)), "n_scored": int(len(rest)),
+        "micro_f1": float(micro), "macro_f1_supported": macro,
+        "per_class": {name: {"precision": float(precision[c]), "recall": float(recall[c]),
+                             "f1": float(f1[c]), "support": int(support[c])}
+                      for c, name in enumerate(CLASS_NAMES)},
+        "train": trained, "train_seconds": train_seconds}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

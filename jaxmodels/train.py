@@ -1,0 +1,410 @@
+"""The one training loop of airysort, shared by the ResNet classifier and the β-TCVAE.
+
+How a model plugs in
+--------------------
+:func:`fit` knows nothing about the model. A caller provides four things:
+
+1. ``model`` — any ``flax.nnx.Module`` (built by the caller, e.g.
+   ``ResNet18(rngs=nnx.Rngs(seed))``). Batch-norm / dropout modes are switched
+   with ``model.train()`` / ``model.eval()`` by the loop.
+2. ``loss_fn(model, batch, *, key, step, train) -> (loss, aux)`` — a pure function,
+   traced under :func:`flax.nnx.jit`:
+
+   * ``batch``: dict of device arrays from :class:`jaxmodels.data.PatternBatches`
+     (``"x"`` (B, H, W, 1) float32, ``"valid"`` (B,) bool, ``"index"`` (B,), plus
+     the ``extras`` given to it, e.g. ``"y"``). Rows with ``valid`` False are
+     padding; weight them out of the loss (training batches are always full).
+   * ``key``: a fresh ``jax.random`` key for this step (augmentation,
+     reparameterisation sampling); ``step``: the optimiser step as a 0-d int32
+     array (β annealing); ``train``: Python bool, False during validation
+     (switch augmentation off there).
+   * returns a scalar ``loss`` (mean over valid rows) and ``aux``, a flat dict of
+     scalar metrics (logged, averaged over the validation set).
+
+3. ``train`` and ``valid`` — :class:`jaxmodels.data.PatternBatches` (shuffled /
+   not shuffled) streaming from the store.
+4. ``config`` — :class:`jaxmodels.configs.TrainConfig` and a model directory.
+
+Example (see ``pipeline/classify.py`` for the real one)::
+
+    def loss_fn(model, batch, *, key, step, train):
+        x = augment(key, batch["x"]) if train else batch["x"]
+        loss = weighted_bce(model(x), batch["y"], pos_weight, valid=batch["valid"])
+        return loss, {}
+
+    result = fit(model, loss_fn, train_batches, valid=valid_batches,
+                 config=TrainConfig(epochs=20), checkpoint_dir=model_dir / "checkpoints",
+                 best_dir=model_dir / "best")
+    result.model  # best-validation weights, eval mode
+
+What the loop does: AdamW with warm-up + cosine/step schedule and decoupled weight
+decay on kernels (:func:`make_optimizer`), gradient clipping, data parallelism over
+every device (batch sharded along a ``"data"`` mesh, state replicated; see
+:mod:`jaxmodels.parallel`), validation every epoch, early stopping on the
+validation loss, the best model saved to ``best_dir``, and resumable orbax
+checkpoints every ``checkpoint_every`` steps and at the end: calling :func:`fit` again with the
+same directories continues from the last checkpoint, at the same batch of the same
+epoch, with the same data order and random keys.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxmodels.checkpoint import TrainingCheckpointer, load_state_into, save_model, save_state
+from jaxmodels.configs import TrainConfig
+from jaxmodels.data import PatternBatches
+from jaxmodels.parallel import make_data_mesh, replicate, shard_batch
+
+
+class LossFn(Protocol):
+    def __call__(
+        self, model: nnx.Module, batch: dict[str, jax.Array], *, key: jax.Array,
+        step: jax.Array, train: bool,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]: ...
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns.
+
+    Attributes
+    ----------
+    model : nnx.Module
+        The trained model in eval mode, holding the best-validation weights (the
+        last weights when there is no validation set).
+    history : list of dict
+        One entry per finished epoch: ``epoch``, ``train_loss``, ``val_loss`` and
+        the validation ``aux`` metrics prefixed ``val_``.
+    best_epoch : int
+        Epoch (0-based) of the lowest validation loss, -1 without validation.
+    steps : int
+        Optimiser steps taken in total (including before a resume).
+    stopped_early : bool
+        True if early stopping ended training before ``config.epochs``.
+    resumed_from : int or None
+        Step of the checkpoint this call resumed from.
+    """
+
+    model: nnx.Module
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = -1
+    steps: int = 0
+    stopped_early: bool = False
+    resumed_from: int | None = None
+
+
+def make_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
+    """Learning rate per step: linear warm-up, then cosine or step decay.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        ``learning_rate``, ``warmup_epochs``, ``schedule``, ``epochs``.
+    steps_per_epoch : int
+        Optimiser steps per epoch.
+    """
+    total = max(1, config.epochs * steps_per_epoch)
+    warmup = min(total - 1, int(round(config.warmup_epochs * steps_per_epoch)))
+    peak = config.learning_rate
+    if config.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=peak, warmup_steps=warmup,
+            decay_steps=total, end_value=peak * 1e-2,
+        )
+    if config.schedule == "step":
+        decay = optax.piecewise_constant_schedule(
+            peak, {int(0.5 * total) - warmup: 0.1, int(0.75 * total) - warmup: 0.1}
+        )
+    else:
+        decay = optax.constant_schedule(peak)
+    ramp = optax.linear_schedule(0.0, peak, max(warmup, 1))
+    return optax.join_schedules([ramp, decay], [warmup])
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    """AdamW with :func:`make_schedule`, weight decay on kernels only, gradient clipping.
+
+    The same optimisation settings return the same object (cached), which keeps
+    the optimiser's static structure identical between runs so that jitted steps
+    are not recompiled when only, e.g., ``checkpoint_every`` differs.
+    """
+    relevant = {name: getattr(config, name) for name in
+                ("epochs", "learning_rate", "warmup_epochs", "schedule", "weight_decay", "grad_clip")}
+    return _optimizer(tuple(sorted(relevant.items())), steps_per_epoch)
+
+
+@functools.lru_cache(maxsize=16)
+def _optimizer(settings: tuple, steps_per_epoch: int) -> optax.GradientTransformation:
+    config = TrainConfig(**dict(settings))
+
+    def decay_mask(params: Any) -> Any:
+        # Biases and normalisation scales/offsets (1-D) are not decayed.
+        return jax.tree.map(lambda p: p.ndim > 1, params)
+
+    adamw = optax.adamw(
+        make_schedule(config, steps_per_epoch),
+        weight_decay=config.weight_decay,
+        mask=decay_mask,
+    )
+    if config.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
+    return adamw
+
+
+def _mean_metrics(sums: dict[str, float], count: float) -> dict[str, float]:
+    return {k: v / max(count, 1.0) for k, v in sums.items()}
+
+
+@functools.lru_cache(maxsize=8)
+def _train_step(loss_fn: LossFn) -> Callable:
+    """Jitted optimiser step for ``loss_fn``; cached so that a second :func:`fit` with the
+    same loss, architecture and :func:`make_optimizer` reuses the compiled program."""
+
+    @nnx.jit
+    def train_step(model, optimizer, batch, key, step):
+        def objective(model):
+            return loss_fn(model, batch, key=key, step=step, train=True)
+
+        (loss, aux), grads = nnx.value_and_grad(objective, has_aux=True)(model)
+        optimizer.update(model, grads)
+        return loss, aux
+
+    return train_step
+
+
+@functools.lru_cache(maxsize=8)
+def _eval_step(loss_fn: LossFn) -> Callable:
+    """Jitted evaluation step for ``loss_fn``, cached so that every epoch reuses one trace."""
+
+    @nnx.jit
+    def eval_step(model, batch, key):
+        return loss_fn(model, batch, key=key, step=jnp.zeros((), jnp.int32), train=False)
+
+    return eval_step
+
+
+def evaluate(
+    model: nnx.Module,
+    loss_fn: LossFn,
+    batches: PatternBatches,
+    *,
+    seed: int = 0,
+    mesh: jax.sharding.Mesh | None = None,
+) -> dict[str, float]:
+    """Loss and ``aux`` metrics of ``model`` averaged over ``batches`` (eval mode).
+
+    Averages are weighted by the number of valid rows in each batch, so the padded
+    last batch counts correctly.
+
+    Returns
+    -------
+    dict
+        ``{"loss": float, **aux}``.
+    """
+    mesh = make_data_mesh() if mesh is None else mesh
+    model.eval()
+    eval_step = _eval_step(loss_fn)
+    key = jax.random.key(seed)
+    sums: dict[str, float] = {}
+    count = 0.0
+    for i, host_batch in enumerate(batches.epoch(0)):
+        n_valid = float(host_batch["valid"].sum())
+        loss, aux = eval_step(model, shard_batch(host_batch, mesh), jax.random.fold_in(key, i))
+        for name, value in {"loss": loss, **aux}.items():
+            sums[name] = sums.get(name, 0.0) + float(value) * n_valid
+        count += n_valid
+    return _mean_metrics(sums, count)
+
+
+def fit(
+    model: nnx.Module,
+    loss_fn: LossFn,
+    train: PatternBatches,
+    *,
+    config: TrainConfig,
+    valid: PatternBatches | None = None,
+    checkpoint_dir: str | Path | None = None,
+    best_dir: str | Path | None = None,
+    resume: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
+    log: Callable[[str], None] = _stderr,
+) -> FitResult:
+    """Train ``model`` with ``loss_fn`` on ``train``; see the module docstring.
+
+    Parameters
+    ----------
+    model : nnx.Module
+        Freshly initialised model; updated in place.
+    loss_fn : callable
+        ``loss_fn(model, batch, *, key, step, train) -> (loss, aux)``.
+    train : PatternBatches
+        Shuffled training batches (``drop_remainder=True``); the batch size must be a
+        multiple of the device count.
+    config : TrainConfig
+        Epochs, schedule, weight decay, patience, checkpoint interval, seed.
+    valid : PatternBatches, optional
+        Validation batches, evaluated after every epoch for early stopping and
+        model selection.
+    checkpoint_dir : path, optional
+        Resumable checkpoints; without it training cannot resume.
+    best_dir : path, optional
+        The best model (lowest validation loss, or the last without validation)
+        is saved here for :func:`jaxmodels.checkpoint.load_model`.
+    resume : bool, default=True
+        Continue from the newest checkpoint in ``checkpoint_dir`` if there is one.
+    mesh : jax.sharding.Mesh, optional
+        Device mesh; default all devices (:func:`jaxmodels.parallel.make_data_mesh`).
+    log : callable, default=print to stderr
+        Receives one progress line at a time.
+
+    Returns
+    -------
+    FitResult
+    """
+    mesh = make_data_mesh() if mesh is None else mesh
+    if train.batch_size % mesh.size:
+        raise ValueError(
+            f"batch_size {train.batch_size!r} is not a multiple of the {mesh.size} devices; "
+            "round it with jaxmodels.parallel.round_batch_size"
+        )
+    steps_per_epoch = len(train)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{len(train.indices)} training patterns do not fill one batch of "
+            f"{train.batch_size}; lower the batch size or label more patterns"
+        )
+    optimizer = nnx.Optimizer(model, make_optimizer(config, steps_per_epoch), wrt=nnx.Param)
+    schedule = make_schedule(config, steps_per_epoch)
+    # Parameters and optimiser moments live, replicated, on every device.
+    nnx.update(model, replicate(nnx.state(model), mesh))
+    nnx.update(optimizer, replicate(nnx.state(optimizer), mesh))
+
+    state = {"epoch": 0, "batch": 0, "step": 0, "best_val_loss": math.inf,
+             "best_epoch": -1, "bad_epochs": 0, "finished": False, "history": []}
+    checkpointer = TrainingCheckpointer(checkpoint_dir) if checkpoint_dir is not None else None
+    resumed_from = None
+    if checkpointer is not None and resume and checkpointer.latest_step() is not None:
+        resumed_from = checkpointer.latest_step()
+        state.update(checkpointer.restore(model, optimizer))
+        if state["best_val_loss"] is None:  # JSON has no infinity
+            state["best_val_loss"] = math.inf
+        log(f"resuming from step {resumed_from} (epoch {state['epoch'] + 1}, "
+            f"batch {state['batch']}) in {checkpoint_dir}")
+
+    train_step = _train_step(loss_fn)
+
+    # The best weights stay in host memory and reach best_dir just before each
+    # checkpoint, so that best_dir always matches the checkpoint's best_val_loss.
+    best_state: Any = None
+    best_dirty = False
+
+    def save_checkpoint() -> None:
+        nonlocal best_dirty
+        if best_dir is not None and best_dirty:
+            save_state(best_dir, best_state)
+            best_dirty = False
+        if checkpointer is not None:
+            meta = dict(state)
+            if meta["best_val_loss"] == math.inf:
+                meta["best_val_loss"] = None
+            checkpointer.save(state["step"], model, optimizer, meta)
+
+    base_key = jax.random.key(config.seed)
+    try:
+        while not state["finished"] and state["epoch"] < config.epochs:
+            epoch = state["epoch"]
+            model.train()
+            t0, seen, running = time.perf_counter(), 0, []
+            epoch_losses = []
+            for host_batch in train.epoch(epoch, start_batch=state["batch"]):
+                step = state["step"]
+                loss, aux = train_step(
+                    model, optimizer, shard_batch(host_batch, mesh),
+                    jax.random.fold_in(base_key, step), jnp.asarray(step, jnp.int32),
+                )
+                running.append((loss, aux))
+                seen += len(host_batch["valid"]) * jax.process_count()
+                state["step"] += 1
+                state["batch"] += 1
+                if state["step"] % config.log_every == 0 or state["batch"] == steps_per_epoch:
+                    values = jax.device_get(running)
+                    mean_loss = float(np.mean([v[0] for v in values]))
+                    epoch_losses.extend(float(v[0]) for v in values)
+                    extra = "".join(
+                        f" {k} {np.mean([float(v[1][k]) for v in values]):.4g}"
+                        for k in values[0][1]
+                    )
+                    rate = seen / (time.perf_counter() - t0)
+                    log(f"epoch {epoch + 1}/{config.epochs} step {state['step']} "
+                        f"loss {mean_loss:.4f}{extra} lr {float(schedule(step)):.2e} "
+                        f"{rate:.0f} patterns/s")
+                    running = []
+                if state["step"] % config.checkpoint_every == 0 and state["batch"] < steps_per_epoch:
+                    save_checkpoint()
+            if running:
+                epoch_losses.extend(float(v[0]) for v in jax.device_get(running))
+
+            record: dict[str, float] = {"epoch": epoch,
+                                        "train_loss": float(np.mean(epoch_losses or [np.nan]))}
+            if valid is not None and len(valid.indices):
+                metrics = evaluate(model, loss_fn, valid, seed=config.seed, mesh=mesh)
+                record.update({f"val_{k}": v for k, v in metrics.items()})
+                log("validation " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                if metrics["loss"] < state["best_val_loss"]:
+                    state["best_val_loss"] = metrics["loss"]
+                    state["best_epoch"] = epoch
+                    state["bad_epochs"] = 0
+                    best_state, best_dirty = jax.device_get(nnx.state(model)), True
+                else:
+                    state["bad_epochs"] += 1
+                    if (config.patience and state["bad_epochs"] >= config.patience
+                            and epoch + 1 >= config.min_epochs):
+                        log(f"early stopping: no validation improvement for "
+                            f"{state['bad_epochs']} epochs (best epoch {state['best_epoch'] + 1})")
+                        state["finished"] = True
+            state["history"].append(record)
+            state["epoch"] += 1
+            state["batch"] = 0
+            if state["epoch"] >= config.epochs:
+                state["finished"] = True
+            if state["finished"] or state["step"] % config.checkpoint_every == 0:
+                save_checkpoint()
+    finally:
+        if checkpointer is not None:
+            checkpointer.close()
+
+    has_best = valid is not None and state["best_epoch"] >= 0
+    if has_best:
+        # Return the weights of the best validation epoch, not the last ones.
+        if best_state is not None:
+            nnx.update(model, replicate(best_state, mesh))
+        elif best_dir is not None:  # resumed a finished run: the best is on disk
+            load_state_into(best_dir, model)
+    elif best_dir is not None:
+        save_model(best_dir, model)
+    model.eval()
+    return FitResult(
+        model=model,
+        history=state["history"],
+        best_epoch=state["best_epoch"],
+        steps=state["step"],
+        stopped_early=state["finished"] and state["epoch"] < config.epochs,
+        resumed_from=resumed_from,
+    )

@@ -1,0 +1,599 @@
+"""Supervised classification of a store: import labels, train, predict, explain.
+
+Thin wiring between the store and :mod:`jaxmodels`:
+
+* :func:`import_labels` — a researcher's label CSV → ``label`` (``airysort label``);
+* :func:`train_classifier` — ResNet on the labelled patterns → ``MODEL_DIR``
+  (``airysort train --model cnn``);
+* :func:`predict_store` — every pattern → ``prob``, ``predicted`` (``airysort predict``),
+  one Dask task per store shard;
+* :func:`explain_patterns` — Grad-CAM++ PNG overlays (``airysort explain``).
+
+A model directory holds ``model.json`` (architecture, training options, input
+variable and shape, per-class thresholds, model id), ``best/`` (weights with the
+lowest validation loss) and ``checkpoints/`` (resumable training state).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import functools
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline.errors import AirysortError
+from pipeline.taxonomy import CLASS_NAMES, N_CLASSES, coarse_group
+
+MODEL_FILE = "model.json"
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def import_labels(store_path: str | Path, csv_path: str | Path) -> dict[str, Any]:
+    """Import a label CSV into the store's ``label`` variable.
+
+    The CSV has a header ``shot_id,`` followed by the 11 class names (taxonomy
+    order not required) and one row of 0/1 values per pattern; rows are matched to
+    patterns by the store's ``shot_id`` coordinate. Patterns not in the CSV keep
+    their labels. Every problem (unknown column, unknown or duplicate shot id,
+    wrong number of fields, a value other than 0/1) is reported on its own line and
+    counted; such rows are not imported.
+
+    Parameters
+    ----------
+    store_path : path
+        An airysort store.
+    csv_path : path
+        The label CSV.
+
+    Returns
+    -------
+    dict
+        ``rows`` (data rows read), ``imported``, ``bad_rows``, ``bad_columns``,
+        ``labelled`` (patterns with labels in the store afterwards), ``problems``
+        (list of one-line messages).
+    """
+    from pipeline import store
+
+    csv_path = Path(csv_path)
+    dataset = store.open_store(store_path)
+    shot_ids = np.asarray(dataset["shot_id"].values).astype(object)
+    patterns_of: dict[str, list[int]] = {}
+    for index, shot in enumerate(shot_ids):
+        patterns_of.setdefault(str(shot), []).append(index)
+    labels = np.asarray(dataset["label"].values).astype(np.int8)
+
+    problems: list[str] = []
+    with open(csv_path, newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if not header or header[0].strip() != "shot_id":
+            raise AirysortError(
+                f"{str(csv_path)!r} must start with a header 'shot_id,{','.join(CLASS_NAMES)}', "
+                f"got {header!r}"
+            )
+        columns = [name.strip() for name in header[1:]]
+        missing = [name for name in CLASS_NAMES if name not in columns]
+        if missing:
+            raise AirysortError(
+                f"{str(csv_path)!r} has no column for class(es) {missing!r}; the header must "
+                f"name all 11 classes: shot_id,{','.join(CLASS_NAMES)}"
+            )
+        bad_columns = 0
+        for name in columns:
+            if name not in CLASS_NAMES:
+                bad_columns += 1
+                problems.append(f"column {name!r} is not a class; ignored (known: {', '.join(CLASS_NAMES)})")
+        class_columns = [(1 + columns.index(name), c) for c, name in enumerate(CLASS_NAMES)]
+
+        seen: dict[str, int] = {}
+        n_rows = imported = bad_rows = 0
+        for line_number, row in enumerate(reader, start=2):
+            if not row or all(not field.strip() for field in row):
+                continue
+            n_rows += 1
+            problem = None
+            shot = row[0].strip()
+            if len(row) != len(header):
+                problem = f"has {len(row)} fields, the header has {len(header)}"
+            elif shot not in patterns_of:
+                problem = f"unknown shot_id {shot!r} (not in the store)"
+            elif shot in seen:
+                problem = f"duplicate shot_id {shot!r} (first on line {seen[shot]}); ignored"
+            else:
+                values = np.zeros(N_CLASSES, np.int8)
+                for column, c in class_columns:
+                    text = row[column].strip()
+                    if text not in ("0", "1"):
+                        problem = f"value {text!r} for class {CLASS_NAMES[c]!r} is not 0 or 1"
+                        break
+                    values[c] = int(text)
+            if problem is not None:
+                bad_rows += 1
+                problems.append(f"line {line_number}: {problem}")
+                continue
+            seen[shot] = line_number
+            labels[patterns_of[shot]] = values
+            imported += 1
+
+    with store.write_lock(store_path, "label"):
+        store.write_pattern_variable_direct(store_path, "label", labels)
+        store.append_provenance(
+            store_path, "label",
+            {"csv": str(csv_path.absolute()), "imported": imported, "bad_rows": bad_rows},
+        )
+        store.consolidate(store_path)
+    labelled = int((labels >= 0).all(axis=1).sum())
+    return {"rows": n_rows, "imported": imported, "bad_rows": bad_rows,
+            "bad_columns": bad_columns, "labelled": labelled, "problems": problems}
+
+
+# --------------------------------------------------------------------------- model dir
+
+
+def read_model_info(model_dir: str | Path) -> dict[str, Any]:
+    """``model.json`` of a classifier directory; AirysortError if it is not one."""
+    path = Path(model_dir) / MODEL_FILE
+    if not path.exists():
+        raise AirysortError(
+            f"{str(model_dir)!r} holds no trained model ({MODEL_FILE} missing); train one with "
+            "'airysort train STORE MODEL_DIR --model cnn'"
+        )
+    info = json.loads(path.read_text())
+    if info.get("model") != "cnn":
+        raise AirysortError(
+            f"{str(model_dir)!r} holds a {info.get('model')!r} model, not a classifier; train "
+            "one with 'airysort train STORE MODEL_DIR --model cnn'"
+        )
+    return info
+
+
+def _write_model_info(model_dir: Path, info: dict[str, Any]) -> None:
+    # Write then rename: a crash never leaves a half-written model.json.
+    tmp = model_dir / (MODEL_FILE + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    tmp.replace(model_dir / MODEL_FILE)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_classifier_cached(model_dir: str, stamp: float):
+    from flax import nnx
+
+    from jaxmodels.checkpoint import load_model
+    from jaxmodels.configs import CNNConfig
+    from jaxmodels.resnet import build_cnn
+
+    info = read_model_info(model_dir)
+    if "thresholds" not in info:
+        raise AirysortError(
+            f"training of {model_dir!r} has not finished; run 'airysort train' again to resume it"
+        )
+    config = CNNConfig.from_dict(info["cnn"])
+    model = load_model(Path(model_dir) / "best", lambda: build_cnn(config, rngs=nnx.Rngs(0)))
+    return model, info
+
+
+def load_classifier(model_dir: str | Path):
+    """The trained classifier of ``model_dir`` (eval mode) and its ``model.json`` dict.
+
+    Cached per process and per version of ``model.json``, so the Dask tasks of one
+    worker load the weights once.
+    """
+    model_dir = str(Path(model_dir).absolute())
+    path = Path(model_dir) / MODEL_FILE
+    stamp = path.stat().st_mtime if path.exists() else 0.0
+    return _load_classifier_cached(model_dir, stamp)
+
+
+def _input_array(store_path: str | Path, variable: str):
+    """The store variable a classifier reads, as a Zarr array (read shard by shard)."""
+    import zarr
+
+    from pipeline import store
+
+    dataset = store.open_store(store_path)
+    if variable not in dataset:
+        hint = "airysort preprocess" if variable == "image" else "airysort correlate"
+        raise AirysortError(
+            f"store {str(store_path)!r} has no {variable!r} variable; run '{hint} {store_path}' first"
+        )
+    if dataset[variable].ndim != 3:
+        raise AirysortError(
+            f"the classifier needs 2-D inputs per pattern but {variable!r} has dims "
+            f"{dataset[variable].dims!r}; use --input image, or correlate with a 2-D (q, phi) ccf"
+        )
+    group = zarr.open_group(str(store_path), mode="r", use_consolidated=False)
+    return dataset, group[variable]
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def _split(labelled: np.ndarray, labels: np.ndarray, fraction: float, seed: int):
+    """Train/validation split of the labelled patterns, stratified by coarse group
+    when every group has at least two members."""
+    from sklearn.model_selection import train_test_split
+
+    if fraction <= 0 or len(labelled) < 4:
+        return labelled, labelled[:0]
+    groups = coarse_group(labels)
+    _, counts = np.unique(groups, return_counts=True)
+    stratify = groups if counts.min() >= 2 and len(counts) <= fraction * len(labelled) else None
+    train, valid = train_test_split(labelled, test_size=fraction, random_state=seed,
+                                    stratify=stratify)
+    return np.sort(train), np.sort(valid)
+
+
+def train_classifier(
+    store_path: str | Path,
+    model_dir: str | Path,
+    *,
+    input: str = "image",
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    width: int | None = None,
+    depth: int | None = None,
+    attention: bool | None = None,
+    learning_rate: float | None = None,
+    seed: int | None = None,
+    validation_fraction: float | None = None,
+    patience: int | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Train the multi-label ResNet on the labelled patterns of a store.
+
+    Patterns whose ``label`` row holds no -1 are split into training and validation
+    sets; the network learns with class-weighted BCE, AdamW (warm-up + cosine
+    schedule, weight decay), on-device flip/rotation augmentation and early
+    stopping; per-class thresholds that maximise validation F1 are stored with the
+    model. Interrupted training resumes from the last checkpoint in ``model_dir``.
+
+    Parameters
+    ----------
+    store_path : path
+        Store with ``label`` and the ``input`` variable.
+    model_dir : path
+        Output directory (created).
+    input : {"image", "ccf"}, default="image"
+    epochs, batch_size, learning_rate, seed, validation_fraction, patience, checkpoint_every
+        :class:`~jaxmodels.configs.TrainConfig` fields; None keeps the default.
+    width, depth, attention
+        :class:`~jaxmodels.configs.CNNConfig` fields (``attention`` puts a
+        self-attention block after stages 2 and 3); None keeps the default.
+    resume : bool, default=True
+        Continue from ``model_dir``'s checkpoint, keeping its architecture and
+        optimiser settings (``epochs``, ``patience`` and ``checkpoint_every`` may
+        change); False starts over.
+    log : callable, optional
+        Receives progress lines (default: stderr).
+
+    Returns
+    -------
+    dict
+        ``model`` ("cnn"), ``model_id``, ``model_dir``, ``n_train``, ``n_valid``,
+        ``epochs_run``, ``steps``, ``best_epoch``, ``stopped_early``, ``resumed_from``,
+        ``thresholds`` (class → value), ``validation`` (loss and F1 scores),
+        ``seconds``.
+    """
+    import dataclasses
+    import shutil
+
+    import jax
+    from flax import nnx
+    from sklearn.metrics import f1_score
+
+    from jaxmodels.configs import CNNConfig, TrainConfig, to_dict
+    from jaxmodels.data import PatternBatches
+    from jaxmodels.infer import predict_proba, tune_thresholds
+    from jaxmodels.losses import classifier_loss_fn, positive_weights
+    from jaxmodels.parallel import make_data_mesh, maybe_initialize_distributed
+    from jaxmodels.resnet import build_cnn
+    from jaxmodels.train import fit
+    from pipeline import store
+
+    start = time.perf_counter()
+    model_dir = Path(model_dir)
+    maybe_initialize_distributed()
+    dataset, source = _input_array(store_path, input)
+    labels_all = np.asarray(dataset["label"].values)
+    labelled = np.flatnonzero((labels_all >= 0).all(axis=1))
+    if len(labelled) < 2:
+        raise AirysortError(
+            f"store {str(store_path)!r} has {len(labelled)} labelled pattern(s); import labels "
+            "with 'airysort label STORE LABELS.csv' first"
+        )
+
+    info_path = model_dir / MODEL_FILE
+    if not resume:
+        for name in ("checkpoints", "best", MODEL_FILE):
+            target = model_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    if resume and info_path.exists():
+        info = read_model_info(model_dir)
+        cnn_config = CNNConfig.from_dict(info["cnn"])
+        train_config = TrainConfig.from_dict(info["train"])
+        # Options that do not change the model may differ from the interrupted run.
+        overrides = {"epochs": epochs, "checkpoint_every": checkpoint_every, "patience": patience}
+        train_config = dataclasses.replace(
+            train_config, **{k: v for k, v in overrides.items() if v is not None})
+        if cnn_config.input != input:
+            raise AirysortError(
+                f"{str(model_dir)!r} was trained on {cnn_config.input!r}, not {input!r}; pass "
+                f"--input {cnn_config.input} or a new MODEL_DIR"
+            )
+    else:
+        cnn_options = {"input": input, "width": width, "depth": depth,
+                       "attention_stages": (2, 3) if attention else None}
+        train_options = {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
+                         "seed": seed, "validation_fraction": validation_fraction,
+                         "patience": patience, "checkpoint_every": checkpoint_every}
+        try:
+            cnn_config = CNNConfig(**{k: v for k, v in cnn_options.items() if v is not None})
+            train_config = TrainConfig(**{k: v for k, v in train_options.items() if v is not None})
+        except ValueError as error:
+            raise AirysortError(str(error)) from None
+        model_dir.mkdir(parents=True, exist_ok=True)
+        info = {"model": "cnn", "status": "training", "store": str(Path(store_path).absolute()),
+                "input": input, "input_shape": list(source.shape[1:]),
+                "class_names": list(CLASS_NAMES), "cnn": to_dict(cnn_config),
+                "train": to_dict(train_config)}
+        _write_model_info(model_dir, info)
+    if list(source.shape[1:]) != list(info["input_shape"]):
+        raise AirysortError(
+            f"{input!r} patterns of {str(store_path)!r} are {tuple(source.shape[1:])!r} but the "
+            f"model in {str(model_dir)!r} was built for {tuple(info['input_shape'])!r}"
+        )
+
+    train_idx, valid_idx = _split(labelled, labels_all[labelled],
+                                  train_config.validation_fraction, train_config.seed)
+    mesh = make_data_mesh()
+    n_dev = mesh.size
+    global_batch = -(-train_config.batch_size // n_dev) * n_dev
+    if len(train_idx) < global_batch:  # a small labelled set: one batch per epoch
+        global_batch = max(n_dev, len(train_idx) // n_dev * n_dev)
+    label_of = {int(p): labels_all[p] for p in labelled}
+    train_labels = np.stack([label_of[int(p)] for p in train_idx]).astype(np.float32)
+    batches = dict(batch_size=global_batch, chunk=store.PATTERN_CHUNK,
+                   process_index=jax.process_index(), process_count=jax.process_count())
+    train_batches = PatternBatches(source, train_idx, extras={"y": train_labels}, shuffle=True,
+                                   seed=train_config.seed, **batches)
+    valid_batches = None
+    if len(valid_idx):
+        valid_labels = np.stack([label_of[int(p)] for p in valid_idx]).astype(np.float32)
+        valid_batches = PatternBatches(source, valid_idx, extras={"y": valid_labels}, **batches)
+    pos_weight = positive_weights(train_labels, max_weight=cnn_config.pos_weight_max)
+    loss_fn = classifier_loss_fn(tuple(float(w) for w in pos_weight), augment=cnn_config.augment)
+
+    say = log if log is not None else _stderr
+    say(f"training ResNet-{cnn_config.depth} (width {cnn_config.width}) on {len(train_idx)} "
+        f"labelled patterns, validating on {len(valid_idx)}, batch {global_batch} over "
+        f"{n_dev} device(s)")
+    model = build_cnn(cnn_config, rngs=nnx.Rngs(train_config.seed))
+    result = fit(model, loss_fn, train_batches, valid=valid_batches, config=train_config,
+                 checkpoint_dir=model_dir / "checkpoints", best_dir=model_dir / "best",
+                 resume=resume, mesh=mesh, log=say)
+
+    validation: dict[str, Any] = {}
+    thresholds = np.full(N_CLASSES, 0.5, np.float32)
+    if len(valid_idx):
+        rows = np.stack([np.asarray(source[int(p)], np.float32) for p in valid_idx])
+        probabilities = predict_proba(result.model, rows, mesh=mesh)
+        truth = valid_labels.astype(int)
+        thresholds = tune_thresholds(probabilities, truth)
+        predicted = probabilities >= thresholds
+        validation = {
+            "loss": result.history[result.best_epoch]["val_loss"] if result.best_epoch >= 0 else None,
+            "micro_f1": float(f1_score(truth, predicted, average="micro", zero_division=0.0)),
+            "macro_f1": float(f1_score(truth, predicted, average="macro", zero_division=0.0)),
+            "n": int(len(valid_idx)),
+        }
+    info.update({
+        "status": "trained",
+        "model_id": f"cnn-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}",
+        "thresholds": [float(t) for t in thresholds],
+        "train": to_dict(train_config),
+        "n_train": int(len(train_idx)), "n_valid": int(len(valid_idx)),
+        "best_epoch": result.best_epoch, "history": result.history,
+        "validation": validation,
+        "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    })
+    _write_model_info(model_dir, info)
+    return {
+        "model": "cnn", "model_id": info["model_id"], "model_dir": str(model_dir),
+        "n_train": int(len(train_idx)), "n_valid": int(len(valid_idx)),
+        "epochs_run": len(result.history), "steps": result.steps,
+        "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
+        "resumed_from": result.resumed_from,
+        "thresholds": dict(zip(CLASS_NAMES, info["thresholds"])),
+        "validation": validation, "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def _stderr(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr, flush=True)
+
+
+# -------------------------------------------------------------------------- prediction
+
+
+def _predict_block(block: np.ndarray, *, model_dir: str, batch_size: int) -> np.ndarray:
+    """Dask block function: inputs (n, H, W) → probabilities (n, 11) float32."""
+    from jaxmodels.infer import predict_proba
+
+    model, _ = load_classifier(model_dir)
+    return predict_proba(model, block, batch_size=batch_size)
+
+
+def predict_store(
+    store_path: str | Path,
+    model_dir: str | Path,
+    *,
+    batch_size: int = 64,
+    cluster: str = "local",
+) -> dict[str, Any]:
+    """Classify every pattern of a store → ``prob`` and ``predicted``.
+
+    One Dask task per store shard loads the model (once per worker), runs the
+    jitted network over the shard's patterns and returns their probabilities;
+    ``predicted`` applies the per-class thresholds saved with the model.
+
+    Parameters
+    ----------
+    store_path : path
+    model_dir : path
+        Directory from :func:`train_classifier`.
+    batch_size : int, default=64
+        Patterns per forward pass.
+    cluster : str, default="local"
+        Dask cluster (``--cluster``).
+
+    Returns
+    -------
+    dict
+        ``n_patterns``, ``model_id``, ``counts`` (predicted patterns per class),
+        ``variables``, ``seconds``.
+    """
+    import dask.array as da
+    import xarray as xr
+
+    from pipeline import store
+    from pipeline.dask_cluster import dask_client
+
+    start = time.perf_counter()
+    model_dir = Path(model_dir).absolute()
+    info = read_model_info(model_dir)
+    if "thresholds" not in info:
+        raise AirysortError(
+            f"training of {str(model_dir)!r} has not finished; run 'airysort train' again to resume it"
+        )
+    dataset, _ = _input_array(store_path, info["input"])
+    inputs = dataset[info["input"]].data
+    if list(inputs.shape[1:]) != list(info["input_shape"]):
+        raise AirysortError(
+            f"{info['input']!r} patterns of {str(store_path)!r} are {tuple(inputs.shape[1:])!r} "
+            f"but the model was trained on {tuple(info['input_shape'])!r}; preprocess with the "
+            "same --size"
+        )
+    inputs = inputs.rechunk({0: store.PATTERN_CHUNK, 1: -1, 2: -1})
+    prob = inputs.map_blocks(
+        _predict_block, model_dir=str(model_dir), batch_size=batch_size,
+        drop_axis=2, chunks=(inputs.chunks[0], (N_CLASSES,)),
+        dtype=np.float32, meta=np.zeros((0, 0), np.float32),
+    )
+    thresholds = np.asarray(info["thresholds"], np.float32)
+    predicted = (prob >= thresholds).astype(np.int8)
+    dims = ("pattern", "class")
+    variables = {
+        "prob": xr.DataArray(prob, dims=dims, attrs={
+            "long_name": "class probability", "model_id": info["model_id"]}),
+        "predicted": xr.DataArray(predicted, dims=dims, attrs={
+            "long_name": "predicted classes", "flag_values": "1 = predicted, 0 = not",
+            "model_id": info["model_id"]}),
+    }
+    with dask_client(cluster):
+        store.write_variables(
+            store_path, variables, command="predict",
+            parameters={"model_dir": str(model_dir), "model_id": info["model_id"],
+                        "thresholds": dict(zip(CLASS_NAMES, info["thresholds"])),
+                        "input": info["input"], "batch_size": batch_size},
+            description="predict: classifying patterns",
+        )
+    counts = np.asarray(store.open_store(store_path)["predicted"].sum("pattern").values)
+    return {
+        "n_patterns": int(inputs.shape[0]), "model_id": info["model_id"],
+        "counts": dict(zip(CLASS_NAMES, (int(c) for c in counts))),
+        "variables": ["prob", "predicted"], "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+# -------------------------------------------------------------------------- explaining
+
+
+def explain_patterns(
+    store_path: str | Path,
+    model_dir: str | Path,
+    *,
+    indices: list[int],
+    out_dir: str | Path,
+) -> dict[str, Any]:
+    """Grad-CAM++ overlays for chosen patterns and each class the model predicts.
+
+    For every pattern the predicted classes are those above the model's
+    thresholds; when there is none, the most probable class is explained. One PNG
+    per (pattern, class): the input with the heat map on top.
+
+    Parameters
+    ----------
+    store_path, model_dir : path
+    indices : list of int
+        Pattern indices (``pattern`` coordinate).
+    out_dir : path
+        Where the PNGs go (created).
+
+    Returns
+    -------
+    dict
+        ``files`` (list of paths) and ``explained``: per pattern, its classes and
+        probabilities.
+    """
+    import jax.numpy as jnp
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jaxmodels.gradcam import explain_resnet
+    from jaxmodels.infer import predict_proba
+
+    model, info = load_classifier(model_dir)
+    dataset, source = _input_array(store_path, info["input"])
+    n = dataset.sizes["pattern"]
+    bad = [i for i in indices if not 0 <= i < n]
+    if bad or not indices:
+        raise AirysortError(
+            f"pattern indices must be in 0..{n - 1}, got {bad or indices!r}; choose them with "
+            "'airysort info' or from a 'sort' index list"
+        )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    thresholds = np.asarray(info["thresholds"])
+    shot_ids = np.asarray(dataset["shot_id"].values).astype(object)
+    files: list[str] = []
+    explained: dict[str, Any] = {}
+    images = np.stack([np.asarray(source[index], np.float32) for index in indices])
+    all_probabilities = predict_proba(model, images)
+    for index, image, probabilities in zip(indices, images, all_probabilities):
+        classes = np.flatnonzero(probabilities >= thresholds)
+        if not len(classes):
+            classes = np.array([int(np.argmax(probabilities))])
+        explained[str(index)] = {CLASS_NAMES[c]: float(probabilities[c]) for c in classes}
+        x = jnp.asarray(image[None, ..., None])
+        for c in classes:
+            heat = np.asarray(explain_resnet(model, x, jnp.int32(c)))[0]
+            name = CLASS_NAMES[c].replace("/", "-")
+            path = out_dir / f"pattern{index:06d}_{name}.png"
+            figure, axes = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+            axes.imshow(image, cmap="gray", origin="lower")
+            overlay = axes.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1, origin="lower")
+            figure.colorbar(overlay, ax=axes, fraction=0.046, pad=0.04, label="Grad-CAM++")
+            axes.set_title(f"pattern {index} ({shot_ids[index]})\n{CLASS_NAMES[c]}: "
+                           f"p = {probabilities[c]:.2f}", fontsize=9)
+            axes.set_axis_off()
+            figure.savefig(path, bbox_inches="tight")
+            plt.close(figure)
+            files.append(str(path))
+    return {"files": files, "explained": explained, "model_id": info["model_id"]}

@@ -1,0 +1,28 @@
+"""``airysort predict STORE.zarr MODEL_DIR``"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.cli.common import ClusterOption, JsonOption, emit, user_errors
+
+
+@user_errors
+def command(
+    store: Annotated[Path, typer.Argument(help="Zarr store with the model's input variable.")],
+    model_dir: Annotated[Path, typer.Argument(help="Classifier from 'airysort train --model cnn'.")],
+    batch_size: Annotated[int, typer.Option(help="Patterns per forward pass.")] = 64,
+    cluster: ClusterOption = "local",
+    json: JsonOption = False,
+) -> None:
+    """Classify every pattern: writes 'prob' (class probabilities) and 'predicted' (0/1 with
+    the model's per-class thresholds)."""
+    from pipeline.classify import predict_store
+
+    result = predict_store(store, model_dir, batch_size=batch_size, cluster=cluster)
+    emit(result, json, lambda r: (
+        f"classified {r['n_patterns']} pattern(s) with {r['model_id']} in {r['seconds']} s\n"
+        + "\n".join(f"  {name:<17} {count}" for name, count in r["counts"].items())))

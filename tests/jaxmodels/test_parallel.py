@@ -1,0 +1,95 @@
+"""Data parallelism: a 4-device CPU mesh gives the same training as one device."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+
+from jaxmodels import parallel
+
+REPO = Path(__file__).resolve().parents[2]
+
+SCRIPT = textwrap.dedent(
+    """
+    import json
+    import jax, numpy as np
+    from flax import nnx
+    from jaxmodels.configs import TrainConfig
+    from jaxmodels.data import PatternBatches
+    from jaxmodels.parallel import make_data_mesh, shard_batch
+    from jaxmodels.resnet import _ResNetTiny
+    from jaxmodels.train import fit
+    from tests.jaxmodels.test_train import ring_loss
+    from tests.jaxmodels._synthetic import ring_images
+
+    images, labels = ring_images(96, size=32, seed=0)
+    batches = PatternBatches(images, np.arange(96), batch_size=32, extras={"y": labels},
+                             shuffle=True, chunk=64, seed=0)
+    config = TrainConfig(epochs=1, learning_rate=3e-3, validation_fraction=0.0, log_every=1)
+    out = {"devices": jax.device_count()}
+    for n in (1, 4):
+        mesh = make_data_mesh(jax.devices()[:n])
+        sharded = shard_batch(next(iter(batches.epoch(0))), mesh)["x"]
+        lines = []
+        result = fit(_ResNetTiny(n_classes=2, rngs=nnx.Rngs(0)), ring_loss, batches,
+                     config=config, mesh=mesh, log=lines.append)
+        params = jax.tree.leaves(jax.device_get(nnx.state(result.model, nnx.Param)))
+        kernel = result.model.classifier.kernel[...]
+        out[n] = {"loss": result.history[0]["train_loss"], "steps": result.steps,
+                  "params": [p.ravel().tolist() for p in params],
+                  "batch_devices": len(sharded.sharding.device_set),
+                  "shard_rows": sharded.addressable_shards[0].data.shape[0],
+                  "param_devices": len(kernel.sharding.device_set),
+                  "param_replicated": kernel.sharding.is_fully_replicated}
+    print(json.dumps(out))
+    """
+)
+
+
+def test_four_cpu_devices_train_like_one():
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    run = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    one, four = out["1"], out["4"]
+    assert out["devices"] == 4
+    assert (one["batch_devices"], one["shard_rows"]) == (1, 32)
+    assert (four["batch_devices"], four["shard_rows"]) == (4, 8)
+    assert four["param_devices"] == 4 and four["param_replicated"]
+    assert one["steps"] == four["steps"] == 3
+    assert abs(one["loss"] - four["loss"]) < 1e-5 * max(1.0, abs(one["loss"]))
+    import numpy as np
+
+    for a, b in zip(one["params"], four["params"]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_mesh_and_batch_rounding():
+    mesh = parallel.make_data_mesh()
+    assert mesh.axis_names == ("data",) and mesh.size == jax.device_count()
+    assert mesh.axis_types == (jax.sharding.AxisType.Auto,)
+    assert parallel.round_batch_size(1, mesh) == mesh.size
+    assert parallel.round_batch_size(10, mesh) % mesh.size == 0
+
+
+def test_distributed_initialisation_only_under_multi_task_slurm(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    for name in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_NPROCS"):
+        monkeypatch.delenv(name, raising=False)
+    assert parallel.maybe_initialize_distributed() is False
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert parallel.maybe_initialize_distributed() is False
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert parallel.maybe_initialize_distributed() is True
+    assert calls == [1]

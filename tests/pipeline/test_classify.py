@@ -1,0 +1,205 @@
+"""Supervised classification end to end through the CLI: label, train (killed and
+resumed), predict, explain; plus the label importer's error reporting."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import xarray as xr
+from sklearn.metrics import f1_score
+from typer.testing import CliRunner
+
+from pipeline import store
+from pipeline.cli.main import app
+from pipeline.ingest import ingest
+from pipeline.taxonomy import CLASS_NAMES, multi_hot
+
+REPO = Path(__file__).resolve().parents[2]
+
+#: Rotation-invariant motifs of the synthetic store and their label combinations.
+COMBINATIONS = [
+    ("Empty",),
+    ("Spherical/Oblate", "Round"),
+    ("Spherical/Oblate", "Round", "NewtonRings"),
+]
+
+
+def make_ring_store(path: Path, n: int = 240, *, seed: int = 0, client=None) -> np.ndarray:
+    """A store of ``n`` 32×32 images: noise (Empty), one ring (Round), two rings
+    (Round + NewtonRings). Returns the true labels, shape (n, 11)."""
+    rng = np.random.default_rng(seed)
+    np.save(path.parent / "frames.npy", rng.integers(0, 50, size=(n, 8, 8)).astype(np.uint16))
+    ingest(path, [path.parent / "frames.npy"], client=client, log=lambda line: None)
+    kind = rng.integers(0, len(COMBINATIONS), size=n)
+    yy, xx = np.mgrid[:32, :32] - 15.5
+    radius = np.hypot(yy, xx)
+    inner, outer = (np.exp(-((radius - r) ** 2) / 2) for r in (5.0, 11.0))
+    images = rng.normal(0.0, 0.3, size=(n, 32, 32))
+    images += (kind >= 1)[:, None, None] * inner + (kind == 2)[:, None, None] * outer
+    store.write_variables(
+        path, {"image": xr.DataArray(images.astype(np.float32), dims=("pattern", "iy", "ix"))},
+        command="test-fixture", parameters={"seed": seed},
+    )
+    return np.stack([multi_hot(COMBINATIONS[k]) for k in kind])
+
+
+def write_label_csv(path: Path, shot_ids, labels, extra_lines=()) -> Path:
+    lines = ["shot_id," + ",".join(CLASS_NAMES)]
+    lines += [f"{s}," + ",".join(str(int(v)) for v in row) for s, row in zip(shot_ids, labels)]
+    path.write_text("\n".join([*lines, *extra_lines]) + "\n")
+    return path
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result
+
+
+@pytest.fixture(scope="module")
+def ring_store(tmp_path_factory, dask_threads):
+    path = tmp_path_factory.mktemp("classify") / "rings.zarr"
+    truth = make_ring_store(path, client=dask_threads)
+    return path, truth
+
+
+class TestLabel:
+    def test_bad_rows_are_reported_and_counted(self, tmp_path, dask_threads):
+        path = tmp_path / "s.zarr"
+        truth = make_ring_store(path, n=12, client=dask_threads)
+        shots = store.open_store(path)["shot_id"].values.astype(object)
+        csv = write_label_csv(tmp_path / "labels.csv", shots[:4], truth[:4], extra_lines=[
+            "no-such-shot," + ",".join(["0"] * 11),
+            f"{shots[5]}," + ",".join(["0"] * 10 + ["2"]),
+            f"{shots[0]}," + ",".join(["1"] * 11),
+            f"{shots[6]},1,0",
+        ])
+        result = run_cli("label", path, csv, "--json")
+        assert result.exit_code == 0, result.output
+        counts = json.loads(result.stdout.strip().splitlines()[-1])
+        assert (counts["rows"], counts["imported"], counts["bad_rows"]) == (8, 4, 4)
+        assert counts["labelled"] == 4
+        assert "unknown shot_id 'no-such-shot'" in result.stderr
+        assert "value '2' for class 'Empty' is not 0 or 1" in result.stderr
+        assert "duplicate shot_id" in result.stderr
+        assert "has 3 fields" in result.stderr
+        label = store.open_store(path)["label"].values
+        np.testing.assert_array_equal(label[:4], truth[:4])
+        assert (label[4:] == -1).all()
+
+        # A second CSV adds labels and keeps the earlier ones; unknown columns are reported.
+        csv2 = tmp_path / "more.csv"
+        csv2.write_text("shot_id," + ",".join(CLASS_NAMES) + ",Comment\n"
+                        f"{shots[7]}," + ",".join(str(v) for v in truth[7]) + ",nice\n")
+        result = run_cli("label", path, csv2, "--json")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout.strip().splitlines()[-1])["labelled"] == 5
+        assert "column 'Comment' is not a class" in result.stderr
+        label = store.open_store(path)["label"].values
+        np.testing.assert_array_equal(label[[0, 1, 2, 3, 7]], truth[[0, 1, 2, 3, 7]])
+
+    def test_missing_class_column_is_one_error_line(self, ring_store, tmp_path):
+        path, _ = ring_store
+        csv = tmp_path / "bad.csv"
+        csv.write_text("shot_id,Round\nx,1\n")
+        result = run_cli("label", path, csv)
+        assert result.exit_code == 1
+        assert result.stderr.startswith("ERROR:") and "Spherical/Oblate" in result.stderr
+
+
+def test_label_train_killed_resume_predict_explain(ring_store, tmp_path):
+    path, truth = ring_store
+    shots = store.open_store(path)["shot_id"].values.astype(object)
+    labelled = np.arange(0, len(truth), 2)  # half of the patterns are labelled
+    csv = write_label_csv(tmp_path / "labels.csv", shots[labelled], truth[labelled])
+    assert run_cli("label", path, csv).exit_code == 0
+
+    model_dir = tmp_path / "model"
+    train_args = ["train", path, model_dir, "--model", "cnn", "--depth", "10", "--width", "4",
+                  "--batch-size", "24", "--learning-rate", "5e-3", "--patience", "0"]
+    # A real `airysort train` process, killed with SIGKILL once it has checkpointed.
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli.main", *map(str, train_args),
+                                "--epochs", "500", "--checkpoint-every", "2"], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoints = model_dir / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if checkpoints.exists() and any(p.name.isdigit() and ocp.step.is_checkpoint_finalized(p)
+                                        for p in checkpoints.iterdir()):
+            break  # a complete checkpoint is on disk
+        time.sleep(0.05)
+    assert process.poll() is None, process.stderr.read().decode()
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (model_dir / "best").exists() or "thresholds" not in json.loads(
+        (model_dir / "model.json").read_text())
+
+    result = run_cli(*train_args, "--epochs", "12", "--checkpoint-every", "100", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "resuming from step" in result.stderr
+    assert summary["resumed_from"] >= 2
+    assert summary["steps"] == 12 * 4  # 102 training patterns, batches of 24
+    assert summary["n_train"] + summary["n_valid"] == len(labelled)
+    assert "patterns/s" in result.stderr and "validation loss" in result.stderr
+    info = json.loads((model_dir / "model.json").read_text())
+    assert len(info["thresholds"]) == 11 and info["model_id"].startswith("cnn-")
+
+    result = run_cli("predict", path, model_dir, "--cluster", "local-threads", "--json")
+    assert result.exit_code == 0, result.output
+    dataset = store.open_store(path)
+    prob, predicted = dataset["prob"].values, dataset["predicted"].values
+    assert prob.dtype == np.float32 and predicted.dtype == np.int8
+    assert prob.shape == predicted.shape == (len(truth), 11)
+    np.testing.assert_array_equal(predicted, (prob >= np.asarray(info["thresholds"])).astype(np.int8))
+    unlabelled = np.setdiff1d(np.arange(len(truth)), labelled)
+    micro = f1_score(truth[unlabelled], predicted[unlabelled], average="micro")
+    assert micro > 0.9, micro
+    provenance = store.read_attrs(path)["provenance"][-1]
+    assert provenance["command"] == "predict"
+    assert provenance["parameters"]["model_id"] == info["model_id"]
+    assert set(provenance["parameters"]["thresholds"]) == set(CLASS_NAMES)
+
+    out = tmp_path / "explain"
+    result = run_cli("explain", path, model_dir, "--index", "1", "--index", "4", "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    files = json.loads(result.stdout.strip().splitlines()[-1])["files"]
+    assert files and all(Path(f).stat().st_size > 1000 for f in files)
+    assert {Path(f).name.split("_")[0] for f in files} == {"pattern000001", "pattern000004"}
+
+    result = run_cli("explain", path, model_dir, "--index", "99999", "--out", out)
+    assert result.exit_code == 1 and "pattern indices must be in" in result.stderr
+
+
+def test_train_without_labels_is_one_error_line(tmp_path, dask_threads):
+    path = tmp_path / "s.zarr"
+    make_ring_store(path, n=8, client=dask_threads)
+    result = run_cli("train", path, tmp_path / "m", "--model", "cnn")
+    assert result.exit_code == 1
+    assert "0 labelled pattern(s)" in result.stderr and "airysort label" in result.stderr
+
+
+def test_train_vae_dispatches_to_the_embedding_module(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_train_vae(store_path, model_dir, **kwargs):
+        calls.append((store_path, model_dir, kwargs))
+        return {"model": "vae", "model_dir": str(model_dir), "steps": 0, "seconds": 0.0}
+
+    import pipeline.embed
+
+    monkeypatch.setattr(pipeline.embed, "train_vae", fake_train_vae)
+    result = run_cli("train", tmp_path / "s.zarr", tmp_path / "m", "--model", "vae",
+                     "--epochs", "3", "--batch-size", "16", "--json")
+    assert result.exit_code == 0, result.output
+    (store_path, model_dir, kwargs), = calls
+    assert kwargs == {"input": "image", "epochs": 3, "resume": True, "batch_size": 16}

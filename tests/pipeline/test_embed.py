@@ -1,0 +1,176 @@
+"""β-TCVAE on a store: train (and resume), ``airysort embed``, ``airysort latent``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import xarray as xr
+from typer.testing import CliRunner
+
+from pipeline import store
+from pipeline.cli.main import app
+from pipeline.dask_cluster import dask_client
+from pipeline.embed import latent_figures, load_vae, train_vae
+from pipeline.errors import AirysortError
+from pipeline.taxonomy import multi_hot
+
+N_PATTERNS = 300  # two shards of 256: the embed oracle sees an uneven last chunk
+SIZE = 16
+
+
+def _synthetic_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Rings (round) and bars (prolate streaks), standardised like preprocess's output."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:SIZE, :SIZE] - (SIZE - 1) / 2
+    is_ring = rng.random(n) < 0.5
+    images = np.empty((n, SIZE, SIZE), np.float32)
+    for i in range(n):
+        if is_ring[i]:
+            image = np.exp(-((np.hypot(yy, xx) - rng.uniform(3, 6)) ** 2) / 1.5)
+        else:
+            angle = rng.uniform(0, np.pi)
+            distance = np.abs(np.cos(angle) * yy - np.sin(angle) * xx)
+            image = np.exp(-(distance**2) / 2.0)
+        image = image + 0.05 * rng.normal(size=image.shape)
+        images[i] = (image - image.mean()) / image.std()
+    labels = np.stack(
+        [multi_hot(("Spherical/Oblate", "Round")) if r else multi_hot(("Prolate", "Streak"))
+         for r in is_ring]
+    )
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def vae_store(tmp_path_factory):
+    """A store with ``raw`` (ingested .npy), synthetic ``image`` and labels."""
+    from pipeline.ingest import ingest
+
+    root = tmp_path_factory.mktemp("embed")
+    rng = np.random.default_rng(1)
+    frames = root / "frames.npy"
+    np.save(frames, rng.poisson(3.0, size=(N_PATTERNS, 24, 24)).astype(np.uint16))
+    path = root / "run.zarr"
+    images, labels = _synthetic_images(N_PATTERNS)
+    with dask_client("local-threads") as client:
+        ingest(path, [frames], client=client)
+        store.write_variables(
+            path, {"image": xr.DataArray(images, dims=("pattern", "iy", "ix"))},
+            command="test", parameters={},
+        )
+    store.write_pattern_variable_direct(path, "label", labels)
+    return path, images, labels
+
+
+class _Crash(Exception):
+    """Stands in for a kill in the middle of training."""
+
+
+def _crash_at_step(step: int):
+    def log(line: str) -> None:
+        if f" step {step} " in line:
+            raise _Crash(line)
+
+    return log
+
+
+@pytest.fixture(scope="module")
+def trained(vae_store, tmp_path_factory):
+    """Train 3 epochs, killed at step 5; ``airysort train`` resumes from the step-4 checkpoint."""
+    path, _, _ = vae_store
+    model_dir = tmp_path_factory.mktemp("model") / "vae"
+    options = dict(preset="tiny", latent_dim=4, batch_size=64, validation_fraction=0.15,
+                   learning_rate=3e-3, checkpoint_every=2, log_every=1)
+    with pytest.raises(_Crash):
+        train_vae(path, model_dir, epochs=3, log=_crash_at_step(5), **options)
+    interrupted = json.loads((model_dir / "model.json").read_text())
+    # The same run through the command line resumes with the saved (tiny) configuration.
+    result = CliRunner().invoke(
+        app, ["train", str(path), str(model_dir), "--model", "vae", "--epochs", "3", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    resumed = json.loads(result.stdout.strip().splitlines()[-1])
+    return model_dir, interrupted, resumed
+
+
+def test_train_vae_and_resume(trained):
+    model_dir, interrupted, resumed = trained
+    assert interrupted["status"] == "training"
+    info = json.loads((model_dir / "model.json").read_text())
+    assert info["model"] == "vae" and info["vae"]["preset"] == "tiny"
+    assert info["status"] == "trained"
+    assert resumed["n_train"] == 255 and resumed["n_valid"] == 45
+    steps_per_epoch = 255 // 64
+    assert resumed["resumed_from"] == 4
+    assert resumed["steps"] == 3 * steps_per_epoch and resumed["epochs"] == 3
+    history = info["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    # The validation negative ELBO improves over the three epochs, across the resume.
+    assert history[-1]["val_loss"] < history[0]["val_loss"], history
+    assert (model_dir / "best").is_dir()
+
+
+def test_embed_cli_writes_latents(vae_store, trained):
+    path, images, _ = vae_store
+    model_dir, _, _ = trained
+    result = CliRunner().invoke(
+        app, ["embed", str(path), str(model_dir), "--batch-size", "50", "--cluster",
+              "local-threads", "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["n_patterns"] == N_PATTERNS and summary["latent_dim"] == 4
+    dataset = store.open_store(path)
+    latent = dataset["latent"].values
+    logvar = dataset["latent_logvar"].values
+    assert dataset["latent"].dims == ("pattern", "z") and latent.dtype == np.float32
+    assert latent.shape == logvar.shape == (N_PATTERNS, 4)
+    # Oracle: the same model on the whole array in memory, outside Dask.
+    from jaxmodels.latent_tools import encode_patterns
+
+    model, _ = load_vae(model_dir)
+    mean, expected_logvar = encode_patterns(model, images, batch_size=128)
+    np.testing.assert_allclose(latent, mean, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(logvar, expected_logvar, rtol=1e-4, atol=1e-4)
+    assert dataset.attrs["provenance"][-1]["command"] == "embed"
+
+
+def test_latent_cli_writes_figures(vae_store, trained, tmp_path):
+    path, _, _ = vae_store
+    model_dir, _, _ = trained
+    if "latent" not in store.open_store(path):  # also runnable on its own
+        assert CliRunner().invoke(
+            app, ["embed", str(path), str(model_dir), "--cluster", "local-threads"]
+        ).exit_code == 0
+    result = CliRunner().invoke(
+        app, ["latent", str(path), str(model_dir), str(tmp_path / "figs"), "--points", "200",
+              "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout.strip().splitlines()[-1])["figures"]
+    assert [p.rsplit("/", 1)[-1] for p in figures] == [
+        "latent_traversal.png", "latent_map_label_pca.png"
+    ]
+    for figure in figures:
+        with open(figure, "rb") as handle:
+            assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    # Colouring by a clustering the store does not have is a clear user error.
+    with pytest.raises(AirysortError, match="airysort cluster"):
+        latent_figures(path, model_dir, tmp_path / "figs", color_by="cluster_gmm")
+    result = CliRunner().invoke(
+        app, ["latent", str(path), str(model_dir), str(tmp_path), "--color-by", "cluster_gmm"]
+    )
+    assert result.exit_code == 1 and "ERROR:" in result.output
+
+
+def test_user_errors(vae_store, tmp_path):
+    path, _, _ = vae_store
+    result = CliRunner().invoke(app, ["embed", str(path), str(tmp_path / "nothing")])
+    assert result.exit_code == 1 and "holds no trained model" in result.output
+    with pytest.raises(AirysortError, match="unknown VAE training option 'betta'"):
+        train_vae(path, tmp_path / "m", epochs=1, betta=3.0)
+    with pytest.raises(AirysortError, match="latent_dim"):
+        train_vae(path, tmp_path / "m", epochs=1, latent_dim=0)
+    with pytest.raises(AirysortError, match="input must be 'image'"):
+        train_vae(path, tmp_path / "m", epochs=1, input="ccf")

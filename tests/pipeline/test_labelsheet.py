@@ -1,0 +1,44 @@
+"""label --sheet: a diverse subset, contact sheets, and a CSV that label imports back."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import xarray as xr
+from typer.testing import CliRunner
+
+from pipeline import store
+from pipeline.cli.main import app
+from pipeline.ingest import ingest
+from pipeline.taxonomy import CLASS_NAMES
+from tests.factories import random_frames, write_stacked_cxi
+
+
+def test_sheet_spreads_over_clusters_and_round_trips(tmp_path, dask_threads):
+    n = 400
+    path = tmp_path / "s.zarr"
+    ingest(path, [write_stacked_cxi(tmp_path / "a.cxi", random_frames(n, shape=(16, 16)))], log=lambda line: None)
+    clusters = np.where(np.arange(n) < 380, 0, 1 + np.arange(n) % 2).astype(np.int32)  # two rare clusters
+    store.write_variables(path, {"cluster_gmm": xr.DataArray(clusters, dims=("pattern",))}, command="test", parameters={})
+    runner = CliRunner()
+    result = runner.invoke(app, ["label", "--sheet", str(path), str(tmp_path / "sheet"), "--n", "12", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    chosen = np.asarray(summary["patterns"])
+    assert len(chosen) == 12 and len(set(chosen)) == 12
+    assert {0, 1, 2} <= set(clusters[chosen])  # the rare clusters are represented
+    assert summary["grouping"] == "cluster_gmm" and all((tmp_path / "sheet").glob("sheet_01.png"))
+    with open(summary["csv"]) as stream:
+        rows = list(csv.reader(stream))
+    assert rows[0] == ["shot_id", *CLASS_NAMES] and len(rows) == 13
+    # the researcher marks one class and imports the sheet
+    rows[1][1 + CLASS_NAMES.index("Round")] = "1"
+    with open(summary["csv"], "w", newline="") as stream:
+        csv.writer(stream).writerows(rows)
+    imported = runner.invoke(app, ["label", str(path), summary["csv"], "--json"])
+    assert imported.exit_code == 0, imported.output
+    labels = store.open_store(path).label.values
+    assert (labels >= 0).all(axis=1).sum() == 12
+    assert labels[chosen[0], CLASS_NAMES.index("Round")] == 1
