@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import jax
 from flax import nnx
+from jax.experimental import multihost_utils
 from sklearn.metrics import f1_score
 
 from jaxmodels.parallel import make_data_mesh, round_batch_size, shard_batch
@@ -57,8 +58,13 @@ def predict_proba(
         chunk = patterns[start : start + batch_size]
         padded = np.zeros((batch_size, *patterns.shape[1:], 1), np.float32)
         padded[: len(chunk), ..., 0] = chunk
-        x = shard_batch({"x": padded}, mesh)["x"]
-        outputs.append(np.asarray(_probabilities(model, x))[: len(chunk)])
+        if jax.process_count() == 1:
+            outputs.append(np.asarray(_probabilities(model, shard_batch({"x": padded}, mesh)["x"]))[: len(chunk)])
+        else:  # every process holds all patterns: feed its share, gather the whole batch
+            share = batch_size // jax.process_count()
+            mine = padded[jax.process_index() * share : (jax.process_index() + 1) * share]
+            probabilities = _probabilities(model, shard_batch({"x": mine}, mesh)["x"])
+            outputs.append(np.asarray(multihost_utils.process_allgather(probabilities, tiled=True))[: len(chunk)])
     if not outputs:
         return np.zeros((0, model.classifier.out_features), np.float32)
     return np.concatenate(outputs).astype(np.float32)

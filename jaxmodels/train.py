@@ -225,8 +225,11 @@ def evaluate(
     sums: dict[str, float] = {}
     count = 0.0
     for i, host_batch in enumerate(batches.epoch(0)):
-        n_valid = float(host_batch["valid"].sum())
-        loss, aux = eval_step(model, shard_batch(host_batch, mesh), jax.random.fold_in(key, i))
+        batch = shard_batch(host_batch, mesh)
+        # Rows of the whole (global) batch: with several processes each host batch is only
+        # this process's share, and every process must weight batches alike.
+        n_valid = float(jnp.sum(batch["valid"]))
+        loss, aux = eval_step(model, batch, jax.random.fold_in(key, i))
         for name, value in {"loss": loss, **aux}.items():
             sums[name] = sums.get(name, 0.0) + float(value) * n_valid
         count += n_valid

@@ -156,6 +156,10 @@ def read_model_info(model_dir: str | Path) -> dict[str, Any]:
 
 
 def _write_model_info(model_dir: Path, info: dict[str, Any]) -> None:
+    import jax
+
+    if jax.process_index() != 0:  # under srun every task has the same info; one writes it
+        return
     # Write then rename: a crash never leaves a half-written model.json.
     tmp = model_dir / (MODEL_FILE + ".tmp")
     tmp.write_text(json.dumps(info, indent=2))

@@ -212,6 +212,11 @@ def evaluate_store(path: str | Path, *, truth_csv: str | Path | None = None) -> 
 
     if "predicted" in dataset:
         trained, split_variable = training_mask(dataset)
+        if trained is None and truth_csv is not None and "label" in dataset:
+            # With external truth, the patterns labelled in the store are the ones the
+            # classifier learnt from: score the others.
+            trained = (np.asarray(dataset["label"].values) >= 0).all(axis=1)
+            split_variable = "label"
         scored = known if trained is None else known & ~trained
         if not scored.any():
             raise AirysortError(

@@ -151,8 +151,11 @@ class TestEvaluateCommand:
         result = run_json("evaluate", str(evaluated_store["path"]), "--truth", str(csv))
         assert result["truth"] == str(csv) and result["truth_unmatched_rows"] == 1
         assert "note" not in result["classification"]
-        assert result["classification"]["n"] == len(rows)
-        expected = counted_scores(truth[rows], evaluated_store["predicted"][rows], 0)
+        # patterns labelled in the store trained the classifier: only the others are scored
+        held_out = rows[(evaluated_store["label"][rows] < 0).any(axis=1)]
+        assert result["classification"]["n"] == len(held_out) == 25
+        assert result["classification"]["scored"] == "held_out"
+        expected = counted_scores(truth[held_out], evaluated_store["predicted"][held_out], 0)
         assert result["classification"]["per_class"]["Spherical/Oblate"]["precision"] == pytest.approx(expected[0])
 
     def test_human_table_lists_classes_and_methods(self, evaluated_store):

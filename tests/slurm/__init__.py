@@ -1,0 +1,1 @@
+"""Integration tests against a live single-node SLURM started by ``conftest.py``."""
