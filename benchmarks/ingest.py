@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import psutil
+
+from _common import PeakMemory
 
 
 def diffraction_like_frames(n_templates: int, shape: tuple[int, int], seed: int = 0) -> np.ndarray:
@@ -58,32 +59,6 @@ def write_inputs(directory: Path, n: int, shape: tuple[int, int], n_files: int =
             h5["entry_1/instrument_1/source_1/wavelength"] = 13.5e-9
         paths.append(path)
     return paths
-
-
-class PeakMemory:
-    """Peak resident memory of this process and all its children, sampled in a thread."""
-
-    def __enter__(self):
-        self.peak, self._stop = 0, threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for p in [me, *me.children(recursive=True)]:
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
-            time.sleep(0.05)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def h5py_read(paths: list[Path]) -> int:

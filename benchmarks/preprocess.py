@@ -30,7 +30,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -38,6 +37,8 @@ import numpy as np
 import psutil
 import scipy.special
 import zarr
+
+from _common import PeakMemory
 
 # Benchmark the source tree this script belongs to, whatever copy is installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -83,32 +84,6 @@ def build_store(path: Path, n: int, bank: np.ndarray, mask: np.ndarray) -> None:
     group["pattern"][:] = np.arange(n)
     group["label"][:] = -1
     store.consolidate(path)
-
-
-class PeakMemory:
-    """Peak resident set of this process plus its children, sampled every 50 ms."""
-
-    def __enter__(self):
-        self.peak, self._stop = 0, threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for process in [me, *me.children(recursive=True)]:
-                try:
-                    total += process.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
-            time.sleep(0.05)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def cpu_seconds() -> float:

@@ -28,9 +28,9 @@ from typing import Any, Callable
 import numpy as np
 
 from pipeline.errors import AirysortError
+from pipeline.model_dir import MODEL_FILE, read_model_info
 from pipeline.taxonomy import CLASS_NAMES, N_CLASSES, coarse_group
 
-MODEL_FILE = "model.json"
 
 
 # ----------------------------------------------------------------------------- labels
@@ -138,23 +138,6 @@ def import_labels(store_path: str | Path, csv_path: str | Path) -> dict[str, Any
 # --------------------------------------------------------------------------- model dir
 
 
-def read_model_info(model_dir: str | Path) -> dict[str, Any]:
-    """``model.json`` of a classifier directory; AirysortError if it is not one."""
-    path = Path(model_dir) / MODEL_FILE
-    if not path.exists():
-        raise AirysortError(
-            f"{str(model_dir)!r} holds no trained model ({MODEL_FILE} missing); train one with "
-            "'airysort train STORE MODEL_DIR --model cnn'"
-        )
-    info = json.loads(path.read_text())
-    if info.get("model") != "cnn":
-        raise AirysortError(
-            f"{str(model_dir)!r} holds a {info.get('model')!r} model, not a classifier; train "
-            "one with 'airysort train STORE MODEL_DIR --model cnn'"
-        )
-    return info
-
-
 def _write_model_info(model_dir: Path, info: dict[str, Any]) -> None:
     import jax
 
@@ -174,7 +157,7 @@ def _load_classifier_cached(model_dir: str, stamp: float):
     from jaxmodels.configs import CNNConfig
     from jaxmodels.resnet import build_cnn
 
-    info = read_model_info(model_dir)
+    info = read_model_info(model_dir, kind="cnn")
     if "thresholds" not in info:
         raise AirysortError(
             f"training of {model_dir!r} has not finished; run 'airysort train' again to resume it"
@@ -325,7 +308,7 @@ def train_classifier(
             elif target.exists():
                 target.unlink()
     if resume and info_path.exists():
-        info = read_model_info(model_dir)
+        info = read_model_info(model_dir, kind="cnn")
         cnn_config = CNNConfig.from_dict(info["cnn"])
         train_config = TrainConfig.from_dict(info["train"])
         # Options that do not change the model may differ from the interrupted run.
@@ -479,7 +462,7 @@ def predict_store(
 
     start = time.perf_counter()
     model_dir = Path(model_dir).absolute()
-    info = read_model_info(model_dir)
+    info = read_model_info(model_dir, kind="cnn")
     if "thresholds" not in info:
         raise AirysortError(
             f"training of {str(model_dir)!r} has not finished; run 'airysort train' again to resume it"

@@ -25,8 +25,8 @@ from typing import Any, Callable
 import numpy as np
 
 from pipeline.errors import AirysortError
+from pipeline.model_dir import MODEL_FILE, read_model_info
 
-MODEL_FILE = "model.json"
 
 #: Training defaults of the VAE where they differ from :class:`TrainConfig`'s: no
 #: gradient clipping (the loss is a sum over pixels, so clipping at 1 would rescale
@@ -78,29 +78,12 @@ def build_vae(config: Any, *, seed: int = 0):
     return PRESETS[config.preset](**kwargs, rngs=nnx.Rngs(seed))
 
 
-def read_model_info(model_dir: str | Path) -> dict[str, Any]:
-    """``model.json`` of a VAE model directory; AirysortError if it is not one."""
-    path = Path(model_dir) / MODEL_FILE
-    if not path.exists():
-        raise AirysortError(
-            f"{str(model_dir)!r} holds no trained model ({MODEL_FILE} missing); train one with "
-            "'airysort train STORE MODEL_DIR --model vae'"
-        )
-    info = json.loads(path.read_text())
-    if info.get("model") != "vae":
-        raise AirysortError(
-            f"{str(model_dir)!r} holds a {info.get('model')!r} model, not a β-TCVAE; train one "
-            "with 'airysort train STORE MODEL_DIR --model vae'"
-        )
-    return info
-
-
 @functools.lru_cache(maxsize=4)
 def _load_vae_cached(model_dir: str, stamp: float):
     from jaxmodels.checkpoint import load_model
     from jaxmodels.configs import VAEConfig
 
-    info = read_model_info(model_dir)
+    info = read_model_info(model_dir, kind="vae")
     config = VAEConfig.from_dict(info["vae"])
     best = Path(model_dir) / "best"
     if not best.exists():
