@@ -112,7 +112,7 @@ def run_demo(
         step("explain", lambda: explain_patterns(store_path, cnn_dir, indices=examples, out_dir=report_dir / "explain"))
         step("latent figures", lambda: latent_figures(store_path, vae_dir, report_dir / "latent"))
         step("sort", lambda: sort_store(store_path, out / "sorted"))
-        report = step("report", lambda: write_report(store_path, report_dir, title="airysort demo: simulated helium-droplet beamtime"))
+        report = step("report", lambda: write_report(store_path, report_dir, truth_csv=truth_csv, title="airysort demo: simulated helium-droplet beamtime"))
 
     summary = {
         "report": report["report"],

@@ -119,7 +119,7 @@ def section_classes(dataset) -> str | None:
     return "<h2>Class distribution</h2>" + _img(_figure_uri(figure), "class distribution") + _table(["class", *series], rows)
 
 
-def section_metrics(dataset, evaluation: dict[str, Any] | None) -> str | None:
+def section_metrics(dataset, evaluation: dict[str, Any] | None, truth_csv: str | os.PathLike | None = None) -> str | None:
     if not evaluation or "classification" not in evaluation:
         return None
     import matplotlib
@@ -128,7 +128,7 @@ def section_metrics(dataset, evaluation: dict[str, Any] | None) -> str | None:
     import matplotlib.pyplot as plt
     from sklearn.metrics import multilabel_confusion_matrix
 
-    from pipeline.evaluate import training_mask
+    from pipeline.evaluate import read_truth_csv, training_mask
 
     result = evaluation["classification"]
     rows = [[name, m["precision"], m["recall"], m["f1"], m["support"]] for name, m in result["per_class"].items()]
@@ -138,12 +138,19 @@ def section_metrics(dataset, evaluation: dict[str, Any] | None) -> str | None:
         f"Micro F1 <b>{result['micro_f1']:.3f}</b>, macro F1 <b>{result['macro_f1']:.3f}</b>.</p>"
         + _table(["class", "precision", "recall", "F1", "support"], rows)
     )
+    if result.get("note"):
+        text += f"<p class='note'>Note: {html.escape(result['note'])}</p>"
+    # the same patterns evaluate scored: held-out ones when the training set is known
     labels = np.asarray(dataset["label"].values)
-    known = (labels >= 0).all(axis=1)
-    trained, _ = training_mask(dataset)
+    if truth_csv is not None:
+        truth, _ = read_truth_csv(truth_csv, dataset["shot_id"].values)
+        trained = (labels >= 0).all(axis=1)
+    else:
+        truth, (trained, _) = labels, training_mask(dataset)
+    known = (truth >= 0).all(axis=1)
     scored = known if trained is None else known & ~trained
-    if evaluation.get("truth") == "label" and scored.any():
-        matrices = multilabel_confusion_matrix(labels[scored], np.asarray(dataset["predicted"].values)[scored])
+    if scored.any():
+        matrices = multilabel_confusion_matrix(truth[scored], np.asarray(dataset["predicted"].values)[scored])
         figure, axes = plt.subplots(2, 6, figsize=(13, 4.6))
         for axis, name, matrix in zip(axes.flat, CLASS_NAMES, matrices):
             axis.imshow(matrix, cmap="Blues")
@@ -225,6 +232,7 @@ def write_report(
     explain_dir: str | os.PathLike | None = None,
     latent_dir: str | os.PathLike | None = None,
     benchmark_dir: str | os.PathLike | None = None,
+    truth_csv: str | os.PathLike | None = None,
     title: str = "airysort report",
 ) -> dict[str, Any]:
     """Write ``OUT_DIR/report.html`` for the store at ``path``.
@@ -238,6 +246,9 @@ def write_report(
         ``OUT_DIR/latent`` and ``OUT_DIR/benchmarks`` when those exist.
     explain_dir, latent_dir, benchmark_dir : path-like, optional
         PNGs from ``airysort explain`` / ``airysort latent`` and benchmark results.
+    truth_csv : path-like, optional
+        Label CSV to score against (as ``evaluate --truth``); the patterns labelled in the
+        store, which trained the classifier, are then left out of the scores.
 
     Returns
     -------
@@ -251,7 +262,7 @@ def write_report(
     dataset = store.open_store(path)
     info = store_info(path)
     try:
-        evaluation = evaluate_store(path)
+        evaluation = evaluate_store(path, truth_csv=truth_csv)
     except AirysortError:
         evaluation = None  # nothing to score yet (no predictions/clusters or no labels)
 
@@ -261,7 +272,7 @@ def write_report(
     sections = {
         "Store": section_summary(info),
         "Class distribution": section_classes(dataset),
-        "Classification": section_metrics(dataset, evaluation),
+        "Classification": section_metrics(dataset, evaluation, truth_csv),
         "Grad-CAM++": section_gradcam(default(explain_dir, "explain")),
         "Unsupervised sorting": section_clustering(evaluation),
         "Latent space": section_latent(default(latent_dir, "latent")),

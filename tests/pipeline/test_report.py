@@ -73,3 +73,21 @@ def test_report_renders_in_headless_chromium(evaluated_store, tmp_path, chromium
     assert errors == []
     assert len(sizes) >= 4 and all(complete and width > 0 for complete, width in sizes)
     assert (tmp_path / "out" / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_with_truth_scores_only_held_out_patterns(evaluated_store, tmp_path):
+    from pipeline.labelsheet import write_label_csv
+
+    path, labels, predicted = evaluated_store
+    shot_ids = store.open_store(path).shot_id.values
+    truth_csv = write_label_csv(tmp_path / "truth.csv", shot_ids, labels)
+    trained = np.arange(len(labels)) < 30  # the researcher labelled 30 patterns
+    store.write_pattern_variable_direct(path, "label", np.where(trained[:, None], labels, -1).astype(np.int8))
+    result = CliRunner().invoke(app, ["report", str(path), str(tmp_path / "out"), "--truth", str(truth_csv)])
+    assert result.exit_code == 0, result.output
+    document = (tmp_path / "out" / "report.html").read_text()
+    assert f"Scored on {len(labels) - 30} patterns (held_out" in document
+    from sklearn.metrics import f1_score
+
+    held_out = ~trained
+    assert f"{f1_score(labels[held_out], predicted[held_out], average='micro', zero_division=0):.3f}" in document
