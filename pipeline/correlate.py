@@ -101,7 +101,7 @@ def correlate_store(
         ``r_min``, ``r_max`` and ``parameters``.
     """
     from pipeline import store
-    from pipeline.preprocess import preserving_attrs, resolve_saturation
+    from pipeline.preprocess import resolve_saturation
 
     if variant not in kernels.VARIANTS:
         raise AirysortError(f"unknown correlation variant {variant!r}; use one of {kernels.VARIANTS}")
@@ -166,8 +166,8 @@ def correlate_store(
         "min_overlap": min_overlap,
         "saturation": level,
     }
-    with store.write_lock(path, COMMAND), preserving_attrs(path):
-        # write_variables keeps existing coordinates; ours change length with --n-q/--n-phi.
+    with store.write_lock(path, COMMAND):
+        # A rerun may switch variant: coordinates of the old layout (q2, q1_momentum) must go.
         _drop_arrays(path, ("ccf", "q1", "q2", "phi", "q1_momentum"))
         _write_ccf(path, ccf, dims=dims, coords=coords, variant=variant, parameters=parameters)
     n_hits = int(hits.sum())

@@ -29,12 +29,11 @@ the store variables ``preprocess_mask`` and ``background`` (``y, x``) so that
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -341,7 +340,7 @@ def preprocess_store(
         "background_shards": n_background,
         "hot_pixels": int(hot.sum()),
     }
-    with store.write_lock(path, COMMAND), preserving_attrs(path):
+    with store.write_lock(path, COMMAND):
         _write_run_arrays(path, run_mask=run_mask, background=settings.background)
         _write_outputs(path, outputs, scaling=scaling, parameters=parameters)
     clock.lap("images")
@@ -361,27 +360,6 @@ def preprocess_store(
         "seconds": clock.laps,
         "parameters": parameters,
     }
-
-
-@contextlib.contextmanager
-def preserving_attrs(path: str | os.PathLike) -> Iterator[None]:
-    """Keep the store's global attributes (geometry, file list, provenance) across writes.
-
-    ``xarray.Dataset.to_zarr(mode="a")`` replaces the group's attributes with the written
-    dataset's own; this restores the ones present before and keeps the provenance
-    entries added in between.
-    """
-    from pipeline import store
-
-    before = store.read_attrs(path)
-    yield
-    after = store.read_attrs(path)
-    history = list(before.get("provenance", []))
-    added = list(after.get("provenance", []))
-    if added[: len(history)] == history:
-        added = added[len(history) :]
-    store.update_attrs(path, **{**before, **after, "provenance": history + added})
-    store.consolidate(path)
 
 
 def _write_outputs(path, outputs: dict, *, scaling: str, parameters: dict[str, Any]) -> None:
@@ -431,20 +409,13 @@ def _describe_dark(dark: str | os.PathLike | np.ndarray | None) -> str | None:
 def _write_run_arrays(path: str | os.PathLike, *, run_mask: np.ndarray, background: np.ndarray) -> None:
     """Store the run's combined mask and background (``y, x``) for ``correlate``."""
     import xarray as xr
-    import zarr
 
     from pipeline import store
 
-    run = xr.Dataset(
-        {
-            "preprocess_mask": (("y", "x"), run_mask,
-                                {"long_name": "file mask and hot pixels", "flag_meanings": "True = bad pixel"}),
-            "background": (("y", "x"), background, {"long_name": "subtracted background", "units": "counts"}),
-        }
-    )
     with store.write_lock(path, COMMAND):
-        group = zarr.open_group(path, mode="r+", use_consolidated=False)
-        for name in run.data_vars:
-            if name in group:
-                del group[name]
-        run.to_zarr(path, mode="a", zarr_format=3, consolidated=False)
+        store.write_frame_variables(path, {
+            "preprocess_mask": xr.DataArray(run_mask, dims=("y", "x"), attrs={
+                "long_name": "file mask and hot pixels", "flag_meanings": "True = bad pixel"}),
+            "background": xr.DataArray(background, dims=("y", "x"), attrs={
+                "long_name": "subtracted background", "units": "counts"}),
+        })

@@ -342,6 +342,18 @@ def write_variables(
         consolidate(path)
 
 
+def write_frame_variables(path: str | os.PathLike, variables: Mapping[str, xr.DataArray]) -> None:
+    """Write small variables without a ``pattern`` dimension (e.g. a run's mask, (y, x)),
+    replacing those of the same name and keeping the store's attributes."""
+    path = _check_store(path)
+    group = zarr.open_group(path, mode="r+", use_consolidated=False)
+    for name in variables:
+        if name in group:
+            del group[name]
+    # as in write_variables: xarray rewrites the group's attributes, so hand them over
+    xr.Dataset(dict(variables), attrs=dict(group.attrs)).to_zarr(path, mode="a", zarr_format=3, consolidated=False)
+
+
 def write_pattern_variable_direct(path: str | os.PathLike, name: str, values: np.ndarray) -> None:
     """Overwrite a small pattern-aligned variable in place from the client (e.g. ``label``).
 
