@@ -105,6 +105,19 @@ def training_mask(dataset: xr.Dataset) -> tuple[np.ndarray | None, str | None]:
     return None, None
 
 
+def training_patterns(dataset: xr.Dataset, *, external_truth: bool) -> tuple[np.ndarray | None, str | None]:
+    """The patterns to leave out when scoring the classifier, and where that came from.
+
+    A recorded split (:func:`training_mask`) wins. Otherwise, when the truth comes from
+    outside the store (``--truth``), the patterns labelled in the store are the ones the
+    classifier learnt from.
+    """
+    trained, source = training_mask(dataset)
+    if trained is None and external_truth and "label" in dataset:
+        return (np.asarray(dataset["label"].values) >= 0).all(axis=1), "label"
+    return trained, source
+
+
 def classification_scores(truth: np.ndarray, predicted: np.ndarray) -> dict[str, Any]:
     """Per-class and averaged scores of multi-label predictions.
 
@@ -211,12 +224,7 @@ def evaluate_store(path: str | Path, *, truth_csv: str | Path | None = None) -> 
         )
 
     if "predicted" in dataset:
-        trained, split_variable = training_mask(dataset)
-        if trained is None and truth_csv is not None and "label" in dataset:
-            # With external truth, the patterns labelled in the store are the ones the
-            # classifier learnt from: score the others.
-            trained = (np.asarray(dataset["label"].values) >= 0).all(axis=1)
-            split_variable = "label"
+        trained, split_variable = training_patterns(dataset, external_truth=truth_csv is not None)
         scored = known if trained is None else known & ~trained
         if not scored.any():
             raise AirysortError(

@@ -128,7 +128,7 @@ def section_metrics(dataset, evaluation: dict[str, Any] | None, truth_csv: str |
     import matplotlib.pyplot as plt
     from sklearn.metrics import multilabel_confusion_matrix
 
-    from pipeline.evaluate import read_truth_csv, training_mask
+    from pipeline.evaluate import read_truth_csv, training_patterns
 
     result = evaluation["classification"]
     rows = [[name, m["precision"], m["recall"], m["f1"], m["support"]] for name, m in result["per_class"].items()]
@@ -141,12 +141,11 @@ def section_metrics(dataset, evaluation: dict[str, Any] | None, truth_csv: str |
     if result.get("note"):
         text += f"<p class='note'>Note: {html.escape(result['note'])}</p>"
     # the same patterns evaluate scored: held-out ones when the training set is known
-    labels = np.asarray(dataset["label"].values)
     if truth_csv is not None:
         truth, _ = read_truth_csv(truth_csv, dataset["shot_id"].values)
-        trained = (labels >= 0).all(axis=1)
     else:
-        truth, (trained, _) = labels, training_mask(dataset)
+        truth = np.asarray(dataset["label"].values)
+    trained, _ = training_patterns(dataset, external_truth=truth_csv is not None)
     known = (truth >= 0).all(axis=1)
     scored = known if trained is None else known & ~trained
     if scored.any():
