@@ -259,18 +259,8 @@ def _run_journal(path: Path, journal: dict, plan: dict, client) -> None:
     rejects = list(attrs.get("rejects", []))
     if not any(r.get("ingest_id") == ingest_id for r in rejects):
         rejects += [{**r, "ingest_id": ingest_id} for r in journal["rejects"]]
-    provenance = list(attrs.get("provenance", []))
-    if not any(p.get("ingest_id") == ingest_id for p in provenance):
-        provenance.append(
-            {
-                "command": "ingest",
-                "version": store.__version__,
-                "time": store.now(),
-                "ingest_id": ingest_id,
-                "parameters": journal["parameters"],
-            }
-        )
-    group.attrs.update({**geometry, "ingested_files": files, "rejects": rejects, "provenance": provenance})
+    group.attrs.update({**geometry, "ingested_files": files, "rejects": rejects})
+    store.append_provenance(path, "ingest", journal["parameters"], extra={"ingest_id": ingest_id}, once=True)
     store.consolidate(path)
     shutil.rmtree(_pending(path))
 

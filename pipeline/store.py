@@ -251,12 +251,26 @@ def update_attrs(path: str | os.PathLike, **attrs: Any) -> None:
     zarr.open_group(path, mode="r+", use_consolidated=False).attrs.update(attrs)
 
 
-def append_provenance(path: str | os.PathLike, command: str, parameters: Mapping[str, Any]) -> None:
-    """Record that ``command`` wrote to the store, with its parameters and the time."""
+def append_provenance(
+    path: str | os.PathLike,
+    command: str,
+    parameters: Mapping[str, Any],
+    *,
+    extra: Mapping[str, Any] | None = None,
+    once: bool = False,
+) -> None:
+    """Record that ``command`` wrote to the store, with its parameters and the time.
+
+    ``extra`` fields (e.g. an ingest's id) go into the entry too; with ``once``, nothing is
+    added when an entry with the same ``extra`` fields exists (a resumed run finalising again).
+    """
+    extra = dict(extra or {})
     group = zarr.open_group(path, mode="r+", use_consolidated=False)
     provenance = list(group.attrs.get("provenance", []))
+    if once and any(all(entry.get(k) == v for k, v in extra.items()) for entry in provenance):
+        return
     provenance.append(
-        {"command": command, "version": __version__, "time": now(), "parameters": _jsonable(dict(parameters))}
+        {"command": command, "version": __version__, "time": now(), **extra, "parameters": _jsonable(dict(parameters))}
     )
     group.attrs["provenance"] = provenance
 
