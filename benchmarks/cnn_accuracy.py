@@ -31,6 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import store  # noqa: E402
+from pipeline.labelsheet import write_label_csv  # noqa: E402
 from pipeline.taxonomy import CLASS_NAMES  # noqa: E402
 
 
@@ -43,12 +44,6 @@ def airysort(*args: str) -> dict:
     if run.returncode:
         raise SystemExit(f"airysort {args[0]} failed with status {run.returncode}")
     return json.loads(run.stdout.strip().splitlines()[-1])
-
-
-def write_csv(path: Path, shot_ids, labels) -> None:
-    lines = ["shot_id," + ",".join(CLASS_NAMES)]
-    lines += [f"{s}," + ",".join(str(int(v)) for v in row) for s, row in zip(shot_ids, labels)]
-    path.write_text("\n".join(lines) + "\n")
 
 
 def read_csv(path: Path) -> dict[str, np.ndarray]:
@@ -75,7 +70,7 @@ def main() -> None:
         labels = np.asarray(dataset["label"].values)
         if (labels < 0).any():
             raise SystemExit("the store must hold ground-truth labels for every pattern")
-        write_csv(truth_csv, shot_ids, labels)
+        write_label_csv(truth_csv, shot_ids, labels)
     truth_of = read_csv(truth_csv)
     truth = np.stack([truth_of[s] for s in shot_ids])
 
@@ -86,7 +81,7 @@ def main() -> None:
     n = len(shot_ids)
     labelled = np.sort(rng.choice(n, int(round(args.fraction * n)), replace=False))
     subset_csv = args.work / "labels.csv"
-    write_csv(subset_csv, shot_ids[labelled], truth[labelled])
+    write_label_csv(subset_csv, shot_ids[labelled], truth[labelled])
     airysort("label", args.store, subset_csv)
 
     start = time.perf_counter()

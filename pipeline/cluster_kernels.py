@@ -178,6 +178,13 @@ def _check_k_values(candidates: list[int], *, n_rows: int) -> None:
 # --------------------------------------------------------------------------------------
 
 
+def _require_two(landmarks: np.ndarray) -> None:
+    if len(landmarks) < 2:
+        raise AirysortError(
+            f"spectral clustering needs at least 2 patterns, got {len(landmarks)}; ingest more"
+        )
+
+
 @one_thread
 def median_gamma(landmarks: np.ndarray) -> float:
     """RBF ``gamma`` by the median heuristic: ``1 / (2 median|a - b|²)`` over landmark pairs.
@@ -198,10 +205,7 @@ def median_gamma(landmarks: np.ndarray) -> float:
     float
         ``gamma`` in inverse squared feature units.
     """
-    if len(landmarks) < 2:
-        raise AirysortError(
-            f"spectral clustering needs at least 2 patterns, got {len(landmarks)}; ingest more"
-        )
+    _require_two(landmarks)
     distances = euclidean_distances(landmarks)
     sigma = float(np.median(distances[np.triu_indices(len(landmarks), k=1)]))
     if not sigma > 0:
@@ -231,10 +235,7 @@ def knn_gamma(landmarks: np.ndarray, *, n_neighbors: int = 7) -> float:
     float
         ``gamma`` in inverse squared feature units.
     """
-    if len(landmarks) < 2:
-        raise AirysortError(
-            f"spectral clustering needs at least 2 patterns, got {len(landmarks)}; ingest more"
-        )
+    _require_two(landmarks)
     distances = euclidean_distances(landmarks)
     np.fill_diagonal(distances, np.inf)
     rank = min(n_neighbors, len(landmarks) - 1) - 1
