@@ -1,14 +1,16 @@
 """Ingest raw detector frames into the store, resumably and without losing anything.
 
-An ingest runs in four steps, each safe to interrupt:
+An ingest runs in three steps, each safe to interrupt:
 
-1. **Scan** the inputs (metadata only) and skip files already in the store.
-2. **Validate** every frame on the Dask workers, a block of frames per task: frames that
-   cannot be read, have the wrong shape, a dtype that does not convert losslessly, or
-   NaN/inf values are rejected with a one-line reason naming file and frame.
-3. **Journal** the plan (which file and frame becomes which pattern) in the store, then
-   grow the arrays and write the frames, one Dask task per shard.
-4. **Finalize**: coordinates, labels, mask, the file list, the reject log and provenance;
+1. **Scan** the inputs (metadata only), skip files already in the store, and **journal**
+   the plan (which file and frame becomes which pattern) in the store.
+2. **Write** the frames, one Dask task per shard. Each task reads its frames once,
+   checks them while it writes (unreadable, wrong shape, a dtype that does not convert
+   losslessly, NaN/inf) and returns the bad ones with a one-line reason naming file and
+   frame. Bad frames are rare, so the plan assumes every frame is good; if some are not,
+   they are dropped from the journaled plan and the shards from the first of them on are
+   written again (a second pass only where data was bad).
+3. **Finalize**: coordinates, labels, mask, the file list, the reject log and provenance;
    consolidate the metadata; delete the journal.
 
 The journal makes the ingest resumable: a run killed at any point leaves either no journal
@@ -66,12 +68,29 @@ def _frame_problem(frame: np.ndarray, frame_shape: tuple, dtype: np.dtype) -> st
     return None
 
 
-def validate_block(source: Source, start: int, stop: int, frame_shape: tuple, dtype: str) -> list[tuple[int, str]]:
-    """Read frames ``start:stop`` of ``source``; return ``(frame, reason)`` for each bad one."""
+def _block_is_clean(block: np.ndarray, frame_shape: tuple, dtype: np.dtype) -> bool:
+    """Fast path: the whole block is storable (one vectorised check instead of one per frame)."""
+    if block.ndim != len(frame_shape) + 1 or block.shape[1:] != tuple(frame_shape) or block.dtype.kind not in "biuf":
+        return False
+    if block.dtype.kind == "f" and not np.isfinite(block).all():
+        return False
+    if np.can_cast(block.dtype, dtype, "safe"):
+        return True
+    return bool(np.array_equal(block.astype(dtype).astype(block.dtype), block))
+
+
+def read_checked(source: Source, start: int, stop: int, frame_shape: tuple, dtype: str) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Read frames ``start:stop`` of ``source`` once and check them.
+
+    Returns the frames as ``dtype`` (bad frames as zeros) and ``(frame, reason)`` for
+    each bad one.
+    """
     dtype = np.dtype(dtype)
     try:
-        frames = source.read(start, stop)
-        readable = list(zip(range(start, stop), frames))
+        block = np.asarray(source.read(start, stop))
+        if _block_is_clean(block, frame_shape, dtype):
+            return block.astype(dtype, copy=False), []
+        readable = list(zip(range(start, stop), block))
         problems: list[tuple[int, str]] = []
     except Exception:  # isolate the unreadable frames one at a time
         readable, problems = [], []
@@ -80,25 +99,32 @@ def validate_block(source: Source, start: int, stop: int, frame_shape: tuple, dt
                 readable.append((index, source.read(index, index + 1)[0]))
             except Exception as error:
                 problems.append((index, f"unreadable ({type(error).__name__}: {error})".replace("\n", " ")))
+    frames = np.zeros((stop - start, *frame_shape), dtype)
     for index, frame in readable:
         problem = _frame_problem(np.asarray(frame), frame_shape, dtype)
         if problem:
             problems.append((index, problem))
-    return sorted(problems)
+        else:
+            frames[index - start] = frame
+    return frames, sorted(problems)
 
 
-def write_shard(store_path: str, runs: list[tuple[Source, int, int, int]], dtype: str) -> int:
-    """Write runs of frames into the store's ``raw``; all runs lie in one shard.
+def write_shard(store_path: str, runs: list[tuple[int, Source, int, int, int]], dtype: str) -> list[tuple[int, int, str]]:
+    """Read, check and write runs of frames into the store's ``raw``; all runs lie in one shard.
 
-    Each run is ``(source, first_frame, n_frames, first_pattern)``. Returns frames written.
+    Each run is ``(source_index, source, first_frame, n_frames, first_pattern)``. Returns
+    ``(source_index, frame, reason)`` for every bad frame (written as zeros).
     """
-    raw = zarr.open_array(f"{store_path}/raw", mode="r+")
-    written = 0
-    for source, first_frame, n_frames, first_pattern in runs:
-        frames = source.read(first_frame, first_frame + n_frames).astype(dtype, copy=False)
+    # Raw frames are never all-zero in practice: skipping the per-chunk "is it empty?"
+    # comparison halves zarr's write time.
+    raw = zarr.open_array(f"{store_path}/raw", mode="r+").with_config({"write_empty_chunks": True})
+    frame_shape = raw.shape[1:]
+    problems = []
+    for source_index, source, first_frame, n_frames, first_pattern in runs:
+        frames, bad = read_checked(source, first_frame, first_frame + n_frames, frame_shape, dtype)
         raw[first_pattern : first_pattern + n_frames] = frames
-        written += n_frames
-    return written
+        problems += [(source_index, frame, reason) for frame, reason in bad]
+    return problems
 
 
 # --------------------------------------------------------------------------- planning (client)
@@ -114,36 +140,18 @@ def _scan(inputs: Sequence[str], dataset: str | None) -> tuple[list[Source], lis
     return sources, rejects
 
 
-def _validate(sources: list[Source], frame_shape: tuple, dtype: np.dtype, client) -> dict[int, list[tuple[int, str]]]:
-    """Per source index, the rejected ``(frame, reason)`` pairs (Dask, one block per task)."""
-    from pipeline.progress import wait_with_progress
-
-    tasks, keys = [], []
-    for index, source in enumerate(sources):
-        light = _lightweight(source)
-        for start in range(0, source.n_frames, store.PATTERN_CHUNK):
-            stop = min(start + store.PATTERN_CHUNK, source.n_frames)
-            tasks.append(client.submit(validate_block, light, start, stop, frame_shape, dtype.str, pure=False))
-            keys.append(index)
-    results = wait_with_progress(tasks, "ingest: validating frames")
-    problems: dict[int, list[tuple[int, str]]] = {i: [] for i in range(len(sources))}
-    for index, found in zip(keys, results):
-        problems[index].extend(found)
-    return problems
-
-
 def _lightweight(source: Source) -> Source:
     """The source without its per-frame metadata, cheap to send to every task."""
     return dataclasses.replace(source, shot_ids=None, pulse_energy=None, labels=None, mask=None)
 
 
-def _plan(sources: list[Source], problems: dict, start: int) -> dict[str, Any]:
-    """Which frame of which file becomes which pattern, with the per-pattern metadata."""
+def _plan(sources: list[Source], start: int) -> dict[str, Any]:
+    """Which frame of which file becomes which pattern (every frame, assumed good), with the
+    per-pattern metadata."""
     source_index, frame_index, shot_ids, pulse, labels, files = [], [], [], [], [], []
     next_pattern = start
     for index, source in enumerate(sources):
-        bad = {frame for frame, _ in problems[index]}
-        good = np.array([f for f in range(source.n_frames) if f not in bad], dtype=np.int64)
+        good = np.arange(source.n_frames, dtype=np.int64)
         name = Path(source.path).name
         ids = source.shot_ids if source.shot_ids is not None else np.array([f"{name}:{f}" for f in range(source.n_frames)], dtype=object)
         energy = source.pulse_energy if source.pulse_energy is not None else np.full(source.n_frames, np.nan)
@@ -160,7 +168,7 @@ def _plan(sources: list[Source], problems: dict, start: int) -> dict[str, Any]:
                 "dataset": source.dataset,
                 "frames": source.n_frames,
                 "stored": int(len(good)),
-                "rejected": len(bad),
+                "rejected": 0,
                 "first_pattern": next_pattern,
                 "geometry": source.geometry,
                 "has_labels": source.labels is not None,
@@ -185,19 +193,36 @@ def _pending(path: Path) -> Path:
     return path / store.PENDING_DIR
 
 
+#: Plan entries with one row per planned pattern.
+PLAN_ROWS = ("source_index", "frame", "shot_id", "pulse_energy", "label")
+
+
 def _write_journal(path: Path, journal: dict, plan: dict) -> None:
-    """Write the journal atomically: a temporary directory renamed into place."""
-    temporary = path / f"{store.PENDING_DIR}.tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
+    """Write the journal atomically.
+
+    A new journal is a temporary directory renamed into place. A revised one (bad frames
+    dropped) writes its plan to a new file, then atomically replaces ``journal.json``, which
+    names the plan file to use.
+    """
+    pending = _pending(path)
+    revision = json.loads((pending / "journal.json").read_text())["revision"] + 1 if pending.exists() else 0
+    folder = pending if revision else path / f"{store.PENDING_DIR}.tmp"
+    if not revision:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+    journal = {**journal, "revision": revision}
     np.savez(
-        temporary / "plan.npz",
-        **{k: plan[k] for k in ("source_index", "frame", "pulse_energy", "label")},
+        folder / f"plan-{revision}.npz",
+        **{k: plan[k] for k in PLAN_ROWS if k != "shot_id"},
         **({"mask": plan["mask"]} if plan.get("mask") is not None else {}),
         shot_id=plan["shot_id"].astype(str),
     )
-    (temporary / "journal.json").write_text(json.dumps(journal))
-    os.replace(temporary, _pending(path))
+    (folder / "journal.json.tmp").write_text(json.dumps(journal))
+    os.replace(folder / "journal.json.tmp", folder / "journal.json")
+    if revision:
+        (pending / f"plan-{revision - 1}.npz").unlink(missing_ok=True)
+    else:
+        os.replace(folder, pending)
 
 
 def _read_journal(path: Path) -> tuple[dict, dict] | None:
@@ -206,35 +231,69 @@ def _read_journal(path: Path) -> tuple[dict, dict] | None:
         shutil.rmtree(path / f"{store.PENDING_DIR}.tmp", ignore_errors=True)
         return None
     journal = json.loads((pending / "journal.json").read_text())
-    with np.load(pending / "plan.npz") as npz:
+    with np.load(pending / f"plan-{journal['revision']}.npz") as npz:
         plan = {key: npz[key] for key in npz.files}
     return journal, plan
 
 
-def _run_journal(path: Path, journal: dict, plan: dict, client) -> None:
-    """Grow the arrays, write frames and metadata, finalize. Idempotent: safe to repeat."""
+def _write_frames(path: Path, journal: dict, plan: dict, sources: list[Source], first_pattern: int, client) -> list:
+    """Write the planned frames from ``first_pattern`` on, one Dask task per shard.
+
+    Returns ``(source_index, frame, reason)`` for every bad frame met.
+    """
     from pipeline.progress import wait_with_progress
 
-    start, stop = journal["start"], journal["start"] + journal["n_new"]
-    sources = [
-        _lightweight(open_source(f["path"], dataset=f["dataset"] if f["layout"] == "hdf5" else None))
-        for f in journal["files"]
-    ]
-    store.resize_patterns(path, stop)
-
-    # One task per shard: frames landing in the same shard are written by the same task.
+    skip = first_pattern - journal["start"]
     shard_runs: dict[int, list] = {}
-    for pattern, (src, frame) in enumerate(zip(plan["source_index"], plan["frame"]), start=start):
+    rows = zip(plan["source_index"][skip:], plan["frame"][skip:])
+    for pattern, (src, frame) in enumerate(rows, start=first_pattern):
         runs = shard_runs.setdefault(pattern // store.PATTERN_CHUNK, [])
-        if runs and runs[-1][0] is sources[src] and runs[-1][1] + runs[-1][2] == frame:
-            runs[-1][2] += 1
+        if runs and runs[-1][0] == src and runs[-1][2] + runs[-1][3] == frame:
+            runs[-1][3] += 1
         else:
-            runs.append([sources[src], int(frame), 1, pattern])
+            runs.append([int(src), sources[src], int(frame), 1, pattern])
     tasks = [
         client.submit(write_shard, str(path), [tuple(r) for r in runs], journal["dtype"], pure=False)
         for runs in shard_runs.values()
     ]
-    wait_with_progress(tasks, "ingest: writing frames")
+    return sorted(p for found in wait_with_progress(tasks, "ingest: reading, checking and writing frames") for p in found)
+
+
+def _drop_bad_frames(journal: dict, plan: dict, problems: list) -> tuple[dict, dict, int]:
+    """The journal and plan without the bad frames, and the first pattern that moved."""
+    bad = {(src, frame) for src, frame, _ in problems}
+    keep = np.array([(int(s), int(f)) not in bad for s, f in zip(plan["source_index"], plan["frame"])], bool)
+    plan = {key: value[keep] if key in PLAN_ROWS else value for key, value in plan.items()}
+    files = [dict(record) for record in journal["files"]]
+    next_pattern = journal["start"]
+    for index, record in enumerate(files):
+        dropped = sum(1 for src, _, _ in problems if src == index)
+        record.update(stored=record["stored"] - dropped, rejected=record["rejected"] + dropped, first_pattern=next_pattern)
+        next_pattern += record["stored"]
+    rejects = journal["rejects"] + [
+        dataclasses.asdict(Reject(files[src]["path"], frame, reason)) for src, frame, reason in problems
+    ]
+    journal = {**journal, "files": files, "rejects": rejects, "n_new": int(keep.sum())}
+    return journal, plan, journal["start"] + int(np.argmin(keep))
+
+
+def _run_journal(path: Path, journal: dict, plan: dict, client, log) -> dict:
+    """Write frames and metadata, finalize; returns the final journal. Idempotent: safe to repeat."""
+    sources = [
+        _lightweight(open_source(f["path"], dataset=f["dataset"] if f["layout"] == "hdf5" else None))
+        for f in journal["files"]
+    ]
+    first_pattern = journal["start"]
+    while True:
+        store.resize_patterns(path, journal["start"] + journal["n_new"])
+        problems = _write_frames(path, journal, plan, sources, first_pattern, client)
+        if not problems:
+            break
+        for src, frame, reason in problems:
+            log(f"ERROR: {Reject(journal['files'][src]['path'], frame, reason).line()}")
+        journal, plan, first_pattern = _drop_bad_frames(journal, plan, problems)
+        _write_journal(path, journal, plan)
+    start, stop = journal["start"], journal["start"] + journal["n_new"]
 
     group = zarr.open_group(path, mode="r+", use_consolidated=False)
     group["pattern"][start:stop] = np.arange(start, stop)
@@ -263,6 +322,7 @@ def _run_journal(path: Path, journal: dict, plan: dict, client) -> None:
     store.append_provenance(path, "ingest", journal["parameters"], extra={"ingest_id": ingest_id}, once=True)
     store.consolidate(path)
     shutil.rmtree(_pending(path))
+    return journal
 
 
 # --------------------------------------------------------------------------- public API
@@ -313,7 +373,7 @@ def ingest(
         resumed = _read_journal(path) if store.is_store(path) else None
         if resumed is not None:
             log(f"completing an interrupted ingest of {len(resumed[0]['files'])} file(s) first")
-            _run_journal(path, *resumed, client)
+            _run_journal(path, *resumed, client, log)
 
         sources, rejects = _scan(inputs, dataset)
         known = set()
@@ -343,13 +403,9 @@ def ingest(
         frame_shape, dtype = tuple(group["raw"].shape[1:]), np.dtype(group["raw"].dtype)
         start = int(group["pattern"].shape[0])
 
-        problems = _validate(sources, frame_shape, dtype, client) if sources else {}
-        for index, source in enumerate(sources):
-            rejects += [Reject(source.path, frame, reason) for frame, reason in problems[index]]
         for reject in rejects:
             log(f"ERROR: {reject.line()}")
-
-        plan = _plan(sources, problems, start)
+        plan = _plan(sources, start)
         plan["mask"] = None
         masks = [s.mask for s in sources if s.mask is not None and s.mask.shape == frame_shape]
         if masks:
@@ -365,11 +421,11 @@ def ingest(
         }
         if sources or rejects:
             _write_journal(path, journal, plan)
-            _run_journal(path, journal, plan, client)
+            journal = _run_journal(path, journal, plan, client, log)
 
     return {
         "ingested": journal["n_new"],
-        "rejected": len(rejects),
+        "rejected": len(journal["rejects"]),
         "skipped_files": skipped,
         "patterns": store.n_committed(path),
     }

@@ -10,7 +10,7 @@ Layout (interface.md)::
     …         every later stage adds its own variables with :func:`write_variables`
 
 Pattern-aligned arrays are sharded ``PATTERN_CHUNK`` patterns per shard (whole frames),
-compressed with Blosc/zstd; every Dask write touches exactly one shard per task because
+compressed with Blosc (LZ4 for detector counts, zstd otherwise); every Dask write touches exactly one shard per task because
 concurrent writes into one shard silently lose data. Metadata is consolidated once, at the
 end of each command. Global attributes hold geometry (SI units), the list of ingested
 files, the reject log and the provenance of every command that wrote to the store.
@@ -52,9 +52,17 @@ PATTERN_COORDS = ("shot_id", "source_file", "frame", "pulse_energy")
 
 
 def compressors(dtype: np.dtype) -> list:
-    """Blosc with zstd; bit-shuffle suits detector integers, byte-shuffle floats."""
-    shuffle = "bitshuffle" if np.dtype(dtype).itemsize <= 2 else "shuffle"
-    return [zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle=shuffle)]
+    """Blosc codecs by dtype.
+
+    Detector counts (integers of up to 2 bytes) get bit-shuffle + LZ4, the scheme X-ray
+    detectors write natively (the HDF5 bitshuffle/LZ4 filter): it compresses sparse photon
+    counts nearly as well as zstd at twice the speed, which keeps ingest close to the I/O
+    limit. Everything else (floats, wide integers) gets byte-shuffle + zstd.
+    """
+    dtype = np.dtype(dtype)
+    if dtype.kind in "iu" and dtype.itemsize <= 2:
+        return [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")]
+    return [zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")]
 
 
 def now() -> str:

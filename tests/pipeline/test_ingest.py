@@ -187,13 +187,16 @@ def test_sigkill_at_any_point_then_rerun_gives_identical_store(tmp_path):
     expected = snapshot(reference)
 
     killed_with_journal = 0
-    for delay in (0.3, 1.5, 2.5, "journal", 4.0):
+    # "journal": right when the plan is journaled; "revised": right when the bad frames
+    # found while writing have been dropped from it (the second, partial pass).
+    marks = {"journal": store.PENDING_DIR, "revised": f"{store.PENDING_DIR}/plan-1.npz"}
+    for delay in (0.3, 1.5, 2.5, "journal", "revised", 4.0):
         path = tmp_path / f"killed-{delay}.zarr"
         process = run_ingest(path, inputs)
-        if delay == "journal":  # kill right when the plan is journaled
+        if delay in marks:
             deadline = time.time() + 60
-            while not (path / store.PENDING_DIR).exists() and time.time() < deadline and process.poll() is None:
-                time.sleep(0.005)
+            while not (path / marks[delay]).exists() and time.time() < deadline and process.poll() is None:
+                time.sleep(0.002)
         else:
             time.sleep(delay)
         process.send_signal(signal.SIGKILL)
