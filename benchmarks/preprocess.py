@@ -17,8 +17,9 @@ with wall and CPU seconds (this process and its workers; CPU time is the fairer
 measure on a machine shared with other work),
 
 plus a plain loop in this one process over the first frames of the N store: read a
-block of frames with zarr, then per frame the same kernels (hit statistics and
-``preprocess_frame``; ``correlate_frame``). Prints frames/s, MB/s of raw data
+block of frames with zarr, then per frame the same kernels with the run's settings
+(``find_hits_block`` and ``preprocess_frame``; ``correlate_frame``: the block kernels
+on a block of one frame). Prints frames/s, MB/s of raw data
 (uncompressed) and peak memory (resident set of this process and its workers, sampled
 every 50 ms), with ratios against the read limit.
 """
@@ -133,12 +134,15 @@ def loop_preprocess(path: Path, n_frames: int) -> None:
         mask=mask, background=group["background"][:], nominal_centre=tuple(parameters["nominal_centre"]),
         half_side=parameters["crop_half_side"], size=parameters["size"], saturation=parameters["saturation"],
     )
-    regions = pk.HitRegions.around(mask, settings.nominal_centre)
+    hit_settings = pk.HitSettings(
+        regions=pk.HitRegions.around(mask, settings.nominal_centre), saturation=settings.saturation,
+        n_sigma=parameters["hit_sigma"], min_photons=parameters["min_photons"], threshold=parameters["hit_threshold"],
+    )
     raw = group["raw"]
     for start in range(0, n_frames, store.RAW_INNER_CHUNK):
         for frame in raw[start : min(start + store.RAW_INNER_CHUNK, n_frames)]:
-            hit = pk.is_hit(pk.frame_statistics_block(frame[None], regions=regions, saturation=settings.saturation))[0]
-            pk.preprocess_frame(frame, hit=bool(hit), settings=settings)
+            _, hit = pk.find_hits_block(frame[None], hit_settings=hit_settings)
+            pk.preprocess_frame(frame, hit=bool(hit[0]), settings=settings)
 
 
 def loop_correlate(path: Path, n_frames: int) -> None:

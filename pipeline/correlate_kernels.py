@@ -32,14 +32,17 @@ cross-q variant keeps all ring pairs (``(n_q, n_q, n_phi)``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from pipeline.errors import AirysortError
-from pipeline.preprocess_kernels import bilinear
+from pipeline.preprocess_kernels import sub_blocks
 
 VARIANTS = ("auto", "cross")
+#: Frames resampled together: few, so that the gathers and their temporaries stay in cache.
+SUB_BLOCK = 4
 
 
 def polar_resample(
@@ -78,6 +81,34 @@ def polar_resample(
     weight : ndarray of float64, shape (n_q, n_phi)
         Fraction of a cell's samples that touch no masked pixel, in [0, 1].
     """
+    grid = polar_grid(r_min=r_min, r_max=r_max, n_q=n_q, n_phi=n_phi, max_spacing=max_spacing)
+    masked = np.where(np.asarray(bad, bool), np.float32(np.nan), np.asarray(frame, np.float32))
+    values, weight = polar_resample_block(masked[None], np.array([centre], np.float64), grid=grid)
+    return values[0].astype(np.float64), weight[0].astype(np.float64)
+
+
+@dataclass(frozen=True)
+class PolarGrid:
+    """Sample positions of :func:`polar_resample` relative to the centre, fixed per run.
+
+    ``dy``, ``dx`` (float32, shape ``(n_q n_phi sub,)``) are the offsets in pixels of the
+    ``sub = sub_q × sub_phi`` bilinear samples of each of the ``n_q × n_phi`` cells, the
+    samples of one cell consecutive (so they reshape to ``(n_q, n_phi, sub)``); ``extent``
+    is the largest ``|dy|`` or ``|dx|``.
+    """
+
+    dy: np.ndarray
+    dx: np.ndarray
+    n_q: int
+    n_phi: int
+    sub: int
+    extent: float
+
+
+@functools.lru_cache(maxsize=8)
+def polar_grid(*, r_min: float, r_max: float, n_q: int, n_phi: int, max_spacing: float = 3.0) -> PolarGrid:
+    """The :class:`PolarGrid` of rings ``r_min..r_max`` (pixels), cached: the sines and
+    cosines are computed once per run, not per frame."""
     if not 0 <= r_min < r_max:
         raise AirysortError(f"ring radii r_min={r_min!r}, r_max={r_max!r} px must satisfy 0 <= r_min < r_max")
     if n_q < 1 or n_phi < 4:
@@ -87,15 +118,82 @@ def polar_resample(
     # Sub-samples at the middles of equal sub-intervals of every cell.
     radii = r_min + (np.arange(n_q * sub_q) + 0.5) * (r_max - r_min) / (n_q * sub_q)
     angles = (np.arange(n_phi * sub_phi) + 0.5) * 2 * np.pi / (n_phi * sub_phi) - np.pi / n_phi
-    rows = centre[0] + radii[:, None] * np.sin(angles)[None, :]
-    cols = centre[1] + radii[:, None] * np.cos(angles)[None, :]
-    samples, good = bilinear(frame, bad, rows, cols)
-    good = good.astype(np.float64)
-    shape = (n_q, sub_q, n_phi, sub_phi)
-    counts = good.reshape(shape).sum(axis=(1, 3))
-    sums = (samples * good).reshape(shape).sum(axis=(1, 3))
+    # (q, sub_q, phi, sub_phi) → (q, phi, sub_q, sub_phi): a cell's samples side by side.
+    order = (0, 2, 1, 3)
+    dy = (radii[:, None] * np.sin(angles)[None, :]).reshape(n_q, sub_q, n_phi, sub_phi).transpose(order)
+    dx = (radii[:, None] * np.cos(angles)[None, :]).reshape(n_q, sub_q, n_phi, sub_phi).transpose(order)
+    dy, dx = (np.ascontiguousarray(d, np.float32).ravel() for d in (dy, dx))
+    for offsets in (dy, dx):
+        offsets.flags.writeable = False
+    extent = float(max(np.abs(dy).max(), np.abs(dx).max()))
+    return PolarGrid(dy=dy, dx=dx, n_q=n_q, n_phi=n_phi, sub=sub_q * sub_phi, extent=extent)
+
+
+def polar_resample_block(masked: np.ndarray, centres: np.ndarray, *, grid: PolarGrid) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`polar_resample` of a block of frames whose masked pixels hold NaN.
+
+    Every sample is a bilinear interpolation; one that touches a NaN (masked) pixel or
+    falls outside the frame is left out of its cell. All frames' samples are gathered
+    with one index array, so there is no loop over frames; a cell's samples are summed
+    with one matrix product.
+
+    Parameters
+    ----------
+    masked : ndarray of float32, shape (n, y, x)
+        Intensity, NaN at masked pixels.
+    centres : ndarray of float, shape (n, 2)
+        (row, column) per frame, pixels.
+    grid : PolarGrid
+
+    Returns
+    -------
+    values, weight : ndarray of float32, shape (n, n_q, n_phi)
+        As in :func:`polar_resample`.
+    """
+    n, ny, nx = masked.shape
+    centres = np.asarray(centres, np.float64).reshape(n, 2)
+    rows = centres[:, :1].astype(np.float32) + grid.dy
+    cols = centres[:, 1:].astype(np.float32) + grid.dx
+    lowest, highest = centres.min(axis=0) - grid.extent, centres.max(axis=0) + grid.extent
+    fits = lowest.min() >= 0 and highest[0] < ny - 1 and highest[1] < nx - 1
+    if fits:  # the usual case: every sample lies on the frame, no bounds checks needed
+        r0, c0 = rows.astype(np.int32), cols.astype(np.int32)  # truncation = floor here
+        inside = None
+    else:
+        r0, c0 = np.floor(rows).astype(np.int32), np.floor(cols).astype(np.int32)
+        inside = (r0 >= 0) & (c0 >= 0) & (r0 < ny - 1) & (c0 < nx - 1)
+    rows -= r0  # fractional parts, in place
+    cols -= c0
+    index = r0.astype(np.intp)
+    index *= nx
+    index += c0
+    if inside is not None:
+        index[~inside] = 0
+    index += (np.arange(n, dtype=np.intp) * (ny * nx))[:, None]
+    flat = masked.reshape(-1)
+    # Shifted views stand for the right, lower and lower-right neighbours: no index copies.
+    top, right = flat[index], flat[1:][index]
+    right -= top
+    right *= cols
+    top += right
+    bottom, corner = flat[nx:][index], flat[nx + 1 :][index]
+    corner -= bottom
+    corner *= cols
+    bottom += corner
+    bottom -= top
+    bottom *= rows
+    samples = top
+    samples += bottom
+    good = np.isfinite(samples)
+    if inside is not None:
+        good &= inside
+    samples[~good] = 0
+    ones = np.ones(grid.sub, np.float32)
+    cells = (n, grid.n_q, grid.n_phi, grid.sub)
+    counts = good.reshape(cells).astype(np.float32) @ ones
+    sums = samples.reshape(cells) @ ones
     values = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
-    return values, counts / (sub_q * sub_phi)
+    return values, counts / np.float32(grid.sub)
 
 
 def angular_correlation(
@@ -105,8 +203,9 @@ def angular_correlation(
 
     Parameters
     ----------
-    values, weight : ndarray, shape (n_q, n_phi)
-        From :func:`polar_resample`.
+    values, weight : ndarray, shape (..., n_q, n_phi)
+        From :func:`polar_resample` (or a block of frames from
+        :func:`polar_resample_block`).
     cross : bool, default=False
         All ring pairs ``(q1, q2)`` instead of ``q1 = q2`` only.
     min_overlap : float, default=0.25
@@ -115,7 +214,7 @@ def angular_correlation(
 
     Returns
     -------
-    ndarray of float32, shape (n_q, n_phi) or (n_q, n_q, n_phi)
+    ndarray of float32, shape (..., n_q, n_phi) or (..., n_q, n_q, n_phi)
         Correlation coefficient in [−1, 1] at lag ``Δ = 2π k / n_phi``; 0 for rings
         without valid data or without fluctuations.
     """
@@ -129,8 +228,8 @@ def angular_correlation(
     spectrum_w = np.fft.rfft(weight, axis=-1)
     if cross:
         # C[q1, q2, Δ] = Σ_φ d(q1, φ) d(q2, φ + Δ)
-        numerator = np.fft.irfft(np.conj(spectrum)[:, None, :] * spectrum[None, :, :], n=n_phi, axis=-1)
-        overlap = np.fft.irfft(np.conj(spectrum_w)[:, None, :] * spectrum_w[None, :, :], n=n_phi, axis=-1)
+        numerator = np.fft.irfft(np.conj(spectrum)[..., :, None, :] * spectrum[..., None, :, :], n=n_phi, axis=-1)
+        overlap = np.fft.irfft(np.conj(spectrum_w)[..., :, None, :] * spectrum_w[..., None, :, :], n=n_phi, axis=-1)
     else:
         numerator = np.fft.irfft(np.abs(spectrum) ** 2, n=n_phi, axis=-1)
         overlap = np.fft.irfft(np.abs(spectrum_w) ** 2, n=n_phi, axis=-1)
@@ -138,8 +237,8 @@ def angular_correlation(
     correlation = np.divide(numerator, overlap, out=np.zeros_like(numerator), where=keep)
     # Zero-lag autocorrelation of each ring: its weighted variance.
     if cross:
-        variance = np.diagonal(correlation[..., 0]).copy()
-        scale = np.sqrt(np.maximum(variance[:, None] * variance[None, :], 0.0))[..., None]
+        variance = np.diagonal(correlation[..., 0], axis1=-2, axis2=-1)
+        scale = np.sqrt(np.maximum(variance[..., :, None] * variance[..., None, :], 0.0))[..., None]
     else:
         scale = correlation[..., :1]
     out = np.divide(correlation, scale, out=np.zeros_like(correlation), where=scale > 1e-30)
@@ -177,10 +276,20 @@ class CorrelateSettings:
     variant: str = "auto"
     saturation: float | None = None
     min_overlap: float = 0.25
+    #: The background with NaN at the run mask's pixels, float32 (derived).
+    masked_background: np.ndarray = field(init=False, repr=False)
+    #: Sample offsets of the polar cells (derived).
+    grid: PolarGrid = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise AirysortError(f"unknown correlation variant {self.variant!r}; use one of {VARIANTS}")
+        background = np.asarray(self.background, np.float32)
+        # raw - NaN = NaN: one subtraction both removes the background and masks.
+        masked = np.where(np.asarray(self.mask, bool), np.float32(np.nan), background)
+        object.__setattr__(self, "masked_background", masked)
+        grid = polar_grid(r_min=float(self.r_min), r_max=float(self.r_max), n_q=int(self.n_q), n_phi=int(self.n_phi))
+        object.__setattr__(self, "grid", grid)
 
     @property
     def output_shape(self) -> tuple[int, ...]:
@@ -190,29 +299,23 @@ class CorrelateSettings:
 
 
 def correlate_frame(frame: np.ndarray, *, centre: tuple[float, float], settings: CorrelateSettings) -> np.ndarray:
-    """Angular correlation of one raw frame around its centre.
+    """Angular correlation of one raw frame around its centre (:func:`correlate_block` on
+    a block of one frame).
 
     Returns
     -------
     ndarray of float32, shape ``settings.output_shape``
     """
-    raw = np.asarray(frame)
-    counts = raw.astype(np.float64) - settings.background
-    bad = settings.mask if settings.saturation is None else settings.mask | (raw >= settings.saturation)
-    values, weight = polar_resample(
-        counts,
-        bad,
-        centre=centre,
-        r_min=settings.r_min,
-        r_max=settings.r_max,
-        n_q=settings.n_q,
-        n_phi=settings.n_phi,
-    )
-    return angular_correlation(values, weight, cross=settings.variant == "cross", min_overlap=settings.min_overlap)
+    return correlate_block(np.asarray(frame)[None], np.array([centre], np.float64), settings=settings)[0]
 
 
 def correlate_block(frames: np.ndarray, centres: np.ndarray, *, settings: CorrelateSettings) -> np.ndarray:
-    """:func:`correlate_frame` for a block of frames.
+    """Angular correlations of a block of raw frames, vectorised over the frames.
+
+    Background subtraction and masking are one float32 subtraction (the run mask is NaN
+    in ``settings.masked_background``); saturated pixels become NaN only in the frames
+    that have any. Frames are taken :data:`SUB_BLOCK` at a
+    time, so temporaries stay small whatever the block size.
 
     Parameters
     ----------
@@ -226,6 +329,15 @@ def correlate_block(frames: np.ndarray, centres: np.ndarray, *, settings: Correl
     """
     centres = np.asarray(centres, np.float64).reshape(-1, 2)
     out = np.empty((frames.shape[0], *settings.output_shape), np.float32)
-    for i, frame in enumerate(frames):
-        out[i] = correlate_frame(frame, centre=(centres[i, 0], centres[i, 1]), settings=settings)
+    for part in sub_blocks(frames.shape[0], SUB_BLOCK):
+        raw = np.asarray(frames[part])
+        masked = raw.astype(np.float32)
+        masked -= settings.masked_background
+        if settings.saturation is not None:
+            for i in np.flatnonzero(raw.max(axis=(1, 2)) >= settings.saturation):  # rare
+                masked[i][raw[i] >= settings.saturation] = np.nan
+        values, weight = polar_resample_block(masked, centres[part], grid=settings.grid)
+        out[part] = angular_correlation(
+            values, weight, cross=settings.variant == "cross", min_overlap=settings.min_overlap
+        )
     return out

@@ -1,12 +1,13 @@
 """``airysort preprocess``: Dask wiring of :mod:`pipeline.preprocess_kernels` over the store.
 
-One full pass over ``raw`` plus three over a bounded sample, each one Dask task per
-shard, so memory stays bounded by a few shards whatever the store size:
+One read of ``raw``: up to ``stat_shards`` shards spread evenly over the run are read
+first and kept in worker memory (``persist``) for three passes of statistics, then one
+full pass takes them from memory and reads every other shard once; each pass is one
+Dask task per shard, so memory stays bounded by a few shards whatever the store size:
 
-1. **Hot pixels** (sample) — per-pixel mean over up to ``stat_shards`` shards spread
-   evenly over the run (a Dask ``sum`` reduction; hot pixels are persistent, so a
-   sample of a few hundred frames finds them), then
-   :func:`~pipeline.preprocess_kernels.hot_pixels`.
+1. **Hot pixels** (sample) — per-pixel mean over the sampled shards (a Dask ``sum``
+   reduction; hot pixels are persistent, so a sample of a few hundred frames finds
+   them), then :func:`~pipeline.preprocess_kernels.hot_pixels`.
 2. **Hit threshold** (sample) — hit statistics of the sampled frames; when they show
    a separate population of empty frames lit by stray light,
    :func:`~pipeline.preprocess_kernels.excess_threshold` gives the level between it
@@ -118,9 +119,22 @@ def sample_shards(raw, n_shards: int):
     """Up to ``n_shards`` whole chunks of ``raw`` spread evenly along the first axis."""
     import dask.array as da
 
+    return da.concatenate([raw.blocks[int(i)] for i in _sample_picks(raw, n_shards)], axis=0)
+
+
+def _sample_picks(raw, n_shards: int) -> np.ndarray:
     n_blocks = raw.numblocks[0]
-    picks = np.unique(np.linspace(0, n_blocks - 1, min(n_shards, n_blocks)).round().astype(int))
-    return da.concatenate([raw.blocks[int(i)] for i in picks], axis=0)
+    return np.unique(np.linspace(0, n_blocks - 1, min(n_shards, n_blocks)).round().astype(int))
+
+
+def with_sample(raw, sample, n_shards: int):
+    """``raw`` with the chunks that :func:`sample_shards` picked taken from ``sample``
+    (e.g. persisted in worker memory), so a later full pass does not read them again."""
+    import dask.array as da
+
+    picks = {int(block): j for j, block in enumerate(_sample_picks(raw, n_shards))}
+    blocks = [sample.blocks[picks[i]] if i in picks else raw.blocks[i] for i in range(raw.numblocks[0])]
+    return da.concatenate(blocks, axis=0)
 
 
 def background_median(sample, *, hit_settings: kernels.HitSettings) -> tuple[np.ndarray | None, int]:
@@ -266,8 +280,10 @@ def preprocess_store(
     level = resolve_saturation(saturation, dtype=raw.dtype, attrs=dict(dataset.attrs))
 
     clock = _Clock()
-    # 1. Hot pixels from a bounded sample of shards.
-    sample = sample_shards(raw, stat_shards)
+    # 1. Hot pixels from a bounded sample of shards, read once: kept in worker memory
+    # (stat_shards shards, whatever the store size) for the next two passes and the
+    # full pass, which takes these shards from memory instead of reading them again.
+    sample = sample_shards(raw, stat_shards).persist()
     # sum(dtype=float64) accumulates without a float64 copy of each shard.
     mean_frame = sample.sum(axis=0, dtype=np.float64).compute() / sample.shape[0]
     if dark_frame is not None:
@@ -319,7 +335,8 @@ def preprocess_store(
         search_radius=search_radius,
         centre_window=centre_window,
     )
-    outputs = analyse_array(raw, hit_settings=hit_settings, settings=settings)
+    outputs = analyse_array(with_sample(raw, sample, stat_shards), hit_settings=hit_settings, settings=settings)
+    del sample  # the graph holds it until its shards are analysed, then workers free it
 
     parameters = {
         "size": int(size),

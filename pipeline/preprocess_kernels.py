@@ -23,9 +23,11 @@ The steps, in the order they are applied to a frame:
    (:func:`scale_intensity`).
 6. **Crop and resize** — the square inscribed in the disc that fits on the detector
    around the centre, anti-aliased (Gaussian pre-filter) and resampled to
-   ``size × size`` with sub-pixel centring (:func:`crop_resize`). Masked pixels are
-   first filled with the azimuthal mean at their radius (:func:`fill_masked`) so the
-   filter does not smear the mask's edges into valid pixels.
+   ``size × size`` with sub-pixel centring (:func:`resample_square`, separable weights
+   that touch only the input rows and columns each output pixel needs). Masked pixels
+   are set to 0 first and the result divided by the resampled valid fraction
+   (normalised convolution), so the filter neither smears garbage from masked pixels
+   nor darkens the mask's edges.
 7. **Normalisation** — zero mean and unit standard deviation over the valid pixels;
    masked pixels are set to exactly 0, so they carry no signal into a network.
 """
@@ -191,11 +193,18 @@ def saturated(frames: np.ndarray, level: float | None) -> np.ndarray:
 class HitRegions:
     """Pixel regions used by hit finding: an inner disc and the annulus outside it.
 
-    ``inner`` and ``outer`` are boolean (y, x) maps of valid pixels (not masked).
+    ``inner`` and ``outer`` are boolean (y, x) maps of valid pixels (not masked);
+    ``indicator`` (derived) holds them as the two rows of a float32 ``(2, y x)``
+    matrix, so that a block of frames is summed over both with one matrix product.
     """
 
     inner: np.ndarray
     outer: np.ndarray
+    indicator: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        indicator = np.stack([np.ravel(self.inner), np.ravel(self.outer)]).astype(np.float32)
+        object.__setattr__(self, "indicator", indicator)
 
     @classmethod
     def around(
@@ -214,6 +223,16 @@ class HitRegions:
                 f"the detector radius {r_max:.1f} px around the centre {centre!r}; check the mask"
             )
         return cls(inner=inner, outer=outer)
+
+
+#: Frames processed together inside the block kernels: large enough that per-call
+#: overheads vanish, small enough that float32 temporaries stay a few MB per frame array.
+SUB_BLOCK = 8
+
+
+def sub_blocks(n: int, step: int = SUB_BLOCK) -> list[slice]:
+    """Consecutive slices of at most ``step`` frames covering ``range(n)``."""
+    return [slice(start, min(start + step, n)) for start in range(0, n, step)]
 
 
 def frame_statistics_block(
@@ -245,32 +264,30 @@ def frame_statistics_block(
     """
     frames = np.asarray(frames)
     n = frames.shape[0]
-    flat = frames.reshape(n, -1)
-    where = {"inner": np.flatnonzero(regions.inner), "outer": np.flatnonzero(regions.outer)}
-    dark_flat = None if dark is None else np.asarray(dark, np.float64).ravel()
-    sums = {name: np.zeros(n) for name in where}  # counts, dark subtracted
-    levels = np.zeros(n)  # raw counts per outer pixel, for the shot noise
-    sizes = {name: np.zeros(n) for name in where}
-    # Frame by frame, so temporaries stay one frame's size whatever the block size.
-    for i in range(n):
-        for name, index in where.items():
-            values = flat[i, index]
-            keep = None if saturation is None else values < saturation
-            if keep is not None and keep.all():
-                keep = None
-            raw_sum = values.sum(dtype=np.float64) if keep is None else values[keep].sum(dtype=np.float64)
-            size = index.size if keep is None else np.count_nonzero(keep)
-            dark_sum = 0.0
-            if dark_flat is not None:
-                dark_values = dark_flat[index]
-                dark_sum = dark_values.sum() if keep is None else dark_values[keep].sum()
-            sums[name][i] = raw_sum - dark_sum
-            sizes[name][i] = size
-            if name == "outer":
-                levels[i] = max(raw_sum, 0.0) / max(size, 1)
-    inner, outer = sums["inner"], sums["outer"]
-    n_inner, n_outer = sizes["inner"], np.maximum(sizes["outer"], 1)
+    indicator = regions.indicator.T  # (y x, 2), a transposed view: BLAS reads rows
+    raw_sums = np.zeros((n, 2))  # raw counts in (inner, outer)
+    sizes = np.broadcast_to(indicator.sum(axis=0, dtype=np.float64), (n, 2)).copy()
+    dark_weights = None if dark is None else np.asarray(dark, np.float64).reshape(-1, 1) * indicator
+    dark_sums = np.zeros((n, 2)) if dark is None else np.broadcast_to(dark_weights.sum(axis=0), (n, 2)).copy()
+    for part in sub_blocks(n):
+        flat = frames[part].reshape(-1, indicator.shape[0])
+        # float32 sums of counts are exact below 2**24 photons per region.
+        raw_sums[part] = flat.astype(np.float32) @ indicator
+        if saturation is None:
+            continue
+        clipped = np.flatnonzero(flat.max(axis=1) >= saturation)
+        if clipped.size:  # rare: leave the saturated pixels (and their dark) out
+            keep = flat[clipped] < saturation
+            rows = part.start + clipped
+            raw_sums[rows] = np.where(keep, flat[clipped], 0).astype(np.float32) @ indicator
+            sizes[rows] = keep.astype(np.float32) @ indicator
+            if dark_weights is not None:
+                dark_sums[rows] = keep.astype(np.float64) @ dark_weights
+    sums = raw_sums - dark_sums
+    (inner, outer), (n_inner, n_outer) = sums.T, sizes.T
+    n_outer = np.maximum(n_outer, 1)
     # Shot noise follows the counts as measured, before any dark is subtracted.
+    levels = np.maximum(raw_sums[:, 1], 0.0) / n_outer
     sigma = np.sqrt(n_inner * levels + n_inner**2 * levels / n_outer + 1.0)
     expected = n_inner * outer / n_outer
     return np.stack([inner + outer, inner - expected, sigma], axis=1)
@@ -452,7 +469,7 @@ def refine_centre(
     half-side ``window`` around the guess; ``f = w · log1p(frame)`` compresses the
     dynamic range so that outer rings count too. The minimum of ``D`` within
     ``search_radius`` of the guess is refined with a parabola through its neighbours
-    along each axis.
+    along each axis. :func:`refine_centres` does the same for a block of frames.
 
     Parameters
     ----------
@@ -472,38 +489,83 @@ def refine_centre(
     (cy, cx) : tuple of float
         Refined centre in pixels; ``guess`` when too few valid pixel pairs exist.
     """
-    ny, nx = frame.shape
+    centres = refine_centres(
+        np.asarray(frame)[None], np.asarray(bad, bool), guess=guess, search_radius=search_radius, window=window
+    )
+    return float(centres[0, 0]), float(centres[0, 1])
+
+
+def refine_centres(
+    frames: np.ndarray,
+    bad: np.ndarray,
+    *,
+    guess: tuple[float, float],
+    search_radius: float = 8.0,
+    window: int = 64,
+) -> np.ndarray:
+    """:func:`refine_centre` for a block of frames, with batched FFTs.
+
+    Parameters
+    ----------
+    frames : ndarray, shape (n, y, x)
+        Background-subtracted counts.
+    bad : ndarray of bool, shape (y, x) (shared by all frames) or (n, y, x)
+        True at masked pixels.
+    guess, search_radius, window
+        As in :func:`refine_centre`, the guess shared by all frames.
+
+    Returns
+    -------
+    ndarray of float64, shape (n, 2)
+        Refined centres (row, column), pixels; the guess where too few valid pixel pairs
+        exist.
+    """
+    frames = np.asarray(frames)
+    n_frames, ny, nx = frames.shape
+    centres = np.tile(np.asarray(guess, np.float64), (n_frames, 1))
     gy, gx = int(round(guess[0])), int(round(guess[1]))
     half = int(min(window, gy, gx, ny - 1 - gy, nx - 1 - gx))
-    if half < 4:
-        return float(guess[0]), float(guess[1])
+    if half < 4 or n_frames == 0:
+        return centres
     rows, cols = slice(gy - half, gy + half + 1), slice(gx - half, gx + half + 1)
-    valid = ~bad[rows, cols]
-    weight = valid.astype(np.float64)
-    values = np.log1p(np.maximum(frame[rows, cols], 0.0)).astype(np.float64) * weight
+    valid = ~np.broadcast_to(bad, frames.shape)[:, rows, cols]
     side = 2 * half + 1
-    n = scipy.fft.next_fast_len(2 * side - 1, real=True)
-    spectrum_f = scipy.fft.rfft2(values, (n, n))
-    spectrum_f2 = scipy.fft.rfft2(values * values, (n, n))
-    # The mask's terms are the same for every frame of a run (unless a pixel saturates).
-    spectrum_w, overlap = _mask_terms(np.packbits(valid).tobytes(), side, n)
-    difference = scipy.fft.irfft2(2 * (spectrum_f2 * spectrum_w - spectrum_f * spectrum_f), (n, n))
-
-    # s = 2 (c - window origin); the guess sits at s = 2 * half.
+    # s = 2 (c - window origin); the guess sits at s = 2 * half = side - 1.
     reach = int(np.ceil(2 * search_radius))
-    lo, hi = 2 * half - reach, 2 * half + reach + 1
-    d = difference[lo:hi, lo:hi]
-    p = overlap[lo:hi, lo:hi]
-    enough = p > 0.25 * overlap[2 * half, 2 * half]
-    if not enough.any() or overlap[2 * half, 2 * half] < 16:
-        return float(guess[0]), float(guess[1])
+    lo, hi = max(side - 1 - reach, 1), min(side - 1 + reach, 2 * side - 3)
+    # Only lags lo..hi are needed: a circular correlation of length n >= hi + 1 and
+    # > 2 side - 2 - lo equals the linear one there (no wrapped-around terms), about
+    # half the padding a full linear correlation needs.
+    n = scipy.fft.next_fast_len(max(hi + 1, 2 * side - 1 - lo), real=True)
+    values = np.where(valid, np.log1p(np.maximum(frames[:, rows, cols], 0.0, dtype=np.float64)), 0.0)
+    spectra = scipy.fft.rfft2(np.stack([values, values * values]), (n, n))
+    spectrum_w, overlap = _mask_terms_block(valid, n)
+    difference = scipy.fft.irfft2(2 * (spectra[1] * spectrum_w - spectra[0] * spectra[0]), (n, n))
+    d = difference[:, lo : hi + 1, lo : hi + 1]
+    p = overlap[:, lo : hi + 1, lo : hi + 1]
+    middle = overlap[:, side - 1, side - 1]
+    enough = p > 0.25 * middle[:, None, None]
     score = np.where(enough, d / np.maximum(p, 1e-12), np.inf)
-    iy, ix = np.unravel_index(np.argmin(score), score.shape)
-    sy = iy + _parabola_offset(score[iy - 1 : iy + 2, ix] if 0 < iy < score.shape[0] - 1 else None)
-    sx = ix + _parabola_offset(score[iy, ix - 1 : ix + 2] if 0 < ix < score.shape[1] - 1 else None)
-    cy = gy - half + (lo + sy) / 2
-    cx = gx - half + (lo + sx) / 2
-    return float(cy), float(cx)
+    usable = enough.any(axis=(1, 2)) & (middle >= 16)
+    for i in np.flatnonzero(usable):  # a few scalar steps per frame: the parabola fit
+        iy, ix = np.unravel_index(np.argmin(score[i]), score[i].shape)
+        sy = iy + _parabola_offset(score[i, iy - 1 : iy + 2, ix] if 0 < iy < score.shape[1] - 1 else None)
+        sx = ix + _parabola_offset(score[i, iy, ix - 1 : ix + 2] if 0 < ix < score.shape[2] - 1 else None)
+        centres[i] = (gy - half + (lo + sy) / 2, gx - half + (lo + sx) / 2)
+    return centres
+
+
+def _mask_terms_block(valid: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """FFT of each frame's window validity and its autoconvolution, ``(k, ...)``.
+
+    Frames share the run mask unless a pixel saturates, so the terms are computed once
+    per distinct window (and cached across blocks).
+    """
+    keys = [np.packbits(v).tobytes() for v in valid]
+    terms = {key: _mask_terms(key, valid.shape[1], n) for key in dict.fromkeys(keys)}
+    spectrum_w = np.stack([terms[key][0] for key in keys])
+    overlap = np.stack([terms[key][1] for key in keys])
+    return spectrum_w, overlap
 
 
 @functools.lru_cache(maxsize=4)
@@ -529,7 +591,7 @@ def _parabola_offset(three: np.ndarray | None) -> float:
 
 
 # --------------------------------------------------------------------------------------
-# Scaling, filling, cropping, normalising
+# Scaling, cropping and resizing, normalising
 # --------------------------------------------------------------------------------------
 
 
@@ -548,94 +610,14 @@ def scale_intensity(frame: np.ndarray, *, scaling: str = "log", asinh_scale: flo
     raise AirysortError(f"unknown scaling {scaling!r}; use one of {SCALINGS}")
 
 
-def fill_masked(values: np.ndarray, bad: np.ndarray, *, centre: tuple[float, float]) -> np.ndarray:
-    """Replace masked pixels by the azimuthal mean of the valid pixels at their radius.
-
-    Radii are rounded to whole pixels around ``centre``; radii without valid pixels
-    (inside the central hole) take the value of the nearest radius that has some.
-
-    Returns
-    -------
-    ndarray of float32, same shape as ``values``
-    """
-    bad = np.asarray(bad, bool)
-    values = np.asarray(values, np.float32)
-    if not bad.any():
-        return values.copy()
-    radius = _rounded_radius(values.shape, centre)
-    valid = ~bad
-    n_bins = int(radius.max()) + 1
-    counts = np.bincount(radius[valid], minlength=n_bins)
-    sums = np.bincount(radius[valid], weights=values[valid], minlength=n_bins)
-    have = counts > 0
-    if not have.any():
-        return np.zeros_like(values)
-    bins = np.arange(n_bins)
-    profile = np.interp(bins, bins[have], sums[have] / counts[have]).astype(np.float32)
-    filled = values.copy()
-    filled[bad] = profile[radius[bad]]
-    return filled
-
-
-def _rounded_radius(shape: tuple[int, int], centre: tuple[float, float]) -> np.ndarray:
-    """Integer radius of every pixel around ``centre`` rounded to a whole pixel.
-
-    Sliced out of one cached grid twice the frame's size, so no per-frame ``hypot``.
-    """
-    ny, nx = shape
-    grid = _radius_grid(ny, nx)
-    oy, ox = ny - int(round(centre[0])), nx - int(round(centre[1]))
-    return grid[oy : oy + ny, ox : ox + nx]
-
-
-@functools.lru_cache(maxsize=8)
-def _radius_grid(ny: int, nx: int) -> np.ndarray:
-    yy, xx = np.indices((2 * ny, 2 * nx))
-    return np.rint(np.hypot(yy - ny, xx - nx)).astype(np.int32)
-
-
-def bilinear(
-    values: np.ndarray, bad: np.ndarray | None, rows: np.ndarray, cols: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Bilinear interpolation at fractional pixel positions, with a validity flag.
-
-    Equivalent to ``scipy.ndimage.map_coordinates(values, [rows, cols], order=1)`` but
-    several times faster for many points, and it reports which samples touch a bad
-    pixel or fall outside the frame.
-
-    Parameters
-    ----------
-    values : ndarray, shape (y, x)
-    bad : ndarray of bool, shape (y, x), or None
-        True at masked pixels.
-    rows, cols : ndarray of float, any shape (the same)
-        Positions in pixels.
-
-    Returns
-    -------
-    samples : ndarray of float32, shape of ``rows``
-        Interpolated values (0 where not good).
-    good : ndarray of bool, shape of ``rows``
-        True where the four pixels around the position are valid and inside the frame.
-    """
-    ny, nx = values.shape
-    r0 = np.floor(rows).astype(np.int32)
-    c0 = np.floor(cols).astype(np.int32)
-    fr = (rows - r0).astype(np.float32)
-    fc = (cols - c0).astype(np.float32)
-    inside = (r0 >= 0) & (c0 >= 0) & (r0 < ny - 1) & (c0 < nx - 1)
-    index = np.where(inside, r0 * nx + c0, 0)
-    # Bad pixels read as NaN, so a sample that touches one comes out NaN: one gather
-    # per neighbour serves both the value and the validity.
-    flat = np.asarray(values, np.float32)
-    if bad is not None:
-        flat = np.where(bad, np.float32(np.nan), flat)
-    flat = flat.ravel()
-    top = flat[index] * (1 - fc) + flat[index + 1] * fc
-    bottom = flat[index + nx] * (1 - fc) + flat[index + nx + 1] * fc
-    samples = top * (1 - fr) + bottom * fr
-    good = inside & np.isfinite(samples)
-    return np.where(good, samples, np.float32(0)), good
+def gaussian_taps(sigma: float, *, truncate: float = 4.0) -> np.ndarray:
+    """Normalised 1-D Gaussian of width ``sigma`` pixels, as ``scipy.ndimage.gaussian_filter``
+    uses it (radius ``int(truncate sigma + 0.5)``); ``[1.0]`` for ``sigma = 0``."""
+    if sigma <= 0:
+        return np.ones(1)
+    radius = int(truncate * sigma + 0.5)
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    return taps / taps.sum()
 
 
 def antialias_sigma(*, half_side: float, size: int) -> float:
@@ -647,28 +629,88 @@ def antialias_sigma(*, half_side: float, size: int) -> float:
     return max((2.0 * half_side / size - 1.0) / 2.0, 0.0)
 
 
-def sample_square(
-    values: np.ndarray, *, centre: tuple[float, float], half_side: float, size: int
-) -> np.ndarray:
-    """Bilinear samples at the pixel centres of a ``size × size`` grid over ``centre ± half_side``.
+def square_taps(
+    centres: np.ndarray, *, half_side: float, size: int, sigma: float, length: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Resampling weights along one axis: Gaussian pre-filter, then linear interpolation.
 
-    Output pixel ``i`` covers ``[c - h + i s, c - h + (i + 1) s)`` with ``s = 2 h / size``;
-    its middle is sampled, so a sub-pixel ``centre`` is honoured exactly.
+    Output pixel ``i`` covers ``[c - h + i s, c - h + (i + 1) s)`` with ``s = 2 h / size``
+    and takes the value at its middle ``p``: the filtered input interpolated linearly
+    between pixels ``floor(p)`` and ``floor(p) + 1``. Filtering and interpolating are
+    both linear, so output pixel ``i`` is a weighted sum of ``K = 2 R + 2`` consecutive
+    input pixels (``R`` the Gaussian's radius); indices beyond the input repeat its edge
+    pixel (``mode="nearest"``).
+
+    Parameters
+    ----------
+    centres : ndarray of float, shape (n,)
+        Centre of the square along this axis per frame, input pixels.
+    half_side : float
+        Half the side of the square, input pixels.
+    size : int
+        Output pixels along the axis.
+    sigma : float
+        Gaussian width, input pixels (0: interpolation only).
+    length : int
+        Input pixels along the axis.
 
     Returns
     -------
-    ndarray of float32, shape (size, size)
+    index : ndarray of intp, shape (n, size, K)
+        Input pixels feeding each output pixel.
+    weight : ndarray of float32, shape (n, size, K)
+        Their weights (each row sums to 1).
     """
+    taps = gaussian_taps(sigma)
+    radius = taps.size // 2
     scale = 2.0 * half_side / size
-    steps = (np.arange(size, dtype=np.float64) + 0.5) * scale - half_side
-    rows, cols = np.meshgrid(centre[0] + steps, centre[1] + steps, indexing="ij")
-    samples, inside = bilinear(values, None, rows, cols)
-    if not inside.all():
+    positions = np.asarray(centres, np.float64)[:, None] + (np.arange(size) + 0.5) * scale - half_side
+    first = np.floor(positions).astype(np.intp)
+    if first.min() < 0 or first.max() + 1 > length - 1:
         raise AirysortError(
-            f"the square of half side {half_side:.1f} px around {centre!r} leaves the "
-            f"{values.shape!r} region; use a smaller crop or search radius"
+            f"the square of half side {half_side:.1f} px around {np.asarray(centres).tolist()!r} leaves the "
+            f"{length} px region; use a smaller crop or search radius"
         )
-    return samples.astype(np.float32)
+    fraction = (positions - first)[..., None]
+    weight = (1 - fraction) * np.append(taps, 0.0) + fraction * np.insert(taps, 0, 0.0)
+    index = np.clip(first[..., None] - radius + np.arange(taps.size + 1), 0, length - 1)
+    return index, weight.astype(np.float32)
+
+
+def resample_square(
+    values: np.ndarray, centres: np.ndarray, *, half_side: float, size: int, sigma: float
+) -> np.ndarray:
+    """Squares ``centre ± half_side`` of a block of frames, filtered and resampled to ``size²``.
+
+    Separable: the weights of :func:`square_taps` are applied along rows, then columns,
+    gathering only the ``K`` input rows (columns) each output row (column) needs; no
+    full-frame filtering.
+
+    Parameters
+    ----------
+    values : ndarray of float, shape (n, y, x), or (y, x) shared by all frames
+    centres : ndarray of float, shape (n, 2)
+        Centre (row, column) of each frame's square, input pixels.
+    half_side, size, sigma
+        See :func:`square_taps`.
+
+    Returns
+    -------
+    ndarray of float32, shape (n, size, size)
+    """
+    values = np.asarray(values, np.float32)
+    centres = np.asarray(centres, np.float64).reshape(-1, 2)
+    n = centres.shape[0]
+    ny, nx = values.shape[-2:]
+    row_index, row_weight = square_taps(centres[:, 0], half_side=half_side, size=size, sigma=sigma, length=ny)
+    col_index, col_weight = square_taps(centres[:, 1], half_side=half_side, size=size, sigma=sigma, length=nx)
+    frame = np.zeros(n, np.intp) if values.ndim == 2 else np.arange(n)
+    source = values[None] if values.ndim == 2 else values
+    # (n, size, K, x) rows, contracted with the row weights → (n, size, x)
+    rows = np.matmul(row_weight[:, :, None, :], source[frame[:, None, None], row_index])[:, :, 0, :]
+    # the same along columns, on the transposed result → (n, size_x, size_y)
+    columns = rows.transpose(0, 2, 1)[np.arange(n)[:, None, None], col_index]
+    return np.ascontiguousarray(np.matmul(col_weight[:, :, None, :], columns)[:, :, 0, :].transpose(0, 2, 1))
 
 
 def crop_resize(
@@ -677,8 +719,8 @@ def crop_resize(
     """Anti-aliased crop of the square ``centre ± half_side`` resampled to ``size × size``.
 
     A Gaussian pre-filter (:func:`antialias_sigma`) removes the frequencies the output
-    grid cannot hold, then :func:`sample_square` interpolates the output pixel centres.
-    Only the square plus the filter's reach is filtered.
+    grid cannot hold; the output pixel centres are then interpolated linearly
+    (:func:`resample_square`), so a sub-pixel ``centre`` is honoured exactly.
 
     Parameters
     ----------
@@ -695,32 +737,24 @@ def crop_resize(
     ndarray of float32, shape (size, size)
     """
     sigma = antialias_sigma(half_side=half_side, size=size)
-    margin = int(np.ceil(4 * sigma)) + 2
-    ny, nx = values.shape
-    y0 = max(int(np.floor(centre[0] - half_side)) - margin, 0)
-    x0 = max(int(np.floor(centre[1] - half_side)) - margin, 0)
-    y1 = min(int(np.ceil(centre[0] + half_side)) + margin + 1, ny)
-    x1 = min(int(np.ceil(centre[1] + half_side)) + margin + 1, nx)
-    patch = np.asarray(values[y0:y1, x0:x1], np.float32)
-    if sigma > 0:
-        patch = scipy.ndimage.gaussian_filter(patch, sigma, mode="nearest", truncate=4.0)
-    return sample_square(patch, centre=(centre[0] - y0, centre[1] - x0), half_side=half_side, size=size)
+    return resample_square(np.asarray(values)[None], np.array([centre]), half_side=half_side, size=size, sigma=sigma)[0]
 
 
 def normalise(image: np.ndarray, bad: np.ndarray) -> np.ndarray:
     """Zero mean and unit standard deviation over valid pixels; masked pixels exactly 0.
 
-    A frame whose valid pixels are all equal is only shifted to zero mean.
+    Works on one image ``(y, x)`` or a block ``(n, y, x)``, each image on its own. An
+    image whose valid pixels are all equal is only shifted to zero mean.
     """
     image = np.asarray(image, np.float32)
-    valid = ~np.asarray(bad, bool)
-    if not valid.any():
-        return np.zeros_like(image)
-    mean = image[valid].mean(dtype=np.float64)
-    std = image[valid].std(dtype=np.float64)
-    out = (image - np.float32(mean)) / np.float32(std if std > 1e-12 else 1.0)
-    out[~valid] = 0.0
-    return out
+    valid = ~np.broadcast_to(np.asarray(bad, bool), image.shape)
+    axes = (-2, -1)
+    count = np.maximum(valid.sum(axis=axes), 1)
+    mean = np.where(valid, image, 0).sum(axis=axes, dtype=np.float64) / count
+    deviation = np.where(valid, image - mean[..., None, None].astype(np.float32), 0)
+    std = np.sqrt(np.square(deviation, dtype=np.float64).sum(axis=axes) / count)
+    scale = np.where(std > 1e-12, std, 1.0).astype(np.float32)
+    return np.where(valid, deviation / scale[..., None, None], np.float32(0))
 
 
 # --------------------------------------------------------------------------------------
@@ -755,6 +789,8 @@ class PreprocessSettings:
         Largest centre offset from the nominal centre, pixels.
     centre_window : int
         Half side of the window used for centre refinement, pixels.
+
+    The derived attributes are computed once per run, so the block kernels only read them.
     """
 
     mask: np.ndarray
@@ -767,10 +803,18 @@ class PreprocessSettings:
     saturation: float | None = None
     search_radius: float = 8.0
     centre_window: int = 64
-    #: The run mask after the anti-aliasing filter (derived, computed once per run).
-    smoothed_mask: np.ndarray = field(init=False, repr=False)
+    #: Width of the anti-aliasing Gaussian, input pixels.
+    sigma: float = field(init=False, repr=False)
     #: Rows and columns (slices) of the part of the frame any crop can reach.
     region: tuple[slice, slice] = field(init=False, repr=False)
+    #: The run mask over ``region`` (bool) and its complement as float32 (1 = valid).
+    region_mask: np.ndarray = field(init=False, repr=False)
+    region_valid: np.ndarray = field(init=False, repr=False)
+    #: The background over ``region``, float32.
+    region_background: np.ndarray = field(init=False, repr=False)
+    #: ``region_mask`` after the anti-aliasing filter: sampled, the masked fraction of
+    #: each output pixel.
+    smoothed_mask: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.scaling not in SCALINGS:
@@ -783,22 +827,35 @@ class PreprocessSettings:
                 f"{self.nominal_centre!r} is too close to the frame edge"
             )
         sigma = antialias_sigma(half_side=self.half_side, size=self.size)
-        smoothed = self.mask.astype(np.float32)
-        if sigma > 0:
-            smoothed = scipy.ndimage.gaussian_filter(smoothed, sigma, mode="nearest", truncate=4.0)
-        object.__setattr__(self, "smoothed_mask", smoothed)
         reach = self.half_side + self.search_radius + 4 * sigma + 3
         ny, nx = self.mask.shape
         cy, cx = self.nominal_centre
         rows = slice(max(int(cy - reach), 0), min(int(np.ceil(cy + reach)) + 1, ny))
         cols = slice(max(int(cx - reach), 0), min(int(np.ceil(cx + reach)) + 1, nx))
-        object.__setattr__(self, "region", (rows, cols))
+        mask = np.ascontiguousarray(np.asarray(self.mask, bool)[rows, cols])
+        # The same taps and edge rule as the image's resampling, so that a constant image
+        # stays constant next to the mask (the image is divided by the valid fraction).
+        smoothed = mask.astype(np.float32)
+        taps = gaussian_taps(sigma)
+        for axis in (0, 1):
+            smoothed = scipy.ndimage.correlate1d(smoothed, taps, axis=axis, mode="nearest")
+        derived = {
+            "sigma": sigma,
+            "region": (rows, cols),
+            "region_mask": mask,
+            "region_valid": (~mask).astype(np.float32),
+            "region_background": np.ascontiguousarray(np.asarray(self.background, np.float32)[rows, cols]),
+            "smoothed_mask": smoothed,
+        }
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
 
 
 def preprocess_frame(
     frame: np.ndarray, *, hit: bool, settings: PreprocessSettings
 ) -> tuple[np.ndarray, tuple[float, float]]:
-    """Preprocess one raw frame into a normalised network input.
+    """Preprocess one raw frame into a normalised network input (:func:`preprocess_block`
+    on a block of one frame).
 
     Parameters
     ----------
@@ -816,53 +873,79 @@ def preprocess_frame(
     centre : (float, float)
         Centre used, raw pixels (row, column).
     """
-    # Work only on the part of the frame that any crop can reach.
-    rows, cols = settings.region
-    offset = np.array([rows.start, cols.start], float)
-    raw = np.asarray(frame[rows, cols])
-    counts = raw.astype(np.float32) - settings.background[rows, cols]
-    sat = saturated(raw, settings.saturation)
-    bad = settings.mask[rows, cols] | sat
-    guess = tuple(np.asarray(settings.nominal_centre) - offset)
-    centre = guess
-    if hit:
-        centre = refine_centre(
-            counts, bad, guess=guess, search_radius=settings.search_radius, window=settings.centre_window
-        )
-    scaled = scale_intensity(counts, scaling=settings.scaling, asinh_scale=settings.asinh_scale)
-    filled = fill_masked(scaled, bad, centre=centre)
-    square = {"half_side": settings.half_side, "size": settings.size}
-    image = crop_resize(filled, centre=centre, **square)
-    # The run mask was filtered once per run; only this frame's saturated pixels are new.
-    bad_fraction = sample_square(settings.smoothed_mask[rows, cols], centre=centre, **square)
-    if sat.any():
-        bad_fraction = bad_fraction + crop_resize(sat.astype(np.float32), centre=centre, **square)
-    global_centre = (float(centre[0] + offset[0]), float(centre[1] + offset[1]))
-    return normalise(image, bad_fraction > 0.5), global_centre
+    packed = preprocess_block(np.asarray(frame)[None], np.array([hit]), settings=settings)[0]
+    image = packed[:-2].reshape(settings.size, settings.size)
+    return image, (float(packed[-2]), float(packed[-1]))
 
 
 def preprocess_block(frames: np.ndarray, hits: np.ndarray, *, settings: PreprocessSettings) -> np.ndarray:
-    """Apply :func:`preprocess_frame` to a block of frames.
+    """Preprocess a block of raw frames into normalised network inputs, vectorised.
+
+    Per frame, in float32: background subtraction, the saturation mask, centre refinement
+    of hits (:func:`refine_centres`), scaling, then masked pixels set to 0 and the
+    anti-aliased crop and resize (:func:`resample_square`) divided by the resampled valid
+    fraction, so masked pixels neither leak into nor darken their neighbours (normalised
+    convolution); output pixels more than half masked are masked. Frames are taken
+    :data:`SUB_BLOCK` at a time, so temporaries stay small whatever the block size.
 
     Parameters
     ----------
     frames : ndarray, shape (n, y, x)
     hits : ndarray of bool, shape (n,) (or any shape with n elements)
+    settings : PreprocessSettings
 
     Returns
     -------
     ndarray of float32, shape (n, size * size + 2)
-        Each row is the flattened image followed by the centre (cy, cx), packed in one
-        array so that one Dask task yields both.
+        Each row is the flattened image followed by the centre (cy, cx) in raw pixels,
+        packed in one array so that one Dask task yields both.
     """
     hits = np.asarray(hits, bool).reshape(-1)
     n = frames.shape[0]
     out = np.empty((n, settings.size * settings.size + 2), np.float32)
-    for i in range(n):
-        image, centre = preprocess_frame(frames[i], hit=bool(hits[i]), settings=settings)
-        out[i, :-2] = image.ravel()
-        out[i, -2:] = centre
+    for part in sub_blocks(n):
+        images, centres = _preprocess_sub_block(np.asarray(frames[part]), hits[part], settings)
+        out[part, :-2] = images.reshape(images.shape[0], -1)
+        out[part, -2:] = centres
     return out
+
+
+def _preprocess_sub_block(
+    frames: np.ndarray, hits: np.ndarray, settings: PreprocessSettings
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``(n, size, size)`` and centres ``(n, 2)`` (raw pixels) of a few frames."""
+    rows, cols = settings.region
+    offset = np.array([rows.start, cols.start], np.float64)
+    raw = frames[:, rows, cols]
+    counts = raw.astype(np.float32)
+    counts -= settings.region_background
+    # Saturated pixels are rare: look for them per frame, mask them only where present.
+    clipped, new_bad = np.zeros(0, np.intp), np.zeros((0, *raw.shape[1:]), bool)
+    if settings.saturation is not None:
+        clipped = np.flatnonzero(raw.max(axis=(1, 2)) >= settings.saturation)
+        new_bad = (raw[clipped] >= settings.saturation) & ~settings.region_mask
+    bad = settings.region_mask
+    if clipped.size:
+        bad = np.repeat(settings.region_mask[None], len(frames), axis=0)
+        bad[clipped] |= new_bad
+    guess = np.asarray(settings.nominal_centre, np.float64) - offset
+    centres = np.tile(guess, (len(frames), 1))
+    if hits.any():
+        centres[hits] = refine_centres(
+            counts[hits], bad if bad.ndim == 2 else bad[hits], guess=tuple(guess),
+            search_radius=settings.search_radius, window=settings.centre_window,
+        )
+    scaled = scale_intensity(counts, scaling=settings.scaling, asinh_scale=settings.asinh_scale)
+    scaled *= settings.region_valid
+    scaled[clipped] *= ~new_bad
+    square = {"half_side": settings.half_side, "size": settings.size}
+    image = resample_square(scaled, centres, sigma=settings.sigma, **square)
+    bad_fraction = resample_square(settings.smoothed_mask, centres, sigma=0.0, **square)
+    if clipped.size:
+        bad_fraction[clipped] += resample_square(new_bad, centres[clipped], sigma=settings.sigma, **square)
+    valid_fraction = 1 - bad_fraction
+    image = np.divide(image, valid_fraction, out=np.zeros_like(image), where=valid_fraction > 1e-6)
+    return normalise(image, bad_fraction > 0.5), centres + offset
 
 
 #: Columns after the flattened image in a row of :func:`analyse_block`'s output.
