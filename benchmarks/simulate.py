@@ -1,6 +1,6 @@
 """Simulator throughput: patterns per second per core, per forward model and frame size.
 
-Run: ``.venv/bin/python benchmarks/simulate.py [--quick]``
+Run: ``.venv/bin/python benchmarks/simulate.py [--quick] [--sizes 256] [--default-malloc]``
 
 Each row renders shots with the real label mix (taxonomy.md frequencies) in this
 process on one core (finufft single-threaded, no Dask), timing CPU seconds so that
@@ -13,12 +13,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 import time
 
 from pipeline.simulate.beamtime import render_block
 from pipeline.simulate.profile import load_profile
 
 TARGETS = {("projection", 256): 200.0, ("msft", 256): 5.0}
+#: glibc settings of airysort's local Dask workers (pipeline/dask_cluster.py). With the
+#: defaults, every frame-sized temporary is a fresh mmap that page-faults (several times
+#: the arithmetic's CPU time at 256^2); workers keep freed memory for reuse instead.
+WORKER_MALLOC = {"MALLOC_TRIM_THRESHOLD_": str(256 * 2**20), "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20)}
 
 
 def rate(model: str, size: int, n: int) -> float:
@@ -35,10 +41,18 @@ def rate(model: str, size: int, n: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer shots (noisier)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024], choices=[256, 1024])
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="keep glibc's allocator defaults instead of the workers' settings")
     args = parser.parse_args()
+    if not args.default_malloc and any(os.environ.get(k) != v for k, v in WORKER_MALLOC.items()):
+        # The allocator reads these at start-up: run again with them set.
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **WORKER_MALLOC})
+    print("allocator:", "glibc defaults" if args.default_malloc else "Dask worker settings "
+          + " ".join(f"{k}={v}" for k, v in WORKER_MALLOC.items()))
     counts = {256: 60, 1024: 4} if not args.quick else {256: 16, 1024: 1}
     rows = []
-    for size in (256, 1024):
+    for size in args.sizes:
         for model in ("projection", "born", "msft"):
             n = counts[size] * (4 if model == "projection" else 1)
             rows.append((model, size, rate(model, size, n)))

@@ -50,7 +50,8 @@ def static_mask(profile: Profile) -> np.ndarray:
     return bad
 
 
-def pixel_positions(profile: Profile, *, center_shift=(0.0, 0.0), supersample: int = 1):
+def pixel_positions(profile: Profile, *, center_shift=(0.0, 0.0), supersample: int = 1,
+                    dtype=np.float64):
     """Detector positions (m) of pixel sub-samples, relative to the direct beam.
 
     Parameters
@@ -60,33 +61,35 @@ def pixel_positions(profile: Profile, *, center_shift=(0.0, 0.0), supersample: i
         Extra shift (y, x) of the beam centre for this shot (pixels).
     supersample : int, default=1
         Sub-samples per pixel along each axis, at the centres of a regular
-        ``supersample x supersample`` subdivision (pixel-area integration).
+        ``s x s`` subdivision (pixel-area integration).
+    dtype : numpy dtype, default=float64
 
     Returns
     -------
-    y, x : ndarray of shape (ny, nx, supersample**2)
-        m.
+    y : ndarray of shape (ny * s, 1)
+    x : ndarray of shape (1, nx * s)
+        m. The positions are separable: ``y`` and ``x`` broadcast to the grid
+        ``s`` times finer than the frame, whose element ``(i s + a, j s + b)`` is
+        sub-sample ``(a, b)`` of pixel ``(i, j)``.
     """
     ny, nx = profile.frame_shape
     cy, cx = beam_center(profile)
     cy, cx = cy + center_shift[0], cx + center_shift[1]
-    offsets = (np.arange(supersample) + 0.5) / supersample - 0.5
-    oy, ox = np.meshgrid(offsets, offsets, indexing="ij")
     p = profile.detector["pixel_size"]
-    y = (np.arange(ny)[:, None, None] - cy + oy.ravel()[None, None, :]) * p
-    x = (np.arange(nx)[None, :, None] - cx + ox.ravel()[None, None, :]) * p
-    return np.broadcast_to(y, (ny, nx, supersample**2)), np.broadcast_to(x, (ny, nx, supersample**2))
+    fine_y = (np.arange(ny * supersample) + 0.5) / supersample - 0.5
+    fine_x = (np.arange(nx * supersample) + 0.5) / supersample - 0.5
+    return ((fine_y - cy) * p).astype(dtype)[:, None], ((fine_x - cx) * p).astype(dtype)[None, :]
 
 
 def stray_light(profile: Profile, *, center_shift=(0.0, 0.0)) -> np.ndarray:
-    """Mean stray-light photons per pixel: a halo decaying away from the central hole."""
+    """Mean stray-light photons per pixel (float32): a halo decaying away from the central hole."""
     det = profile.detector
     ny, nx = profile.frame_shape
     cy, cx = beam_center(profile)
-    yy, xx = np.mgrid[0:ny, 0:nx].astype(float)
-    radius = np.hypot(yy - cy - center_shift[0], xx - cx - center_shift[1])
-    beyond = np.maximum(radius - det["central_hole_radius"], 0.0)
-    return det["stray_light"] * np.exp(-beyond / max(det["stray_light_scale"], 1e-9))
+    dy = (np.arange(ny, dtype=np.float32) - np.float32(cy + center_shift[0]))[:, None]
+    dx = (np.arange(nx, dtype=np.float32) - np.float32(cx + center_shift[1]))[None, :]
+    beyond = np.maximum(np.sqrt(dy * dy + dx * dx) - float(det["central_hole_radius"]), 0)
+    return float(det["stray_light"]) * np.exp(beyond * (-1 / max(det["stray_light_scale"], 1e-9)))
 
 
 def hot_pixels(profile: Profile, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -140,26 +143,28 @@ def read_out(
     Returns
     -------
     ndarray, shape (ny, nx), dtype ``detector.dtype``
-        Poisson photon counts times the gain (gamma-distributed per photon for an
-        MCP), plus dark level, Gaussian read noise and hot pixels, clipped at the
-        saturation level (and at 0 for unsigned types).
+        Poisson photon counts times the gain
+        (gamma-distributed per photon for an MCP), plus dark level, Gaussian read
+        noise and hot pixels, clipped at the saturation level (and at 0 for
+        unsigned types). Computed in float32.
     """
     det = profile.detector
-    expected = np.where(mask, 0.0, photons) * det["quantum_efficiency"]
-    detected = rng.poisson(np.maximum(expected, 0.0)).astype(np.float64)
+    expected = np.where(mask, 0, np.maximum(photons, 0)) * float(det["quantum_efficiency"])
+    detected = rng.poisson(expected).astype(np.float32)
     if det["kind"] == "mcp" and det["gain_shape"] > 0:
         # The sum of n gamma(shape, gain/shape) pulse heights is gamma(n * shape, gain/shape).
-        shape = detected * det["gain_shape"]
+        shape = detected * float(det["gain_shape"])
         signal = np.zeros_like(detected)
         lit = shape > 0
         signal[lit] = rng.gamma(shape[lit], det["gain"] / det["gain_shape"])
     else:
-        signal = detected * det["gain"]
-    counts = signal + det["dark_level"] + rng.normal(0.0, det["read_noise"], signal.shape)
+        signal = detected * float(det["gain"])
+    noise = rng.standard_normal(signal.shape, dtype=np.float32)
+    counts = signal + float(det["dark_level"]) + noise * float(det["read_noise"])
     flat = counts.reshape(-1)
     on_sensor = ~mask.reshape(-1)[hot[0]]  # no sensor, no hot pixel (hole, gaps)
-    flat[hot[0][on_sensor]] += hot[1][on_sensor]
-    counts = np.minimum(counts, det["saturation"])
+    flat[hot[0][on_sensor]] += hot[1][on_sensor].astype(np.float32)
+    counts = np.minimum(counts, float(det["saturation"]))
     if det["dtype"] == "uint16":
         return np.clip(np.rint(counts), 0, np.iinfo(np.uint16).max).astype(np.uint16)
-    return counts.astype(np.float32)
+    return counts.astype(np.float32, copy=False)

@@ -195,6 +195,11 @@ def column_segments(bodies: tuple[Body, ...] | list[Body], x: np.ndarray, y: np.
         Material index of each segment, -1 for vacuum (gaps and misses).
     """
     limits = [chords(body, x, y) for body in bodies]
+    if len(bodies) == 1:  # one body, one segment: nothing to sort or overwrite
+        lo, hi = limits[0]
+        hit = ~np.isnan(lo)
+        material = np.where(hit, bodies[0].material, -1)[:, None]
+        return np.where(hit, lo, 0.0)[:, None], np.where(hit, hi, 0.0)[:, None], material
     z_in = np.stack([lo for lo, _ in limits], axis=1)
     z_out = np.stack([hi for _, hi in limits], axis=1)
     events = np.sort(np.where(np.isnan(np.concatenate([z_in, z_out], axis=1)), np.inf,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.simulate import detector
-from pipeline.simulate.forward import droplet_amplitude, ewald_q, polarization_factor
+from pipeline.simulate.forward import droplet_amplitude, ewald_q, polarization_factor, shift_phase
 from pipeline.simulate.optics import refractive_index
 from pipeline.simulate.profile import Profile
 from pipeline.simulate.scene import Shot
@@ -55,45 +55,81 @@ def expected_photons(shot: Shot, setup: Setup) -> np.ndarray:
 
     Returns
     -------
-    ndarray of float64, shape frame_shape
+    ndarray of float32 (projection model) or float64, shape frame_shape
         Zero on masked pixels and for empty shots.
     """
     profile = setup.profile
-    ny, nx = profile.frame_shape
-    photons = np.zeros((ny, nx))
+    # The small-angle projection model is evaluated in float32 (its form factors and
+    # q vectors are accurate to ~1e-6 there); the wide-angle models keep float64 for the NUFFTs.
+    dtype = np.float32 if profile.model == "projection" else np.float64
+    photons = np.zeros(profile.frame_shape, dtype=dtype)
     droplets = shot.droplets()
     if not droplets:
         return photons
-    live = ~setup.mask
     source = profile.source
     fluence = (source["fluence"] * shot.focus_fraction * shot.pulse_energy / source["pulse_energy"])
     k = 2 * np.pi / (profile.wavelength * 1e9)
     cross_section = (k * k / (2 * np.pi)) ** 2  # nm^2/sr per |A|^2 (A in nm^3)
-    area = profile.detector["pixel_size"] ** 2
     options = dict(wavelength=profile.wavelength, index_minus_one=setup.index_minus_one,
                    model=profile.model)
 
     coherent_s = _supersample_for(shot.extent(), profile)
     coherent = coherent_s < MAX_SUPERSAMPLE or len(droplets) == 1
     groups = [droplets] if coherent else [[d] for d in droplets]
+    # Wide-angle models cost per target: only pixels with a sensor. The projection
+    # model is cheaper on the whole frame than with the indexing.
+    wide = dtype != np.float32
     for group in groups:
         extent = shot.extent() if coherent else 2.2 * max(b.half_extent_xy()[0] for b in group[0][0])
         s = _supersample_for(extent, profile)
-        y, x = detector.pixel_positions(profile, center_shift=shot.center_shift, supersample=s)
-        q, solid = ewald_q(x[live], y[live], distance=profile.detector["distance"],
-                           wavelength=profile.wavelength)
-        q = q.reshape(-1, 3)
-        amplitude = np.zeros(len(q), dtype=np.complex128)
+        q, weight = _targets(profile, shot.center_shift, s, dtype)
+        if wide:
+            live = np.repeat(np.repeat(~setup.mask, s, axis=0), s, axis=1)
+            q, weight = q[live], weight[live]
+        amplitude = 0
         for bodies, offset in group:
-            # Shift theorem with the full Ewald-sphere q, also for the projection
-            # model: the phase between droplets apart along the beam makes Newton rings.
-            shift = np.asarray(offset, float)
-            amplitude += droplet_amplitude(bodies, q, **options) * np.exp(-1j * (q @ shift))
-        weight = solid.reshape(-1) * area * polarization_factor(
-            q, wavelength=profile.wavelength, polarization=profile.polarization)
-        per_sample = fluence * cross_section * np.abs(amplitude) ** 2 * weight
-        photons[live] += per_sample.reshape(-1, s * s).mean(axis=1)
+            part = droplet_amplitude(bodies, q, **options)
+            if np.any(offset):
+                # Shift theorem with the full Ewald-sphere q, also for the projection
+                # model: the phase between droplets apart along the beam makes Newton rings.
+                part = part * shift_phase(q, offset)
+            amplitude = amplitude + part
+        intensity = np.square(amplitude.real) + np.square(amplitude.imag)
+        intensity *= weight
+        if wide:
+            intensity, sampled = np.zeros(live.shape, dtype=dtype), intensity
+            intensity[live] = sampled
+        photons += _bin(intensity, s) * float(fluence * cross_section / s**2)
+    photons[setup.mask] = 0
     return photons
+
+
+def _targets(profile: Profile, center_shift, supersample: int, dtype):
+    """Momentum transfers of the pixel sub-samples and their photon weights.
+
+    Sub-sample ``(a, b)`` of pixel ``(i, j)`` is element ``(i s + a, j s + b)`` of a
+    grid ``s = supersample`` times finer than the frame.
+
+    Returns
+    -------
+    q : ndarray of shape (ny * s, nx * s, 3)
+        1/nm.
+    weight : ndarray of shape (ny * s, nx * s)
+        Solid angle (sr) of a whole pixel times the polarisation factor.
+    """
+    y, x = detector.pixel_positions(profile, center_shift=center_shift, supersample=supersample,
+                                    dtype=dtype)
+    q, solid = ewald_q(x, y, distance=profile.detector["distance"], wavelength=profile.wavelength)
+    weight = solid * float(profile.detector["pixel_size"] ** 2)
+    weight *= polarization_factor(q, wavelength=profile.wavelength, polarization=profile.polarization)
+    return q, weight
+
+
+def _bin(image: np.ndarray, s: int) -> np.ndarray:
+    """Sum of each ``s x s`` block of an image (sub-samples back to pixels)."""
+    if s == 1:
+        return image
+    return sum(image[a::s, b::s] for a in range(s) for b in range(s))
 
 
 def render_shot(shot: Shot, setup: Setup, rng: np.random.Generator) -> np.ndarray:
