@@ -121,6 +121,20 @@ class TestCorrelateFrame:
         assert block.shape == (3, 8, 8, 16)
         assert np.array_equal(block[2], ck.correlate_frame(frames[2], centre=tuple(centres[2]), settings=s))
 
+    def test_block_equals_frame_by_frame_near_the_edge_and_saturated(self):
+        frames = np.stack([airy_pattern(seed=i, photons=1e6, centre=(127.5 + i, 127.5)) for i in range(3)])
+        frames[1, 130:132, 140:142] = 65000
+        # The last centre puts the outer rings off the frame: samples there do not count.
+        centres = np.array([[127.5, 127.5], [128.5, 127.5], [127.5, 60.0]])
+        s = settings(n_q=8, n_phi=16, saturation=60000)
+        block = ck.correlate_block(frames, centres, settings=s)
+        assert np.isfinite(block).all()
+        for frame, centre, row in zip(frames, centres, block):
+            assert np.array_equal(row, ck.correlate_frame(frame, centre=tuple(centre), settings=s))
+        _, weight = ck.polar_resample(frames[2], s.mask, centre=(127.5, 60.0), r_min=s.r_min, r_max=s.r_max, n_q=8,
+                                      n_phi=16)
+        assert weight[-1].min() == 0 and weight[0].max() == 1
+
     def test_unknown_variant(self):
         with pytest.raises(AirysortError, match="unknown correlation variant 'triple'"):
             settings(variant="triple")

@@ -98,6 +98,15 @@ class TestOracles:
         assert preprocess.sample_shards(lazy, 10).shape[0] == 24
 
 
+    def test_with_sample_takes_the_sampled_shards_from_the_sample(self):
+        lazy = da.from_array(np.arange(24)[:, None, None], chunks=(UNEVEN, -1, -1))
+        marked = preprocess.sample_shards(lazy, 2) + 100  # stands for the persisted copy
+        combined = preprocess.with_sample(lazy, marked, 2)
+        assert combined.chunks == lazy.chunks
+        expected = np.arange(24)
+        expected[[0, 1, 2, 3, 4, 5, 6, 20, 21, 22, 23]] += 100
+        assert combined.compute().ravel().tolist() == expected.tolist()
+
 class TestStore:
     def test_preprocess_finds_hits_centres_and_hot_pixels(self, tmp_path, dask_threads):
         frames, hits, centres = beamtime(20, 12)

@@ -112,6 +112,22 @@ class TestHitFinding:
         assert stats[0, 0] == frame[regions.inner | regions.outer].sum()
 
 
+    def test_saturated_pixels_and_their_dark_are_left_out(self):
+        mask = detector_mask()
+        regions = pk.HitRegions.around(mask, pk.nominal_centre(mask))
+        frames = np.stack([airy_pattern(photons=p, seed=s) for s, p in enumerate([1e4, 1e5, 3e3])])
+        frames[1, 127, 100] = frames[1, 200, 128] = 65535  # one frame saturates, in both regions
+        dark = np.random.default_rng(0).uniform(0, 0.2, SHAPE)
+        stats = pk.frame_statistics_block(frames, regions=regions, dark=dark, saturation=65535)
+        for frame, row in zip(frames, stats):
+            keep = frame < 65535
+            inner, outer = regions.inner & keep, regions.outer & keep
+            counts = frame - dark
+            excess = counts[inner].sum() - inner.sum() * counts[outer].sum() / outer.sum()
+            assert row[0] == pytest.approx(counts[inner | outer].sum(), rel=1e-9)
+            assert row[1] == pytest.approx(excess, rel=1e-9, abs=1e-6)
+
+
 class TestExcessThreshold:
     """The run-level threshold for empty frames lit by stray light (a halo every frame has)."""
 
@@ -156,6 +172,42 @@ class TestCentre:
         found = pk.refine_centre(frame.astype(np.float32), mask, guess=pk.nominal_centre(mask))
         assert np.hypot(found[0] - true[0], found[1] - true[1]) < 0.5
 
+    def test_shortened_ffts_find_the_best_candidate_of_direct_pair_sums(self):
+        # D(s) summed directly over valid pixel pairs (no FFT, no wrap-around): the
+        # refined centre lies within a quarter pixel (the parabola's reach) of its minimum.
+        mask = detector_mask()
+        frame = airy_pattern(centre=(129.3, 126.2), photons=1e5, ellipticity=1.3, angle=0.4, seed=4)
+        guess, window, radius = (127.5, 127.5), 24, 3.0
+        found = pk.refine_centre(frame.astype(np.float32), mask, guess=guess, search_radius=radius, window=window)
+        gy, gx = 128, 128
+        rows, cols = slice(gy - window, gy + window + 1), slice(gx - window, gx + window + 1)
+        valid = ~mask[rows, cols]
+        f = np.where(valid, np.log1p(np.maximum(frame[rows, cols], 0.0)), 0.0)
+        side = 2 * window + 1
+        best, best_score = None, np.inf
+        for sy in range(side - 1 - 6, side + 6):
+            for sx in range(side - 1 - 6, side + 6):
+                # pixel i pairs with s - i, both inside the window
+                ys, xs = slice(max(sy - side + 1, 0), min(sy + 1, side)), slice(max(sx - side + 1, 0), min(sx + 1, side))
+                a, wa = f[ys, xs], valid[ys, xs]
+                b = f[sy - ys.start :: -1, :][: a.shape[0]][:, sx - xs.start :: -1][:, : a.shape[1]]
+                wb = valid[sy - ys.start :: -1, :][: a.shape[0]][:, sx - xs.start :: -1][:, : a.shape[1]]
+                pairs = wa & wb
+                score = ((a - b) ** 2)[pairs].sum() / pairs.sum()
+                if score < best_score:
+                    best, best_score = (gy - window + sy / 2, gx - window + sx / 2), score
+        assert abs(found[0] - best[0]) <= 0.25 + 1e-9 and abs(found[1] - best[1]) <= 0.25 + 1e-9
+
+    def test_block_of_frames_equals_frame_by_frame(self):
+        mask = detector_mask()
+        frames = np.stack([airy_pattern(centre=(126 + i, 129 - i), photons=1e5, seed=i) for i in range(3)])
+        frames = frames.astype(np.float32)
+        bad = np.repeat(mask[None], 3, axis=0)
+        bad[1, 120:123, 140:143] = True  # one frame with saturated pixels: its own mask
+        block = pk.refine_centres(frames, bad, guess=(127.5, 127.5))
+        for frame, frame_bad, centre in zip(frames, bad, block):
+            assert tuple(centre) == pk.refine_centre(frame, frame_bad, guess=(127.5, 127.5))
+
     def test_frame_too_close_to_the_edge_keeps_the_guess(self):
         frame = airy_pattern().astype(np.float32)
         assert pk.refine_centre(frame, np.zeros(SHAPE, bool), guess=(1.0, 2.0)) == (1.0, 2.0)
@@ -191,6 +243,22 @@ class TestScalingAndResampling:
         a, b = image[kept], clean[kept]
         fit = np.polyfit(b, a, 1)
         assert np.abs(np.polyval(fit, clean) - image)[kept & near_gap].max() < 0.01 * np.ptp(a)
+
+    def test_resample_square_is_gaussian_filter_then_bilinear_interpolation(self):
+        import scipy.ndimage
+
+        values = np.random.default_rng(0).normal(size=(2, 120, 110)).astype(np.float32)
+        centres = np.array([[60.3, 54.8], [58.9, 56.25]])
+        half_side, size, sigma = 40.0, 16, 1.2
+        block = pk.resample_square(values, centres, half_side=half_side, size=size, sigma=sigma)
+        steps = (np.arange(size) + 0.5) * 2 * half_side / size - half_side
+        for image, frame, (cy, cx) in zip(block, values, centres):
+            smooth = scipy.ndimage.gaussian_filter(frame.astype(np.float64), sigma, mode="nearest", truncate=4.0)
+            rows, cols = np.meshgrid(cy + steps, cx + steps, indexing="ij")
+            expected = scipy.ndimage.map_coordinates(smooth, [rows, cols], order=1)
+            np.testing.assert_allclose(image, expected, atol=1e-5)
+        with pytest.raises(AirysortError, match="leaves the"):
+            pk.resample_square(values, centres + 30, half_side=half_side, size=size, sigma=sigma)
 
     def test_crop_resize_honours_a_subpixel_centre(self):
         # A linear ramp resampled around a centre: the output's mean is the ramp at the centre.
@@ -270,6 +338,16 @@ class TestPreprocessFrame:
         image, centre = pk.preprocess_frame(frames[2], hit=True, settings=settings)
         assert np.array_equal(packed[2, :-2], image.ravel())
         assert np.array_equal(packed[1, -2:], np.float32(settings.nominal_centre))
+
+    def test_block_with_a_saturated_frame_equals_frame_by_frame(self):
+        settings = self.settings()
+        frames = np.stack([airy_pattern(centre=(128 + i, 127), photons=1e5, seed=i) for i in range(3)])
+        frames[1, 90:93, 150:152] = 60000
+        hits = np.array([True, True, False])
+        packed = pk.preprocess_block(frames, hits, settings=settings)
+        for frame, hit, row in zip(frames, hits, packed):
+            image, centre = pk.preprocess_frame(frame, hit=bool(hit), settings=settings)
+            assert np.array_equal(row[:-2], image.ravel()) and tuple(row[-2:]) == pytest.approx(centre)
 
     def test_settings_are_validated(self):
         with pytest.raises(AirysortError, match="unknown scaling"):
