@@ -54,8 +54,9 @@ from typing import Sequence
 import finufft
 import numba
 import numpy as np
-from scipy import ndimage, special
+from scipy import special
 
+from pipeline.simulate import projected
 from pipeline.simulate.particles import Body, column_segments
 
 MODELS = ("projection", "born", "msft")
@@ -69,6 +70,9 @@ _KAISER_BETA = 8.38
 #: axis averaged in the cells that an outline crosses.
 _PROJECTION_OVERSAMPLE = 2.0
 _PROJECTION_REFINE = 4
+#: finufft's upsampling in the projection model: its FFT (on the upsampled grid)
+#: dominates the cost, and the wider spreading kernel that 1.25 needs is cheaper.
+_PROJECTION_UPSAMPFAC = 1.25
 #: Refuse column grids larger than this (memory); reached only by absurd sizes.
 _MAX_COLUMNS = 6_000_000
 
@@ -268,8 +272,10 @@ def droplet_amplitude(
         return amplitude
     shape = q.shape[:-1]
     if model == "projection":
-        return _projection_amplitude(bodies, q.reshape(-1, 3).astype(np.float64, copy=False),
-                                     index_minus_one=index_minus_one, eps=eps).reshape(shape)
+        if q.dtype != np.float32:
+            q = q.astype(np.float64, copy=False)
+        return _projection_amplitude(bodies, q.reshape(-1, 3), index_minus_one=index_minus_one,
+                                     eps=eps).reshape(shape)
     return _column_amplitude(bodies, q.reshape(-1, 3).astype(np.float64, copy=False), wavelength=wavelength,
                              index_minus_one=index_minus_one, model=model, oversample=oversample,
                              supersample=supersample, eps=eps).reshape(shape)
@@ -278,52 +284,60 @@ def droplet_amplitude(
 def _projection_amplitude(bodies, q, *, index_minus_one, eps):
     """Projection-model amplitude of any bodies: a 2D NUFFT of cell-averaged projected density.
 
-    ``q`` has shape (n_targets, 3), float64 (only ``qx, qy`` are used). The grid
-    samples the projected density ``sum dn * chord`` at cell centres, where it is
-    smooth, and averages ``_PROJECTION_REFINE**2`` sub-columns in the cells that an
-    outline crosses: together, the cell average (a box filter whose sinc response
-    is divided out), at a small fraction of the cost of sub-columns everywhere.
+    ``q`` has shape (n_targets, 3), float32 or float64 (only ``qx, qy`` are used;
+    float32 runs the single-precision NUFFT and returns complex64). The grid is
+    centred on the droplet's origin (so no phase factor is needed);
+    :func:`.projected.cell_averaged_density` gives each cell's mean projected
+    density (from centre samples where it is smooth, sub-columns where an outline
+    crosses): a box filter whose sinc response is divided out.
     """
-    q_perp = float(np.sqrt(np.max(q[:, 0] ** 2 + q[:, 1] ** 2)))
-    spacing = np.pi / max(q_perp, 1e-6) / _PROJECTION_OVERSAMPLE
-    centre, gx, gy = _column_grid(bodies, spacing)
-    dn_table = np.asarray(list(index_minus_one) + [0.0], dtype=np.complex128)
-    xx, yy = np.meshgrid(gx, gy)
-    density, materials = _projected_density(bodies, xx, yy, dn_table)
-    outline = ndimage.maximum_filter(materials, size=3) != ndimage.minimum_filter(materials, size=3)
+    float32 = q.dtype == np.float32
+    # The largest |q_perp| (a detector corner) sets the spacing along both axes: a
+    # spacing from max |qx| and max |qy| alone lets the corners alias (measured).
+    q_perp = float(np.sqrt(np.max(np.square(q[:, 0], dtype=np.float64) + np.square(q[:, 1], dtype=np.float64))))
+    spacing = np.full(2, np.pi / max(q_perp, 1e-6) / _PROJECTION_OVERSAMPLE)  # (x, y), nm
+    gx, gy = _centred_grid(bodies, spacing)
+    force = np.zeros((len(gy), len(gx)), dtype=bool)
     for body in bodies:
         # Small bodies may fall between the centres, and a centre sample misses their
         # curvature (relative error ~ (spacing / size)^2 / 12): refine their whole box.
-        half = body.half_extent_xy()
-        if min(half) < 8 * spacing:
-            ix = np.searchsorted(gx, body.center[0] + np.array([-1, 1]) * (half[0] + spacing))
-            iy = np.searchsorted(gy, body.center[1] + np.array([-1, 1]) * (half[1] + spacing))
-            outline[iy[0]:iy[1] + 1, ix[0]:ix[1] + 1] = True
-    iy, ix = np.nonzero(outline)
-    offsets = ((np.arange(_PROJECTION_REFINE) + 0.5) / _PROJECTION_REFINE - 0.5) * spacing
-    sub_x = gx[ix][:, None, None] + offsets[None, None, :]
-    sub_y = gy[iy][:, None, None] + offsets[None, :, None]
-    refined, _ = _projected_density(bodies, *np.broadcast_arrays(sub_x, sub_y), dn_table)
-    density[iy, ix] = refined.mean(axis=(1, 2))
+        half = np.asarray(body.half_extent_xy())
+        if np.any(half < 8 * spacing):
+            ix = np.searchsorted(gx, body.center[0] + np.array([-1, 1]) * (half[0] + spacing[0]))
+            iy = np.searchsorted(gy, body.center[1] + np.array([-1, 1]) * (half[1] + spacing[1]))
+            force[iy[0]:iy[1] + 1, ix[0]:ix[1] + 1] = True
+    density = projected.cell_averaged_density(*projected.pack(bodies), np.asarray(index_minus_one, np.complex128),
+                                              gx, gy, force, _PROJECTION_REFINE)
+    density *= spacing[0] * spacing[1]
 
-    qx = np.ascontiguousarray(q[:, 0] * spacing)
-    qy = np.ascontiguousarray(q[:, 1] * spacing)
-    amplitude = finufft.nufft2d2(qy, qx, density * spacing**2, isign=-1, eps=eps, nthreads=1)
-    # Undo the cell average (a box of width `spacing`) on the unaliased spectrum.
-    box = np.sinc((qx / (2 * np.pi)).astype(np.float32)) * np.sinc((qy / (2 * np.pi)).astype(np.float32))
-    return amplitude / box * np.exp(-1j * (q[:, 0] * centre[0] + q[:, 1] * centre[1]))
+    real = np.float32 if float32 else np.float64
+    qx = np.multiply(q[:, 0], real(spacing[0]), dtype=real)
+    qy = np.multiply(q[:, 1], real(spacing[1]), dtype=real)
+    plan = finufft.Plan(2, density.shape, eps=eps, isign=-1, nthreads=1, upsampfac=_PROJECTION_UPSAMPFAC,
+                        dtype=np.complex64 if float32 else np.complex128)
+    plan.setpts(qy, qx)
+    amplitude = plan.execute(density.astype(plan.dtype, copy=False))
+    # Undo the cell average (a box of one cell) on the unaliased spectrum.
+    amplitude /= np.sinc(qx * real(0.5 / np.pi)) * np.sinc(qy * real(0.5 / np.pi))
+    return amplitude
 
 
-def _projected_density(bodies, x, y, dn_table):
-    """Projected density ``sum dn * chord`` (nm) of columns ``(x, y)`` and which materials they cross.
+def _centred_grid(bodies: Sequence[Body], spacing):
+    """Cell centres (nm) along x and y covering the bodies' shadow, symmetric about the origin.
 
-    Returns the density (complex, shape x.shape) and a bit mask of the materials
-    (int, bit m for material m) crossed by each column.
+    ``spacing`` is (x, y) in nm. Even counts put the origin on a cell centre
+    (index n // 2), which is also where the type-2 NUFFT puts mode 0.
     """
-    start, end, material = column_segments(bodies, x.ravel(), y.ravel())
-    density = (dn_table[material] * (end - start)).sum(axis=1)
-    bits = np.where(material >= 0, np.left_shift(1, np.maximum(material, 0)), 0)
-    return density.reshape(x.shape), np.bitwise_or.reduce(bits, axis=1).reshape(x.shape)
+    reach = np.zeros(2)
+    for body in bodies:
+        reach = np.maximum(reach, np.abs(body.center[:2]) + np.asarray(body.half_extent_xy()))
+    counts = 2 * (np.ceil(reach / spacing).astype(int) + 1)
+    if counts[0] * counts[1] > _MAX_COLUMNS:
+        raise ValueError(
+            f"particle of half extent {reach!r} nm needs {counts[0] * counts[1]} columns at "
+            f"spacing {spacing!r} nm; reduce its size or the maximum scattering angle"
+        )
+    return tuple((np.arange(n) - n // 2) * h for n, h in zip(counts, spacing))
 
 
 def _column_amplitude(bodies, q, *, wavelength, index_minus_one, model, oversample, supersample, eps):
