@@ -7,6 +7,7 @@ import json
 import dask.array as da
 import numpy as np
 import pytest
+import zarr
 from typer.testing import CliRunner
 
 from pipeline import preprocess, store
@@ -98,16 +99,20 @@ class TestOracles:
         assert preprocess.sample_shards(lazy, 10).shape[0] == 24
 
 
-    def test_with_sample_takes_the_sampled_shards_from_the_sample(self):
-        lazy = da.from_array(np.arange(24)[:, None, None], chunks=(UNEVEN, -1, -1))
-        marked = preprocess.sample_shards(lazy, 2) + 100  # stands for the persisted copy
-        combined = preprocess.with_sample(lazy, marked, 2)
-        assert combined.chunks == lazy.chunks
-        expected = np.arange(24)
-        expected[[0, 1, 2, 3, 4, 5, 6, 20, 21, 22, 23]] += 100
-        assert combined.compute().ravel().tolist() == expected.tolist()
-
 class TestStore:
+    def test_raw_by_shard_reads_each_shard_in_one_task(self, tmp_path):
+        n = store.PATTERN_CHUNK + 44
+        frames = np.random.default_rng(0).integers(0, 1000, (n, 6, 5), dtype=np.uint16)
+        path = tmp_path / "small.zarr"
+        store.create_store(path, frame_shape=(6, 5), dtype=np.uint16, mask=np.zeros((6, 5), bool))
+        store.resize_patterns(path, n)
+        zarr.open_group(path, mode="r+", use_consolidated=False)["raw"][:] = frames
+        raw = preprocess.raw_by_shard(path)
+        assert raw.chunks[0] == (store.PATTERN_CHUNK, 44)
+        # no per-inner-chunk reads and no rechunk: one task per shard (and the array itself)
+        assert len(raw.__dask_graph__()) == raw.numblocks[0] + 1
+        np.testing.assert_array_equal(raw.compute(scheduler="sync"), frames)
+
     def test_preprocess_finds_hits_centres_and_hot_pixels(self, tmp_path, dask_threads):
         frames, hits, centres = beamtime(20, 12)
         path = make_store(tmp_path, frames)
