@@ -121,7 +121,9 @@ class TestCorrelateFrame:
         assert block.shape == (3, 8, 8, 16)
         assert np.array_equal(block[2], ck.correlate_frame(frames[2], centre=tuple(centres[2]), settings=s))
 
-    def test_block_equals_frame_by_frame_near_the_edge_and_saturated(self):
+    @pytest.mark.parametrize("sub_block", [1, 3])  # the default, and all frames in one gather
+    def test_block_equals_frame_by_frame_near_the_edge_and_saturated(self, monkeypatch, sub_block):
+        monkeypatch.setattr(ck, "SUB_BLOCK", sub_block)
         frames = np.stack([airy_pattern(seed=i, photons=1e6, centre=(127.5 + i, 127.5)) for i in range(3)])
         frames[1, 130:132, 140:142] = 65000
         # The last centre puts the outer rings off the frame: samples there do not count.
