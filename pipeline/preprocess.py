@@ -281,6 +281,8 @@ def preprocess_store(
         ``hot_pixels``, ``nominal_centre``, ``centre_median``, ``seconds`` (per pass) and
         ``parameters``.
     """
+    import dask
+
     from pipeline import store
 
     if scaling not in kernels.SCALINGS:
@@ -301,11 +303,17 @@ def preprocess_store(
     # 1. Hot pixels from a bounded sample of shards, read once and kept in worker memory
     # (stat_shards shards, whatever the store size) for the next two passes.
     sample = sample_shards(raw, stat_shards).persist()
-    # sum(dtype=float64) accumulates without a float64 copy of each shard.
-    mean_frame = sample.sum(axis=0, dtype=np.float64).compute() / sample.shape[0]
+    # sum(dtype=float64) accumulates without a float64 copy of each shard; the sums of
+    # squares give each pixel's spread over the frames, which tells hot pixels (bright in
+    # every frame) from bright speckle (in a few).
+    n_sample = sample.shape[0]
+    squares = sample.map_blocks(kernels.square_sums, chunks=(1, *shape), dtype=np.float64).sum(axis=0)
+    total, square_total = dask.compute(sample.sum(axis=0, dtype=np.float64), squares)
+    mean_frame = total / n_sample
+    frame_std = np.sqrt(np.maximum(square_total / n_sample - mean_frame**2, 0.0))
     if dark_frame is not None:
         mean_frame = mean_frame - dark_frame
-    hot = kernels.hot_pixels(mean_frame, mask=file_mask, n_frames=sample.shape[0], n_sigma=hot_sigma)
+    hot = kernels.hot_pixels(mean_frame, mask=file_mask, n_frames=n_sample, n_sigma=hot_sigma, frame_std=frame_std)
     run_mask = file_mask | hot
     centre0 = kernels.nominal_centre(file_mask)
     hit_settings = kernels.HitSettings(

@@ -125,6 +125,7 @@ def hot_pixels(
     n_sigma: float = 10.0,
     size: int = 5,
     min_excess: float = 1.0,
+    frame_std: np.ndarray | None = None,
 ) -> np.ndarray:
     """Pixels much brighter on average than their neighbours: hot pixels.
 
@@ -137,7 +138,10 @@ def hot_pixels(
     counts. The local scale keeps steep but smooth regions (next to the beam stop,
     bright rings) from being flagged; one hot pixel does not move its neighbourhood's
     median; the shot-noise floor keeps a few lucky photons in a small sample from
-    counting.
+    counting. With ``frame_std``, the excess must also exceed ``n_sigma`` standard
+    errors of the mean, ``frame_std / sqrt(n_frames)``: a hot pixel is bright in every
+    frame, while a speckle that is bright in a few shots only (next to the beam stop,
+    in a small sample) varies from frame to frame far more than it stands out.
 
     Parameters
     ----------
@@ -153,6 +157,9 @@ def hot_pixels(
         Side in pixels of the median-filter neighbourhood.
     min_excess : float, default=1.0
         Smallest excess over the neighbourhood, counts, that can make a pixel hot.
+    frame_std : ndarray of float, shape (y, x), optional
+        Per-pixel standard deviation over the same frames, in counts
+        (:func:`square_sums` gives the sums it is computed from).
 
     Returns
     -------
@@ -174,7 +181,21 @@ def hot_pixels(
     local_sigma = 1.4826 * scipy.ndimage.median_filter(np.abs(residual), size=2 * size + 1, mode="nearest")
     shot_noise = np.sqrt((np.maximum(smooth, 0.0) + 1.0) / max(int(n_frames), 1))
     local_sigma = np.maximum(local_sigma, shot_noise)
+    if frame_std is not None:
+        local_sigma = np.maximum(local_sigma, np.asarray(frame_std, np.float64) / np.sqrt(max(int(n_frames), 1)))
     return (residual > n_sigma * local_sigma) & (residual > min_excess) & ~mask
+
+
+def square_sums(frames: np.ndarray, *, step: int = 16) -> np.ndarray:
+    """Per-pixel sum of squared counts over a block of frames, shape (1, y, x), float64.
+
+    Converted ``step`` frames at a time, so no float64 copy of the whole block is made.
+    """
+    out = np.zeros(frames.shape[1:], np.float64)
+    for start in range(0, frames.shape[0], step):
+        part = np.asarray(frames[start:start + step], np.float64)
+        out += np.einsum("ijk,ijk->jk", part, part)
+    return out[None]
 
 
 def saturated(frames: np.ndarray, level: float | None) -> np.ndarray:

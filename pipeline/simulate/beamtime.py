@@ -56,18 +56,29 @@ def render_block(start: int, stop: int, *, seed: int, profile: Profile, balanced
         J.
     """
     setup = _setup(profile, seed)
-    combos, probabilities = rules.combination_table(wide_angle=profile.wide_angle, balanced=balanced,
-                                                    newton=newton_feasible(profile))
     frames, labels, energies = [], [], []
-    for index in range(start, stop):
-        rng = _shot_rng(seed, index)
-        names = combos[rng.choice(len(combos), p=probabilities)]
-        shot = sample_shot(names, rng, profile)
+    for shot, rng in draw_shots(start, stop, seed=seed, profile=profile, balanced=balanced):
         labels.append(rules.physical_labels(shot, wide_angle=profile.wide_angle,
                                             newton_fringe_pixels=shot.newton_period(profile)))
         frames.append(render_shot(shot, setup, rng))
         energies.append(shot.pulse_energy)
     return np.stack(frames), np.stack(labels).astype(np.int8), np.asarray(energies)
+
+
+def draw_shots(start: int, stop: int, *, seed: int, profile: Profile, balanced: bool):
+    """The parameters of shots ``start..stop-1`` (ground truth such as the beam-centre
+    shift) and, with each, the shot's generator in the state that renders its frame.
+
+    Yields
+    ------
+    (Shot, numpy.random.Generator)
+    """
+    combos, probabilities = rules.combination_table(wide_angle=profile.wide_angle, balanced=balanced,
+                                                    newton=newton_feasible(profile))
+    for index in range(start, stop):
+        rng = _shot_rng(seed, index)
+        names = combos[rng.choice(len(combos), p=probabilities)]
+        yield sample_shot(names, rng, profile), rng
 
 
 _SETUP_CACHE: dict[tuple, Setup] = {}

@@ -151,7 +151,7 @@ class TestStore:
 def test_simulated_beamtime(tmp_path, dask_threads, profile):
     """On the simulator's frames (stray light, dark level, hot pixels, beam jitter) hit
     finding agrees with the 'Empty' labels and hits are centred on the beam."""
-    from pipeline.simulate.beamtime import resolve_profile, simulate_patterns
+    from pipeline.simulate.beamtime import draw_shots, resolve_profile, simulate_patterns
     from pipeline.simulate.detector import beam_center
     from pipeline.taxonomy import CLASS_INDEX
 
@@ -164,14 +164,16 @@ def test_simulated_beamtime(tmp_path, dask_threads, profile):
     assert empty.any() and not empty.all()
     np.testing.assert_array_equal(ds.hit.values, ~empty)
     hits = ds.hit.values
-    beam = beam_center(resolve_profile(profile, size=128))
-    offsets = np.hypot(ds.centre_y.values[hits] - beam[0], ds.centre_x.values[hits] - beam[1])
+    # The true centre of each shot: the nominal beam position plus the shot's jitter.
+    resolved = resolve_profile(profile, size=128)
+    shifts = np.array([shot.center_shift for shot, _ in draw_shots(0, 24, seed=2, profile=resolved, balanced=True)])
+    beam = np.asarray(beam_center(resolved)) + shifts[hits]
+    offsets = np.hypot(ds.centre_y.values[hits] - beam[:, 0], ds.centre_x.values[hits] - beam[:, 1])
     if profile == "lcls":  # small-angle (projection) patterns obey Friedel's law
         assert offsets.max() < 0.5
     else:
         # Wide-angle MSFT patterns break centro-symmetry (absorption, Ewald curvature, the
-        # 'Asymmetric' and 'Bent' classes) and the beam jitters by 1/8 px rms: typical
-        # hits are still within half a pixel.
+        # 'Asymmetric' and 'Bent' classes): typical hits are still within half a pixel.
         assert np.median(offsets) < 0.5 and offsets.max() < 3
 
 

@@ -77,6 +77,20 @@ class TestHotPixels:
         found = pk.hot_pixels(frames.mean(axis=0), mask=mask, n_frames=len(frames))
         assert sorted(map(tuple, np.argwhere(found).tolist())) == sorted(hot)
 
+    def test_speckle_bright_in_a_few_frames_is_not_hot(self):
+        """A pixel bright in 1 of 20 frames stands out in the mean, but not against its spread."""
+        mask = detector_mask()
+        frames = np.stack([airy_pattern(centre=(127.5 + i % 3, 127.5), seed=i) for i in range(20)]).astype(float)
+        frames[:, 30, 40] += 50  # hot: in every frame
+        frames[3, 200, 17] += 1000  # one bright speckle
+        mean = frames.mean(axis=0)
+        std = np.sqrt(pk.square_sums(frames, step=7)[0] / len(frames) - mean**2)
+        np.testing.assert_allclose(std, frames.std(axis=0), rtol=1e-6, atol=1e-6)
+        without = pk.hot_pixels(mean, mask=mask, n_frames=len(frames))
+        assert without[200, 17]  # the mean alone cannot tell it from a hot pixel
+        found = pk.hot_pixels(mean, mask=mask, n_frames=len(frames), frame_std=std)
+        assert np.argwhere(found).tolist() == [[30, 40]]
+
     def test_rejects_nonpositive_threshold(self):
         with pytest.raises(AirysortError, match="n_sigma"):
             pk.hot_pixels(np.zeros(SHAPE), mask=np.zeros(SHAPE, bool), n_frames=1, n_sigma=0)
