@@ -523,6 +523,7 @@ def refine_centres(
     guess: tuple[float, float],
     search_radius: float = 8.0,
     window: int = 64,
+    which: np.ndarray | None = None,
 ) -> np.ndarray:
     """:func:`refine_centre` for a block of frames, with batched FFTs.
 
@@ -534,22 +535,27 @@ def refine_centres(
         True at masked pixels.
     guess, search_radius, window
         As in :func:`refine_centre`, the guess shared by all frames.
+    which : ndarray of bool, shape (n,), optional
+        Refine only these frames: only their windows are copied (``frames[which]``
+        would copy them whole).
 
     Returns
     -------
-    ndarray of float64, shape (n, 2)
+    ndarray of float64, shape (n, 2), or (which.sum(), 2)
         Refined centres (row, column), pixels; the guess where too few valid pixel pairs
         exist.
     """
     frames = np.asarray(frames)
-    n_frames, ny, nx = frames.shape
+    _, ny, nx = frames.shape
+    picked = slice(None) if which is None else np.asarray(which, bool)
+    n_frames = frames.shape[0] if which is None else int(picked.sum())
     centres = np.tile(np.asarray(guess, np.float64), (n_frames, 1))
     gy, gx = int(round(guess[0])), int(round(guess[1]))
     half = int(min(window, gy, gx, ny - 1 - gy, nx - 1 - gx))
     if half < 4 or n_frames == 0:
         return centres
     rows, cols = slice(gy - half, gy + half + 1), slice(gx - half, gx + half + 1)
-    valid = ~np.broadcast_to(bad, frames.shape)[:, rows, cols]
+    valid = ~np.broadcast_to(bad, frames.shape)[:, rows, cols][picked]
     side = 2 * half + 1
     # s = 2 (c - window origin); the guess sits at s = 2 * half = side - 1.
     reach = int(np.ceil(2 * search_radius))
@@ -561,7 +567,7 @@ def refine_centres(
     # float32 FFTs (4x faster than float64 here). D is unchanged when f shifts by a
     # constant on the valid pixels, so f is taken relative to its valid mean: the two
     # convolutions then stay small and their difference loses no float32 digits.
-    logs = np.log1p(np.maximum(frames[:, rows, cols], 0.0, dtype=np.float32))
+    logs = np.log1p(np.maximum(frames[:, rows, cols][picked], 0.0, dtype=np.float32))
     counts = np.maximum(valid.sum(axis=(1, 2)), 1)
     means = np.where(valid, logs, 0).sum(axis=(1, 2), dtype=np.float64) / counts
     values = np.where(valid, logs - means[:, None, None].astype(np.float32), np.float32(0))
@@ -961,8 +967,8 @@ def _preprocess_sub_block(
     centres = np.tile(guess, (len(frames), 1))
     if hits.any():
         centres[hits] = refine_centres(
-            counts[hits], bad if bad.ndim == 2 else bad[hits], guess=tuple(guess),
-            search_radius=settings.search_radius, window=settings.centre_window,
+            counts, bad, guess=tuple(guess), search_radius=settings.search_radius, window=settings.centre_window,
+            which=hits,
         )
     scaled = scale_intensity(counts, scaling=settings.scaling, asinh_scale=settings.asinh_scale)
     scaled *= settings.region_valid

@@ -222,6 +222,19 @@ class TestCentre:
         for frame, frame_bad, centre in zip(frames, bad, block):
             assert tuple(centre) == pk.refine_centre(frame, frame_bad, guess=(127.5, 127.5))
 
+    def test_which_refines_only_the_chosen_frames(self):
+        mask = detector_mask()
+        frames = np.stack([airy_pattern(centre=(126 + i, 129 - i), photons=1e5, seed=i) for i in range(4)])
+        frames = frames.astype(np.float32)
+        bad = np.repeat(mask[None], 4, axis=0)
+        bad[2, 120:123, 140:143] = True
+        which = np.array([True, False, True, True])
+        chosen = pk.refine_centres(frames, bad, guess=(127.5, 127.5), which=which)
+        np.testing.assert_array_equal(chosen, pk.refine_centres(frames[which], bad[which], guess=(127.5, 127.5)))
+        shared = pk.refine_centres(frames, mask, guess=(127.5, 127.5), which=which)
+        np.testing.assert_array_equal(shared, pk.refine_centres(frames[which], mask, guess=(127.5, 127.5)))
+        assert pk.refine_centres(frames, mask, guess=(127.5, 127.5), which=np.zeros(4, bool)).shape == (0, 2)
+
     def test_frame_too_close_to_the_edge_keeps_the_guess(self):
         frame = airy_pattern().astype(np.float32)
         assert pk.refine_centre(frame, np.zeros(SHAPE, bool), guess=(1.0, 2.0)) == (1.0, 2.0)
