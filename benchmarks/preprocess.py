@@ -174,7 +174,8 @@ def loop_correlate(path: Path, n_frames: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=10_000, help="frames in the large store (the small one has N/4)")
-    parser.add_argument("--loop-frames", type=int, default=256, help="frames timed in the plain loop")
+    parser.add_argument("--loop-frames", type=int, default=1024,
+                        help="frames timed in the plain loop (enough for seconds, not a lucky moment of load)")
     parser.add_argument("--cluster", default="local", help="--cluster of the stages (default: local)")
     parser.add_argument("--keep", type=Path, default=None, help="build the stores here and keep them")
     args = parser.parse_args()
