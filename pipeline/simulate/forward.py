@@ -110,6 +110,105 @@ def ewald_q(x: np.ndarray, y: np.ndarray, *, distance: float, wavelength: float)
     return np.moveaxis(q, 0, -1), distance / (r * r * r)
 
 
+def flat_detector_weight(x: np.ndarray, y: np.ndarray, *, distance: float, polarization: str):
+    """Solid angle per area times polarisation factor of a separable grid of detector positions.
+
+    The same quantities as ``ewald_q``'s ``L / r^3`` times :func:`polarization_factor`,
+    written with ``1 / r^2`` so that a row and a column of positions give them in
+    a few full-grid operations (the projection model's fast path).
+
+    Parameters
+    ----------
+    x : ndarray of shape (1, nx)
+    y : ndarray of shape (ny, 1)
+        Detector positions relative to the direct beam (m); float32 gives float32.
+    distance : float
+        Sample-detector distance (m).
+    polarization : {"horizontal", "vertical", "none"}
+
+    Returns
+    -------
+    weight : ndarray of shape (ny, nx)
+        ``L / r^3 * P`` (1/m^2): multiply by the pixel area (m^2) for solid angle (sr) times ``P``.
+    inverse_r2 : ndarray of shape (ny, nx)
+        ``1 / r^2`` (1/m^2), ``r^2 = x^2 + y^2 + L^2``.
+    """
+    x2, y2 = x * x, y * y
+    inverse_r2 = x2 + (y2 + distance**2)
+    np.reciprocal(inverse_r2, out=inverse_r2)
+    weight = np.sqrt(inverse_r2)
+    weight *= inverse_r2
+    # P * L: 1 - (x/r)^2, 1 - (y/r)^2 or (1 + (L/r)^2) / 2, times L.
+    if polarization == "horizontal":
+        factor = np.multiply(x2 * -distance, inverse_r2)
+        factor += distance
+    elif polarization == "vertical":
+        factor = np.multiply(y2 * -distance, inverse_r2)
+        factor += distance
+    elif polarization == "none":
+        factor = np.multiply(inverse_r2, 0.5 * distance**3)
+        factor += 0.5 * distance
+    else:
+        raise ValueError(f"unknown polarization {polarization!r}; use 'horizontal', 'vertical' or 'none'")
+    weight *= factor
+    return weight, inverse_r2
+
+
+def ellipsoid_shape_squared(body: Body, x: np.ndarray, y: np.ndarray, inverse_r2: np.ndarray, *,
+                            wavelength: float) -> np.ndarray:
+    """``|A(q)|^2 / |A(0)|^2`` of a uniform ellipsoid in the projection model, on a separable detector grid.
+
+    The projection model's fast path for a droplet that is one ellipsoid: its
+    intensity does not depend on its transverse position, and its form factor is
+    the sphere's, ``f(u) = 3 (sin u - u cos u) / u^3``, at ``u^2 = q^T S q`` with
+    ``q = k (x, y) / r`` (as :func:`ewald_q`) and ``S`` the shadow's quadratic form
+    (as :func:`_ellipsoid_projection`). ``u^2`` is a quadratic form in the
+    detector coordinates times ``1 / r^2``, so no momentum-transfer grid is built.
+
+    Parameters
+    ----------
+    body : Body
+        An ellipsoid.
+    x : ndarray of shape (1, nx)
+    y : ndarray of shape (ny, 1)
+        Detector positions relative to the direct beam (m).
+    inverse_r2 : ndarray of shape (ny, nx)
+        ``1 / r^2`` from :func:`flat_detector_weight` (1/m^2).
+    wavelength : float
+        Wavelength (m).
+
+    Returns
+    -------
+    ndarray of shape (ny, nx), dtype of ``inverse_r2``
+        ``f(u)^2``: multiply by ``|dn V|^2`` (nm^6) for ``|A|^2``.
+    """
+    k2 = (2 * np.pi / (wavelength * 1e9)) ** 2
+    sxx, sxy, syy = _shadow_form(body)
+    u2 = (k2 * sxx) * (x * x) + (k2 * syy) * (y * y)
+    if sxy:
+        u2 += ((2 * k2 * sxy) * x) * y
+    u2 *= inverse_r2
+    # 3 (sin u - u cos u) / u^3 cancels badly for small u: its Taylor series, exact
+    # to the working precision there, takes over (and covers u = 0).
+    small = np.flatnonzero(u2 < _SMALL_U2[u2.dtype.type])
+    series = u2.flat[small]
+    series = 1 - series / 10 + series * series / 280
+    u = np.sqrt(u2)
+    shape = np.sin(u)
+    shape -= np.cos(u) * u
+    u2 *= u
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shape /= u2
+    shape *= 3
+    shape.flat[small] = series
+    return np.square(shape, out=shape)
+
+
+#: Below these ``u^2`` the ellipsoid form factor uses its Taylor series (u < 0.3 in
+#: float32, 0.01 in float64).
+_SMALL_U2 = {np.float32: 0.09, np.float64: 1e-4}
+
+
 def polarization_factor(q: np.ndarray, *, wavelength: float, polarization: str) -> np.ndarray:
     """Dipole polarisation factor of each scattering direction.
 
@@ -422,9 +521,7 @@ def _ellipsoid_projection(body: Body, q: np.ndarray, dn: complex) -> np.ndarray:
 
     Works in the precision of ``q`` (float32 -> complex64, float64 -> complex128).
     """
-    # |S R^T q|^2 for q = (qx, qy, 0) is a quadratic form in (qx, qy).
-    shadow = (body.rotation @ np.diag(np.square(body.size)) @ body.rotation.T)[:2, :2]
-    sxx, sxy, syy = (float(v) for v in (shadow[0, 0], shadow[0, 1], shadow[1, 1]))  # keep q's dtype
+    sxx, sxy, syy = _shadow_form(body)
     qx, qy = q[..., 0], q[..., 1]
     x2 = qx * (sxx * qx + 2 * sxy * qy) + syy * (qy * qy)
     x = np.sqrt(x2)
@@ -439,6 +536,15 @@ def _ellipsoid_projection(body: Body, q: np.ndarray, dn: complex) -> np.ndarray:
     if body.center[0] or body.center[1]:
         amplitude *= shift_phase(q, (body.center[0], body.center[1], 0.0))
     return amplitude
+
+
+def _shadow_form(body: Body) -> tuple[float, float, float]:
+    """``(Sxx, Sxy, Syy)`` (nm^2) with ``|diag(size) R^T q|^2 = q^T S q`` for ``q = (qx, qy, 0)``.
+
+    Python floats, so that they keep the precision of the arrays they multiply.
+    """
+    shadow = (body.rotation @ np.diag(np.square(body.size)) @ body.rotation.T)[:2, :2]
+    return float(shadow[0, 0]), float(shadow[0, 1]), float(shadow[1, 1])
 
 
 def shift_phase(q: np.ndarray, offset) -> np.ndarray:

@@ -282,3 +282,53 @@ class TestCommandLine:
         # Same order of magnitude as the real file (shot-to-shot fluctuations are large).
         assert real_level / 10 < np.median(levels) < real_level * 10
         assert data.max() <= frames.max()  # saturates where the real detector did
+
+
+class TestReadOut:
+    """Photon statistics and read-out chain (Numba loops drawing from the shot's generator)."""
+
+    @pytest.mark.parametrize("mean", [0.02, 0.7, 5.0, 40.0])  # 40: numpy's sampler (bright pixels)
+    def test_poisson_counts_and_gaussian_read_noise(self, mean):
+        from pipeline.simulate import detector
+
+        profile = load_profile("lcls").at_size(256)
+        mask = np.zeros(profile.frame_shape, dtype=bool)
+        mask[:64] = True
+        photons = np.full(profile.frame_shape, mean / profile.detector["quantum_efficiency"], np.float32)
+        rng = np.random.default_rng(5)
+        frames = np.stack([detector.read_out(photons, profile, rng, mask=mask, hot=(np.zeros(0, int), np.zeros(0)))
+                           for _ in range(4)])
+        noise = profile.detector["read_noise"]
+        live, dead = frames[:, ~mask], frames[:, mask]
+        n = live.size
+        # Mean and variance of Poisson(mean) + N(0, noise^2), to 5 standard errors.
+        assert abs(live.mean() - mean) < 5 * np.sqrt((mean + noise**2) / n)
+        variance_error = np.sqrt(2 * (mean + noise**2) ** 2 / n + mean / n)
+        assert abs(live.var() - (mean + noise**2)) < 5 * variance_error
+        # Masked pixels: read noise only.
+        assert abs(dead.mean()) < 5 * noise / np.sqrt(dead.size)
+        assert dead.std() == pytest.approx(noise, rel=0.02)
+        # Integer photon counts under the noise: the nearest integers hold the Poisson law.
+        counts = np.rint(live).astype(int)
+        p0 = np.exp(-mean)
+        assert abs((counts == 0).mean() - p0) < 5 * np.sqrt(p0 * (1 - p0) / n) + 1e-4
+
+    def test_mcp_gain_is_gamma_per_photon(self):
+        from pipeline.simulate import detector
+
+        profile = load_profile("fermi").at_size(128)
+        det = profile.detector
+        mask = np.zeros(profile.frame_shape, dtype=bool)
+        mean = 2.0
+        photons = np.full(profile.frame_shape, mean / det["quantum_efficiency"])
+        rng = np.random.default_rng(1)
+        frames = np.stack([detector.read_out(photons, profile, rng, mask=mask, hot=(np.zeros(0, int), np.zeros(0)))
+                           for _ in range(4)]).astype(float)
+        unsaturated = frames < det["saturation"]
+        assert unsaturated.mean() > 0.99
+        # n ~ Poisson(mean), signal ~ Gamma(n k, g / k): mean n g, variance mean g^2 (1 + 1/k).
+        g, k = det["gain"], det["gain_shape"]
+        expected_mean = mean * g + det["dark_level"]
+        assert frames.mean() == pytest.approx(expected_mean, rel=0.02)
+        expected_var = mean * g**2 * (1 + 1 / k) + det["read_noise"] ** 2
+        assert frames.var() == pytest.approx(expected_var, rel=0.05)
