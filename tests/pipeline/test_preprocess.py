@@ -48,6 +48,25 @@ def make_store(tmp_path, frames, name="run.zarr"):
     return tmp_path / name
 
 
+def sharded_store(tmp_path, n, shape, name="sharded.zarr"):
+    """A store of ``n`` random uint16 frames written straight into ``raw`` (no ingest)."""
+    frames = np.random.default_rng(0).integers(0, 1000, (n, *shape), dtype=np.uint16)
+    path = tmp_path / name
+    store.create_store(path, frame_shape=shape, dtype=np.uint16, mask=np.zeros(shape, bool))
+    store.resize_patterns(path, n)
+    zarr.open_group(path, mode="r+", use_consolidated=False)["raw"][:] = frames
+    return path, frames
+
+
+def task_prefixes(*collections) -> set[str]:
+    """Name prefixes of the tasks left after Dask's graph optimisation (fusion)."""
+    import dask
+    from dask.utils import key_split
+
+    optimised = dask.optimize(*collections)
+    return {key_split(key) for collection in optimised for key in dict(collection.__dask_graph__())}
+
+
 def hit_settings(mask=None):
     mask = detector_mask() if mask is None else mask
     return pk.HitSettings(regions=pk.HitRegions.around(mask, (127.5, 127.5)), saturation=65535)
@@ -102,16 +121,21 @@ class TestOracles:
 class TestStore:
     def test_raw_by_shard_reads_each_shard_in_one_task(self, tmp_path):
         n = store.PATTERN_CHUNK + 44
-        frames = np.random.default_rng(0).integers(0, 1000, (n, 6, 5), dtype=np.uint16)
-        path = tmp_path / "small.zarr"
-        store.create_store(path, frame_shape=(6, 5), dtype=np.uint16, mask=np.zeros((6, 5), bool))
-        store.resize_patterns(path, n)
-        zarr.open_group(path, mode="r+", use_consolidated=False)["raw"][:] = frames
+        path, frames = sharded_store(tmp_path, n, (6, 5))
         raw = preprocess.raw_by_shard(path)
         assert raw.chunks[0] == (store.PATTERN_CHUNK, 44)
         # no per-inner-chunk reads and no rechunk: one task per shard (and the array itself)
         assert len(raw.__dask_graph__()) == raw.numblocks[0] + 1
         np.testing.assert_array_equal(raw.compute(scheduler="sync"), frames)
+
+    def test_full_pass_reads_each_shard_in_the_task_that_analyses_it(self, tmp_path):
+        # Fused: no task returns a raw shard (which would be held, or sent between workers).
+        path, _ = sharded_store(tmp_path, store.PATTERN_CHUNK + 44, SHAPE)
+        mask = detector_mask()
+        settings = pk.PreprocessSettings(mask=mask, background=np.zeros(SHAPE, np.float32),
+                                         nominal_centre=(127.5, 127.5), half_side=80.0, size=16)
+        outputs = preprocess.analyse_array(preprocess.raw_by_shard(path), hit_settings=hit_settings(), settings=settings)
+        assert "from-zarr" not in task_prefixes(*outputs.values())
 
     def test_preprocess_finds_hits_centres_and_hot_pixels(self, tmp_path, dask_threads):
         frames, hits, centres = beamtime(20, 12)
