@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from pipeline import correlate, store
 from pipeline import correlate_kernels as ck
 from pipeline.cli.main import app
+from pipeline.preprocess import raw_by_shard
 from tests.pipeline.test_preprocess import UNEVEN, beamtime, make_store, sharded_store, task_prefixes
 from tests.pipeline.test_preprocess_kernels import SHAPE, detector_mask
 
@@ -35,8 +36,6 @@ def test_oracle_on_uneven_chunks(variant):
 
 def test_each_shard_is_read_in_the_task_that_correlates_it(tmp_path):
     path, _ = sharded_store(tmp_path, store.PATTERN_CHUNK + 44, SHAPE)
-    from pipeline.preprocess import raw_by_shard
-
     raw = raw_by_shard(path)
     settings = ck.CorrelateSettings(mask=detector_mask(), background=np.zeros(SHAPE, np.float32), r_min=9, r_max=110,
                                     n_q=4, n_phi=8)
