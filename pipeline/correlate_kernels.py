@@ -158,19 +158,20 @@ def polar_resample_block(masked: np.ndarray, centres: np.ndarray, *, grid: Polar
     cols = centres[:, 1:].astype(np.float32) + grid.dx
     lowest, highest = centres.min(axis=0) - grid.extent, centres.max(axis=0) + grid.extent
     fits = lowest.min() >= 0 and highest[0] < ny - 1 and highest[1] < nx - 1
-    # Integer and fractional parts in float32 (subtracting an int32 array would promote
-    # the whole sample grid to float64).
-    r0 = rows.astype(np.int32).astype(np.float32) if fits else np.floor(rows)  # truncation = floor when fits
-    c0 = cols.astype(np.int32).astype(np.float32) if fits else np.floor(cols)
-    rows -= r0  # fractional parts, in place
-    cols -= c0
+    # Integer parts as int32 (float → int32 converts fast, float → int64 does not);
+    # fractional parts in float32 (subtracting the int32 array itself would promote the
+    # whole sample grid to float64).
+    r0 = (rows if fits else np.floor(rows)).astype(np.int32)  # truncation = floor when fits
+    c0 = (cols if fits else np.floor(cols)).astype(np.int32)
+    rows -= r0.astype(np.float32)  # fractional parts, in place
+    cols -= c0.astype(np.float32)
     inside = None if fits else (r0 >= 0) & (c0 >= 0) & (r0 < ny - 1) & (c0 < nx - 1)
-    index = r0.astype(np.intp)
+    index = r0 if n * ny * nx < 2**31 else r0.astype(np.intp)  # flat indices, reusing r0
     index *= nx
-    index += c0.astype(np.intp)
+    index += c0
     if inside is not None:
         index[~inside] = 0
-    index += (np.arange(n, dtype=np.intp) * (ny * nx))[:, None]
+    index += (np.arange(n, dtype=index.dtype) * (ny * nx))[:, None]
     flat = masked.reshape(-1)
     # Shifted views stand for the right, lower and lower-right neighbours: no index copies
     # (np.take gathers faster than fancy indexing).
