@@ -3,8 +3,9 @@
 Run: ``.venv/bin/python benchmarks/simulate.py [--quick] [--sizes 256] [--default-malloc]``
 
 Each row renders shots with the real label mix (taxonomy.md frequencies) in this
-process on one core (finufft single-threaded, no Dask), timing CPU seconds so that
-other load on the machine does not count. Targets (issue 3): projection >= 200
+process on one core (finufft single-threaded, no Dask), in blocks of
+``beamtime.BLOCK`` shots as a Dask worker does, timing CPU seconds so that other
+load on the machine does not count. Targets (issue 3): projection >= 200
 patterns/s per core at 256^2, MSFT >= 5 per core at 256^2. The baseline for the
 ratios is the projection model at 256^2 measured in the same run.
 """
@@ -17,7 +18,7 @@ import os
 import sys
 import time
 
-from pipeline.simulate.beamtime import render_block
+from pipeline.simulate.beamtime import BLOCK, render_block
 from pipeline.simulate.profile import load_profile
 
 TARGETS = {("projection", 256): 200.0, ("msft", 256): 5.0}
@@ -34,7 +35,10 @@ def rate(model: str, size: int, n: int) -> float:
     profile = dataclasses.replace(base, model=model).at_size(size)
     render_block(0, 8, seed=99, profile=profile, balanced=True)  # JIT compilation and set-up
     start = time.process_time()
-    render_block(0, n, seed=1, profile=profile, balanced=False)
+    # Worker-sized blocks: one block of all n shots would also time page faults of its
+    # output array (63 MB for 240 frames at 256^2), which no worker allocates.
+    for first in range(0, n, BLOCK):
+        render_block(first, min(first + BLOCK, n), seed=1, profile=profile, balanced=False)
     return n / (time.process_time() - start)
 
 

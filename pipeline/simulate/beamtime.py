@@ -56,13 +56,15 @@ def render_block(start: int, stop: int, *, seed: int, profile: Profile, balanced
         J.
     """
     setup = _setup(profile, seed)
-    frames, labels, energies = [], [], []
-    for shot, rng in draw_shots(start, stop, seed=seed, profile=profile, balanced=balanced):
+    # Frames go straight into the block (no list of frames and a stacked copy of it).
+    frames = np.empty((stop - start, *profile.frame_shape), dtype=profile.detector["dtype"])
+    labels, energies = [], []
+    for i, (shot, rng) in enumerate(draw_shots(start, stop, seed=seed, profile=profile, balanced=balanced)):
         labels.append(rules.physical_labels(shot, wide_angle=profile.wide_angle,
                                             newton_fringe_pixels=shot.newton_period(profile)))
-        frames.append(render_shot(shot, setup, rng))
+        frames[i] = render_shot(shot, setup, rng)
         energies.append(shot.pulse_energy)
-    return np.stack(frames), np.stack(labels).astype(np.int8), np.asarray(energies)
+    return frames, np.stack(labels).astype(np.int8), np.asarray(energies)
 
 
 def draw_shots(start: int, stop: int, *, seed: int, profile: Profile, balanced: bool):

@@ -57,7 +57,7 @@ def static_mask(profile: Profile) -> np.ndarray:
     return bad
 
 
-def pixel_positions(profile: Profile, *, center_shift=(0.0, 0.0), supersample: int | tuple[int, int] = 1,
+def pixel_positions(profile: Profile, *, center_shift=(0.0, 0.0), supersample: int = 1,
                     dtype=np.float64):
     """Detector positions (m) of pixel sub-samples, relative to the direct beam.
 
@@ -66,26 +66,25 @@ def pixel_positions(profile: Profile, *, center_shift=(0.0, 0.0), supersample: i
     profile : Profile
     center_shift : tuple of 2 floats, default=(0, 0)
         Extra shift (y, x) of the beam centre for this shot (pixels).
-    supersample : int or (int, int), default=1
-        Sub-samples per pixel along each axis, or ``(s_y, s_x)``, at the centres of a
-        regular ``s_y x s_x`` subdivision (pixel-area integration).
+    supersample : int, default=1
+        Sub-samples per pixel along each axis, at the centres of a regular
+        ``s x s`` subdivision (pixel-area integration).
     dtype : numpy dtype, default=float64
 
     Returns
     -------
-    y : ndarray of shape (ny * s_y, 1)
-    x : ndarray of shape (1, nx * s_x)
+    y : ndarray of shape (ny * s, 1)
+    x : ndarray of shape (1, nx * s)
         m. The positions are separable: ``y`` and ``x`` broadcast to the grid
-        finer than the frame, whose element ``(i s_y + a, j s_x + b)`` is
+        ``s`` times finer than the frame, whose element ``(i s + a, j s + b)`` is
         sub-sample ``(a, b)`` of pixel ``(i, j)``.
     """
-    sy, sx = (supersample, supersample) if np.ndim(supersample) == 0 else supersample
     ny, nx = profile.frame_shape
     cy, cx = beam_center(profile)
     cy, cx = cy + center_shift[0], cx + center_shift[1]
     p = profile.detector["pixel_size"]
-    fine_y = (np.arange(ny * sy) + 0.5) / sy - 0.5
-    fine_x = (np.arange(nx * sx) + 0.5) / sx - 0.5
+    fine_y = (np.arange(ny * supersample) + 0.5) / supersample - 0.5
+    fine_x = (np.arange(nx * supersample) + 0.5) / supersample - 0.5
     return ((fine_y - cy) * p).astype(dtype)[:, None], ((fine_x - cx) * p).astype(dtype)[None, :]
 
 

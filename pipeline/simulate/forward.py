@@ -154,21 +154,115 @@ def flat_detector_weight(x: np.ndarray, y: np.ndarray, *, distance: float, polar
     return weight, inverse_r2
 
 
-def ellipsoid_shape_squared(body: Body, x: np.ndarray, y: np.ndarray, inverse_r2: np.ndarray, *,
-                            wavelength: float) -> np.ndarray:
-    """``|A(q)|^2 / |A(0)|^2`` of a uniform ellipsoid in the projection model, on a separable detector grid.
+def ellipsoid_terms(droplets, index_minus_one: Sequence[complex]):
+    """A group of droplets as a sum of ellipsoid form factors, if it is one (projection model).
 
-    The projection model's fast path for a droplet that is one ellipsoid: its
-    intensity does not depend on its transverse position, and its form factor is
-    the sphere's, ``f(u) = 3 (sin u - u cos u) / u^3``, at ``u^2 = q^T S q`` with
-    ``q = k (x, y) / r`` (as :func:`ewald_q`) and ``S`` the shadow's quadratic form
-    (as :func:`_ellipsoid_projection`). ``u^2`` is a quadratic form in the
+    Projection is linear in the density: a droplet that is one ellipsoid with
+    ellipsoids of other materials wholly inside it is the outer form factor plus
+    each inner one with the density difference.
+
+    Parameters
+    ----------
+    droplets : sequence of (bodies, offset)
+        As :meth:`.Shot.droplets`; offsets in nm.
+    index_minus_one : sequence of complex
+        ``n - 1`` of each material.
+
+    Returns
+    -------
+    list of (Body, complex, (float, float, float)) or None
+        Each ellipsoid, ``dn V`` (nm^3) and its position (nm: the droplet's offset plus the
+        body's transverse centre; a body's own depth does not enter the projection).
+        None if a droplet is not made of nested ellipsoids.
+    """
+    terms = []
+    for bodies, offset in droplets:
+        if not _nested_ellipsoids(bodies):
+            return None
+        outer = bodies[0]
+        dn_outer = index_minus_one[outer.material]
+        for body in bodies:
+            dn = dn_outer if body is outer else index_minus_one[body.material] - dn_outer
+            # Python numbers: numpy float64 scalars would promote float32 arrays.
+            position = tuple(float(v) for v in np.add(offset, (body.center[0], body.center[1], 0.0)))
+            terms.append((body, complex(dn * body.volume()), position))
+    return terms
+
+
+def ellipsoids_intensity(terms, x: np.ndarray, y: np.ndarray, inverse_r2: np.ndarray, *,
+                         distance: float, wavelength: float) -> np.ndarray:
+    """``|A(q)|^2`` (nm^6) of a sum of ellipsoid form factors in the projection model, on a separable grid.
+
+    ``A = sum_t c_t f_t(q) exp(-i q . o_t)`` with ``q = k (x/r, y/r, L/r - 1)`` as
+    :func:`ewald_q` (the phases of droplets apart along the beam make Newton rings),
+    ``f_t`` from :func:`ellipsoid_shape`. Real and imaginary parts are summed as
+    float arrays (no complex temporaries); one term needs no phase at all.
+
+    Parameters
+    ----------
+    terms : list of (Body, complex, (float, float, float))
+        From :func:`ellipsoid_terms`.
+    x : ndarray of shape (1, nx)
+    y : ndarray of shape (ny, 1)
+        Detector positions relative to the direct beam (m).
+    inverse_r2 : ndarray of shape (ny, nx)
+        ``1 / r^2`` from :func:`flat_detector_weight` (1/m^2).
+    distance, wavelength : float
+        m.
+
+    Returns
+    -------
+    ndarray of shape (ny, nx), dtype of ``inverse_r2``
+    """
+    if len(terms) == 1:
+        body, coefficient, _ = terms[0]
+        shape = ellipsoid_shape(body, x, y, inverse_r2, wavelength=wavelength)
+        np.square(shape, out=shape)
+        shape *= abs(coefficient) ** 2
+        return shape
+    k = 2 * np.pi / (wavelength * 1e9)
+    inverse_r = np.sqrt(inverse_r2)
+    real, imag = np.zeros_like(inverse_r2), np.zeros_like(inverse_r2)
+    qz_over_k = None
+    for body, coefficient, position in terms:
+        shape = ellipsoid_shape(body, x, y, inverse_r2, wavelength=wavelength)
+        if not np.any(position):
+            real += coefficient.real * shape
+            imag += coefficient.imag * shape
+            continue
+        phase = (k * position[0]) * x + (k * position[1]) * y
+        phase *= inverse_r  # q_x o_x + q_y o_y
+        if position[2]:
+            if qz_over_k is None:
+                # L/r - 1 = -rho^2 / (r (r + L)) = -rho^2 / r^2 / (1 + L / r), without cancellation.
+                qz_over_k = (x * x + y * y) * inverse_r2
+                qz_over_k /= -(1 + distance * inverse_r)
+            phase += qz_over_k * (k * position[2])
+        # c exp(-i phase) = (c_r cos + c_i sin) + i (c_i cos - c_r sin)
+        cos, sin = np.cos(phase), np.sin(phase, out=phase)
+        cos *= shape
+        sin *= shape
+        real += coefficient.real * cos + coefficient.imag * sin
+        imag += coefficient.imag * cos - coefficient.real * sin
+    np.square(real, out=real)
+    np.square(imag, out=imag)
+    real += imag
+    return real
+
+
+def ellipsoid_shape(body: Body, x: np.ndarray, y: np.ndarray, inverse_r2: np.ndarray, *,
+                    wavelength: float) -> np.ndarray:
+    """Form factor ``A(q) / A(0)`` of a uniform ellipsoid centred on the axis, projection model, on a separable grid.
+
+    The sphere's form factor ``f(u) = 3 (sin u - u cos u) / u^3`` at ``u^2 = q^T S q``
+    with ``q = k (x, y) / r`` (as :func:`ewald_q`) and ``S`` the shadow's quadratic
+    form (as :func:`_ellipsoid_projection`). ``u^2`` is a quadratic form in the
     detector coordinates times ``1 / r^2``, so no momentum-transfer grid is built.
 
     Parameters
     ----------
     body : Body
-        An ellipsoid.
+        An ellipsoid (its centre is ignored: a shift is a phase, see :func:`ellipsoids_intensity`).
     x : ndarray of shape (1, nx)
     y : ndarray of shape (ny, 1)
         Detector positions relative to the direct beam (m).
@@ -180,7 +274,7 @@ def ellipsoid_shape_squared(body: Body, x: np.ndarray, y: np.ndarray, inverse_r2
     Returns
     -------
     ndarray of shape (ny, nx), dtype of ``inverse_r2``
-        ``f(u)^2``: multiply by ``|dn V|^2`` (nm^6) for ``|A|^2``.
+        Real, 1 at ``q = 0``.
     """
     k2 = (2 * np.pi / (wavelength * 1e9)) ** 2
     sxx, sxy, syy = _shadow_form(body)
@@ -201,7 +295,7 @@ def ellipsoid_shape_squared(body: Body, x: np.ndarray, y: np.ndarray, inverse_r2
         shape /= u2
     shape *= 3
     shape.flat[small] = series
-    return np.square(shape, out=shape)
+    return shape
 
 
 #: Below these ``u^2`` the ellipsoid form factor uses its Taylor series (u < 0.3 in

@@ -251,9 +251,11 @@ def test_fast_projection_path_matches_a_brute_force_reference(shape, aspect):
 
 
 @pytest.mark.parametrize("polarization", ["horizontal", "vertical", "none"])
-def test_lone_ellipsoid_fast_path_matches_the_general_projection_path(polarization, monkeypatch):
-    """Separable-geometry form factor (no q grid) against ewald_q + polarisation +
-    complex amplitude, on the pixels of the lcls profile with a beam-centre shift."""
+def test_ellipsoid_fast_path_matches_the_general_projection_path(polarization, monkeypatch):
+    """Separable-geometry form factors (no q grid, no complex arrays) against ewald_q +
+    polarisation + complex amplitudes and shift phases, on the pixels of the lcls
+    profile with a beam-centre shift: one ellipsoid, one with a xenon core off centre,
+    a companion beside it and one behind it (Newton rings)."""
     import dataclasses
 
     from pipeline.simulate import render
@@ -261,14 +263,17 @@ def test_lone_ellipsoid_fast_path_matches_the_general_projection_path(polarizati
 
     profile = dataclasses.replace(load_profile("lcls"), polarization=polarization).at_size(128)
     setup = render.Setup.build(profile, seed=0)
-    shots = [Shot("oblate", 500.0, aspect=0.6, axis_polar=0.7, axis_azimuth=0.4, focus_fraction=1.0,
-                  pulse_energy=2e-3, center_shift=(-0.4, 0.1)),
-             Shot("triaxial", 700.0, aspect=0.6, triaxial=1.3, axis_polar=0.7, axis_azimuth=1.4, spin=0.3,
-                  focus_fraction=1.0, pulse_energy=2e-3, center_shift=(0.3, 0.2))]
+    source = dict(focus_fraction=1.0, pulse_energy=2e-3)
+    shots = [Shot("triaxial", 700.0, aspect=0.6, triaxial=1.3, axis_polar=0.7, axis_azimuth=1.4, spin=0.3,
+                  center_shift=(0.3, 0.2), **source),
+             Shot("oblate", 500.0, aspect=0.6, axis_polar=0.7, axis_azimuth=0.4, core_radius=60.0,
+                  core_offset=(80.0, -50.0, 30.0), center_shift=(-0.4, 0.1), **source),
+             Shot("sphere", 300.0, companion_radius=200.0, companion_offset=(900.0, -400.0, 150.0), **source),
+             Shot("sphere", 300.0, companion_radius=250.0, companion_offset=(20.0, 10.0, -1500.0), **source)]
     for shot in shots:
         fast = render.expected_photons(shot, setup)
         with monkeypatch.context() as patch:
-            patch.setattr(render, "_lone_ellipsoid", lambda group: None)
+            patch.setattr(render, "ellipsoid_terms", lambda *args: None)
             general = render.expected_photons(shot, setup)
         live = ~setup.mask
         assert np.abs(fast[live] - general[live]).max() < 1e-3 * general.max()
