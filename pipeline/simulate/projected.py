@@ -115,7 +115,9 @@ def _chord(kind, p, x, y):  # pragma: no cover (compiled)
 def _column(kinds, params, materials, dn, x, y, scratch):  # pragma: no cover (compiled)
     """Projected density (complex, nm) of one column and the bit mask of the materials it crosses.
 
-    ``scratch`` (float, shape (4, _MAX_BODIES)) is work space, allocated once per grid.
+    ``scratch`` (float, shape (4 * _MAX_BODIES,)) is work space, allocated once per grid
+    (1-D, so that its pieces are plain slices: taking them as rows and a raveled
+    2-D slice made two-body grids 1.2-1.3x slower, measured).
     """
     n = kinds.shape[0]
     if n == 1:
@@ -123,8 +125,9 @@ def _column(kinds, params, materials, dn, x, y, scratch):  # pragma: no cover (c
         if hi > lo:
             return dn[materials[0]] * (hi - lo), 1 << materials[0]
         return 0j, 0
-    los, his, events = scratch[0], scratch[1], scratch[2:].ravel()
+    los, his, events = scratch[:_MAX_BODIES], scratch[_MAX_BODIES:2 * _MAX_BODIES], scratch[2 * _MAX_BODIES:]
     count = 0
+    last = -1
     for i in range(n):
         lo, hi = _chord(kinds[i], params[i], x, y)
         los[i], his[i] = lo, hi
@@ -132,8 +135,12 @@ def _column(kinds, params, materials, dn, x, y, scratch):  # pragma: no cover (c
             events[count] = lo
             events[count + 1] = hi
             count += 2
+            last = i
     if count == 0:
         return 0j, 0
+    if count == 2:  # one body: no pieces to sort out (most columns of a dumbbell)
+        m = materials[last]
+        return dn[m] * (his[last] - los[last]), 1 << m
     for k in range(1, count):  # insertion sort: a handful of events
         value = events[k]
         j = k - 1
@@ -194,7 +201,7 @@ def cell_averaged_density(kinds, params, materials, dn, gx, gy, force, refine): 
     ny, nx = gy.shape[0], gx.shape[0]
     density = np.empty((ny, nx), dtype=np.complex128)
     bits = np.empty((ny, nx), dtype=np.int64)
-    scratch = np.empty((4, _MAX_BODIES))
+    scratch = np.empty(4 * _MAX_BODIES)
     # One body (most pills) calls _chord directly: the loops with the general
     # _column inside ran 3x slower per column (measured), even when it returned early.
     one = kinds.shape[0] == 1
