@@ -25,6 +25,7 @@ Cluster YAML format (see the commented files in ``cluster-configs/``)::
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -77,6 +78,31 @@ def load_cluster_config(spec: str) -> dict[str, Any]:
     return config
 
 
+#: Environment of every worker process (set by its nanny). distributed's default
+#: MALLOC_TRIM_THRESHOLD_ (64 KiB) makes every per-frame temporary page-fault: ~3x the CPU
+#: time in the preprocessing kernels. Larger thresholds keep freed memory for reuse; memory
+#: is still returned between tasks.
+WORKER_MALLOC = {"MALLOC_TRIM_THRESHOLD_": 256 * 2**20, "MALLOC_MMAP_THRESHOLD_": 32 * 2**20}
+
+
+def worker_environ() -> dict[str, Any]:
+    """distributed's ``nanny.pre-spawn-environ`` (thread limits, ...) with :data:`WORKER_MALLOC`."""
+    import dask
+    import distributed  # noqa: F401  (loads distributed's config defaults)
+
+    return {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **WORKER_MALLOC}
+
+
+def worker_environ_export() -> str:
+    """Shell line that gives batch-job workers :data:`WORKER_MALLOC`.
+
+    Dask merges the mapping into distributed's defaults on the node. It goes in one
+    variable because Dask lower-cases the keys of ``DASK_A__B`` variables but parses their
+    values as Python literals, which keeps the case.
+    """
+    return f"export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON='{json.dumps(WORKER_MALLOC)}'"
+
+
 def make_cluster(config: dict[str, Any]):
     """Build (but do not scale) the Dask cluster that ``config`` describes."""
     kind = config["type"]
@@ -85,15 +111,7 @@ def make_cluster(config: dict[str, Any]):
         import dask
         from distributed import LocalCluster
 
-        # distributed's default MALLOC_TRIM_THRESHOLD_ (64 KiB) makes every per-frame
-        # temporary page-fault: ~3x the CPU time in the preprocessing kernels. Larger
-        # thresholds keep freed memory for reuse; memory is still returned between tasks.
-        dask.config.set({"distributed.nanny.pre-spawn-environ": {
-            **dask.config.get("distributed.nanny.pre-spawn-environ", {}),
-            "MALLOC_TRIM_THRESHOLD_": 256 * 2**20,
-            "MALLOC_MMAP_THRESHOLD_": 32 * 2**20,
-        }})
-
+        dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ()})
         options.setdefault("n_workers", os.cpu_count() or 1)
         options.setdefault("threads_per_worker", 1)
         options.setdefault("dashboard_address", ":0")
@@ -105,6 +123,7 @@ def make_cluster(config: dict[str, Any]):
     import dask_jobqueue
 
     cluster_class = getattr(dask_jobqueue, JOBQUEUE_CLASSES[kind])
+    options["job_script_prologue"] = [worker_environ_export(), *(options.get("job_script_prologue") or [])]
     return cluster_class(**options)
 
 

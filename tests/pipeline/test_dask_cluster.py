@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import dask
 import pytest
 
 from pipeline.dask_cluster import dask_client, load_cluster_config, make_cluster
@@ -24,6 +25,12 @@ def test_jobqueue_config_renders_job_script(config_path, monkeypatch):
     assert DIRECTIVES[config["type"]] in script
     assert "distributed.cli.dask_worker" in script or "dask worker" in script or "dask-worker" in script
     assert config["cluster"]["walltime"] in script
+    # The workers get the malloc settings of the local cluster through Dask's config.
+    export = next(line for line in script.splitlines() if "PRE_SPAWN_ENVIRON" in line)
+    name, value = export.removeprefix("export ").split("=", 1)
+    collected = dask.config.collect_env({name: value.strip("'")})
+    environ = dask.config.get("distributed.nanny.pre-spawn-environ", config=collected)
+    assert environ == {"MALLOC_TRIM_THRESHOLD_": 256 * 2**20, "MALLOC_MMAP_THRESHOLD_": 32 * 2**20}
 
 
 def test_named_config_is_found_and_unknown_name_lists_choices():
