@@ -49,25 +49,15 @@ COMMAND = "preprocess"
 def raw_by_shard(path: str | os.PathLike):
     """The store's committed ``raw`` frames as a Dask array, one chunk (and one read task) per shard.
 
-    :func:`pipeline.store.open_store` opens ``raw`` in its inner compression chunks
-    (``RAW_INNER_CHUNK`` frames) and rechunks them to shards: 32 read tasks per shard,
-    spread over the workers, whose pieces are then sent to one worker and concatenated
-    (a copy of every 128 MB shard). Measured on 2048 frames, that doubled the worker CPU
-    time of reading. Here each task decodes one whole shard in place.
-
     Returns
     -------
     dask.array.Array, shape (n_committed, y, x)
-        Chunked ``PATTERN_CHUNK`` frames along the first axis, whole frames.
+        Chunked ``PATTERN_CHUNK`` frames along the first axis, whole frames
+        (:func:`pipeline.store.open_store` reads sharded arrays one shard per task).
     """
-    import dask.array as da
-    import zarr
-
     from pipeline import store
 
-    array = zarr.open_group(path, mode="r", use_consolidated=False)["raw"]
-    frames = da.from_zarr(array, chunks=(store.PATTERN_CHUNK, *array.shape[1:]))
-    return frames[: store.n_committed(path)]
+    return store.open_store(path)["raw"].data
 
 
 def analyse_array(raw, *, hit_settings: kernels.HitSettings, settings: kernels.PreprocessSettings) -> dict:
