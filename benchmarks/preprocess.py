@@ -10,7 +10,7 @@ N frames, and measures in the same run, each store on a fresh default local clus
 (its workers warmed up by importing the pipeline first):
 
 - read: reading and decompressing ``raw`` with Dask as the stages read it, whole shards
-  (``raw_by_shard``), nothing else (the I/O limit),
+  (``store.open_store``), nothing else (the I/O limit),
 - preprocess: ``preprocess_store`` (all of its passes and the writes),
 - correlate: ``correlate_store`` (default q1 = q2 variant, writes included),
 
@@ -115,9 +115,9 @@ def timed(function) -> tuple[float, float, int, object]:
 def read_raw(path: Path) -> int:
     import dask.array as da
 
-    from pipeline.preprocess import raw_by_shard
+    from pipeline import store
 
-    raw = raw_by_shard(path)  # as the stages read it
+    raw = store.open_store(path)["raw"].data  # as the stages read it
     counts = da.map_blocks(lambda b: np.array([b.shape[0]]), raw, drop_axis=[1, 2], chunks=((1,) * raw.numblocks[0],),
                            dtype=np.int64)
     return int(counts.sum().compute())

@@ -101,7 +101,7 @@ def correlate_store(
         ``r_min``, ``r_max`` and ``parameters``.
     """
     from pipeline import store
-    from pipeline.preprocess import raw_by_shard, resolve_saturation
+    from pipeline.preprocess import resolve_saturation
 
     if variant not in kernels.VARIANTS:
         raise AirysortError(f"unknown correlation variant {variant!r}; use one of {kernels.VARIANTS}")
@@ -114,7 +114,7 @@ def correlate_store(
             f"store {str(path)!r} lacks {', '.join(missing)}; run 'airysort preprocess {path}' first"
         )
     n_patterns = dataset.sizes["pattern"]
-    raw = raw_by_shard(path)
+    raw = dataset["raw"].data  # one read task per shard (store.open_store)
     shape = tuple(raw.shape[1:])
     centres = np.stack([dataset["centre_y"].values, dataset["centre_x"].values], axis=1).astype(np.float64)
     hits = dataset["hit"].values.astype(bool)

@@ -46,20 +46,6 @@ from pipeline.errors import AirysortError
 COMMAND = "preprocess"
 
 
-def raw_by_shard(path: str | os.PathLike):
-    """The store's committed ``raw`` frames as a Dask array, one chunk (and one read task) per shard.
-
-    Returns
-    -------
-    dask.array.Array, shape (n_committed, y, x)
-        Chunked ``PATTERN_CHUNK`` frames along the first axis, whole frames
-        (:func:`pipeline.store.open_store` reads sharded arrays one shard per task).
-    """
-    from pipeline import store
-
-    return store.open_store(path)["raw"].data
-
-
 def analyse_array(raw, *, hit_settings: kernels.HitSettings, settings: kernels.PreprocessSettings) -> dict:
     """Hit finding and preprocessing of a Dask array of frames, one task per chunk.
 
@@ -283,7 +269,7 @@ def preprocess_store(
     n_patterns = dataset.sizes["pattern"]
     if n_patterns == 0:
         raise AirysortError(f"store {str(path)!r} holds no patterns; ingest some first")
-    raw = raw_by_shard(path)
+    raw = dataset["raw"].data  # one read task per shard (store.open_store)
     shape = tuple(raw.shape[1:])
     file_mask = dataset["mask"].values.astype(bool)
     dark_frame = load_dark(dark, shape)

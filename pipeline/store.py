@@ -255,7 +255,7 @@ def open_store(path: str | os.PathLike) -> xr.Dataset:
     for name, variable in dataset.data_vars.items():
         array = group[name]
         if variable.dims[:1] == ("pattern",) and array.shards is not None and array.dtype == variable.dtype:
-            data = da.from_array(array, chunks=(PATTERN_CHUNK, *array.shape[1:]), name=False)
+            data = da.from_zarr(array, chunks=(PATTERN_CHUNK, *array.shape[1:]))
             dataset[name] = variable.copy(data=data)
     committed = n_committed(path)
     if committed < dataset.sizes.get("pattern", 0):

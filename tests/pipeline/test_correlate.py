@@ -12,7 +12,6 @@ from typer.testing import CliRunner
 from pipeline import correlate, store
 from pipeline import correlate_kernels as ck
 from pipeline.cli.main import app
-from pipeline.preprocess import raw_by_shard
 from tests.pipeline.test_preprocess import UNEVEN, beamtime, make_store, sharded_store, task_prefixes
 from tests.pipeline.test_preprocess_kernels import SHAPE, detector_mask
 
@@ -36,7 +35,7 @@ def test_oracle_on_uneven_chunks(variant):
 
 def test_each_shard_is_read_in_the_task_that_correlates_it(tmp_path):
     path, _ = sharded_store(tmp_path, store.PATTERN_CHUNK + 44, SHAPE)
-    raw = raw_by_shard(path)
+    raw = store.open_store(path)["raw"].data
     settings = ck.CorrelateSettings(mask=detector_mask(), background=np.zeros(SHAPE, np.float32), r_min=9, r_max=110,
                                     n_q=4, n_phi=8)
     centres = da.from_array(np.full((raw.shape[0], 2), 127.5), chunks=(raw.chunks[0], 2))

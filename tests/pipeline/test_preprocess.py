@@ -119,10 +119,10 @@ class TestOracles:
 
 
 class TestStore:
-    def test_raw_by_shard_reads_each_shard_in_one_task(self, tmp_path):
+    def test_open_store_reads_each_shard_of_raw_in_one_task(self, tmp_path):
         n = store.PATTERN_CHUNK + 44
         path, frames = sharded_store(tmp_path, n, (6, 5))
-        raw = preprocess.raw_by_shard(path)
+        raw = store.open_store(path)["raw"].data
         assert raw.chunks[0] == (store.PATTERN_CHUNK, 44)
         # no per-inner-chunk reads and no rechunk: one task per shard (and the array itself)
         assert len(raw.__dask_graph__()) == raw.numblocks[0] + 1
@@ -134,7 +134,7 @@ class TestStore:
         mask = detector_mask()
         settings = pk.PreprocessSettings(mask=mask, background=np.zeros(SHAPE, np.float32),
                                          nominal_centre=(127.5, 127.5), half_side=80.0, size=16)
-        outputs = preprocess.analyse_array(preprocess.raw_by_shard(path), hit_settings=hit_settings(), settings=settings)
+        outputs = preprocess.analyse_array(store.open_store(path)["raw"].data, hit_settings=hit_settings(), settings=settings)
         assert "from-zarr" not in task_prefixes(*outputs.values())
 
     def test_preprocess_finds_hits_centres_and_hot_pixels(self, tmp_path, dask_threads):
