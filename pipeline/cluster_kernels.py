@@ -208,12 +208,7 @@ def median_gamma(landmarks: np.ndarray) -> float:
     _require_two(landmarks)
     distances = euclidean_distances(landmarks)
     sigma = float(np.median(distances[np.triu_indices(len(landmarks), k=1)]))
-    if not sigma > 0:
-        raise AirysortError(
-            "spectral landmarks are all identical (median distance 0); the features carry "
-            "no information — check that `image` is not constant"
-        )
-    return 1.0 / (2.0 * sigma**2)
+    return _rbf_gamma(sigma, scale="median distance")
 
 
 @one_thread
@@ -240,10 +235,15 @@ def knn_gamma(landmarks: np.ndarray, *, n_neighbors: int = 7) -> float:
     np.fill_diagonal(distances, np.inf)
     rank = min(n_neighbors, len(landmarks) - 1) - 1
     sigma = float(np.median(np.partition(distances, rank, axis=1)[:, rank]))
+    return _rbf_gamma(sigma, scale="median neighbour distance")
+
+
+def _rbf_gamma(sigma: float, *, scale: str) -> float:
+    """``gamma = 1 / (2 sigma²)`` of the RBF kernel; refuses a zero length scale."""
     if not sigma > 0:
         raise AirysortError(
-            "spectral landmarks are all identical (median neighbour distance 0); the "
-            "features carry no information — check that `image` is not constant"
+            f"spectral landmarks are all identical ({scale} 0); the features carry "
+            "no information — check that `image` is not constant"
         )
     return 1.0 / (2.0 * sigma**2)
 
