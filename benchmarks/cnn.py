@@ -55,27 +55,33 @@ def bench_jax(*, size: int, width: int, batch: int) -> dict:
     from jaxmodels.infer import _probabilities
     from jaxmodels.losses import weighted_bce
     from jaxmodels.resnet import ResNet18
+    from jaxmodels.train import _train_step
 
     model = ResNet18(width=width, log_activation=False, rngs=nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.adamw(1e-3, weight_decay=1e-4), wrt=nnx.Param)
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(batch, size, size, 1)).astype(np.float32))
-    y = jnp.asarray(rng.integers(0, 2, (batch, N_CLASSES)).astype(np.float32))
-    x_infer = jnp.concatenate([x, x])
+    batch_arrays = {
+        "x": jnp.asarray(rng.normal(size=(batch, size, size, 1)).astype(np.float32)),
+        "y": jnp.asarray(rng.integers(0, 2, (batch, N_CLASSES)).astype(np.float32)),
+    }
+    x_infer = jnp.concatenate([batch_arrays["x"], batch_arrays["x"]])
 
-    @nnx.jit
-    def train_step(model, optimizer, x, y):
-        loss, grads = nnx.value_and_grad(lambda m: weighted_bce(m(x), y))(model)
-        optimizer.update(model, grads)
-        return loss
+    def loss_fn(model, batch, *, key, step, train):
+        return weighted_bce(model(batch["x"]), batch["y"]), {}
+
+    # The same jitted step and the same cached graph walk as jaxmodels.train.fit and
+    # jaxmodels.infer.predict_proba.
+    model.train()
+    train_step = nnx.cached_partial(_train_step(loss_fn), model, optimizer)
+    model.eval()
+    probabilities_of = nnx.cached_partial(_probabilities, model)
+    key, step = jax.random.key(0), jnp.zeros((), jnp.int32)
 
     def train():
-        model.train()
-        train_step(model, optimizer, x, y).block_until_ready()
+        train_step(batch_arrays, key, step)[0].block_until_ready()
 
     def infer():
-        model.eval()
-        _probabilities(model, x_infer).block_until_ready()
+        probabilities_of(x_infer).block_until_ready()
 
     start = time.perf_counter()
     train()

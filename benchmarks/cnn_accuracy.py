@@ -60,6 +60,9 @@ def main() -> None:
     parser.add_argument("--min-support", type=int, default=30)
     parser.add_argument("--train-option", action="append", default=[],
                         help="extra 'airysort train' option, e.g. --train-option=--width=16")
+    parser.add_argument("--cluster", default="local",
+                        help="Dask cluster of train and predict ('local-threads' on a GPU: "
+                             "one process shares the card)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
 
@@ -86,9 +89,9 @@ def main() -> None:
 
     start = time.perf_counter()
     trained = airysort("train", args.store, args.work / "model", "--model", "cnn", "--fresh",
-                       *args.train_option)
+                       "--cluster", args.cluster, *args.train_option)
     train_seconds = time.perf_counter() - start
-    airysort("predict", args.store, args.work / "model")
+    airysort("predict", args.store, args.work / "model", "--cluster", args.cluster)
 
     from sklearn.metrics import f1_score, precision_recall_fscore_support
 

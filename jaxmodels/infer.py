@@ -51,6 +51,8 @@ def predict_proba(
     mesh = make_data_mesh() if mesh is None else mesh
     batch_size = round_batch_size(batch_size, mesh)
     model.eval()
+    # One walk of the model's graph for all batches, not one per call (see train.fit).
+    probabilities_of = nnx.cached_partial(_probabilities, model)
     patterns = np.asarray(patterns, dtype=np.float32)
     n = len(patterns)
     outputs = []
@@ -59,11 +61,11 @@ def predict_proba(
         padded = np.zeros((batch_size, *patterns.shape[1:], 1), np.float32)
         padded[: len(chunk), ..., 0] = chunk
         if jax.process_count() == 1:
-            outputs.append(np.asarray(_probabilities(model, shard_batch({"x": padded}, mesh)["x"]))[: len(chunk)])
+            outputs.append(np.asarray(probabilities_of(shard_batch({"x": padded}, mesh)["x"]))[: len(chunk)])
         else:  # every process holds all patterns: feed its share, gather the whole batch
             share = batch_size // jax.process_count()
             mine = padded[jax.process_index() * share : (jax.process_index() + 1) * share]
-            probabilities = _probabilities(model, shard_batch({"x": mine}, mesh)["x"])
+            probabilities = probabilities_of(shard_batch({"x": mine}, mesh)["x"])
             outputs.append(np.asarray(multihost_utils.process_allgather(probabilities, tiled=True))[: len(chunk)])
     if not outputs:
         return np.zeros((0, model.classifier.out_features), np.float32)

@@ -42,6 +42,7 @@ def encode_patterns(
     mean, logvar : ndarrays of shape (n, latent_dim), float32
     """
     import jax.numpy as jnp
+    from flax import nnx
 
     images = np.asarray(images, np.float32)
     if images.ndim != 3:
@@ -49,12 +50,13 @@ def encode_patterns(
     n = len(images)
     size = max(1, min(batch_size, n))
     means, logvars = [], []
+    encode = nnx.cached_partial(_jitted_encode(), model)  # one graph walk for all batches
     for lo in range(0, n, size):
         batch = images[lo : lo + size]
         filled = len(batch)
         if filled < size:
             batch = np.concatenate([batch, np.zeros((size - filled, *batch.shape[1:]), np.float32)])
-        mean, logvar = _encode(model, jnp.asarray(batch))
+        mean, logvar = encode(jnp.asarray(batch))
         means.append(np.asarray(mean)[:filled])
         logvars.append(np.asarray(logvar)[:filled])
     if not means:
@@ -82,10 +84,6 @@ def _jitted_encode() -> Callable:
     from flax import nnx
 
     return nnx.jit(lambda model, x: model.encode(x))
-
-
-def _encode(model: Any, x: Any) -> tuple[Any, Any]:
-    return _jitted_encode()(model, x)
 
 
 def traversal_latents(

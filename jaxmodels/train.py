@@ -220,7 +220,7 @@ def evaluate(
     """
     mesh = make_data_mesh() if mesh is None else mesh
     model.eval()
-    eval_step = _eval_step(loss_fn)
+    eval_step = nnx.cached_partial(_eval_step(loss_fn), model)  # see fit
     key = jax.random.key(seed)
     sums: dict[str, float] = {}
     count = 0.0
@@ -229,7 +229,7 @@ def evaluate(
         # Rows of the whole (global) batch: with several processes each host batch is only
         # this process's share, and every process must weight batches alike.
         n_valid = float(jnp.sum(batch["valid"]))
-        loss, aux = eval_step(model, batch, jax.random.fold_in(key, i))
+        loss, aux = eval_step(batch, jax.random.fold_in(key, i))
         for name, value in {"loss": loss, **aux}.items():
             sums[name] = sums.get(name, 0.0) + float(value) * n_valid
         count += n_valid
@@ -311,7 +311,12 @@ def fit(
         log(f"resuming from step {resumed_from} (epoch {state['epoch'] + 1}, "
             f"batch {state['batch']}) in {checkpoint_dir}")
 
-    train_step = _train_step(loss_fn)
+    # nnx.cached_partial walks the model's graph once here instead of at every step
+    # (several milliseconds per call otherwise: more than a small batch's compute on a
+    # GPU). It binds a train-mode clone sharing the model's variables, so the
+    # evaluations in between, in eval mode, leave it alone.
+    model.train()
+    train_step = nnx.cached_partial(_train_step(loss_fn), model, optimizer)
 
     # The best weights stay in host memory and reach best_dir just before each
     # checkpoint, so that best_dir always matches the checkpoint's best_val_loss.
@@ -339,7 +344,7 @@ def fit(
             for host_batch in train.epoch(epoch, start_batch=state["batch"]):
                 step = state["step"]
                 loss, aux = train_step(
-                    model, optimizer, shard_batch(host_batch, mesh),
+                    shard_batch(host_batch, mesh),
                     jax.random.fold_in(base_key, step), jnp.asarray(step, jnp.int32),
                 )
                 running.append((loss, aux))
