@@ -78,29 +78,36 @@ def load_cluster_config(spec: str) -> dict[str, Any]:
     return config
 
 
-#: Environment of every worker process (set by its nanny). distributed's default
-#: MALLOC_TRIM_THRESHOLD_ (64 KiB) makes every per-frame temporary page-fault: ~3x the CPU
-#: time in the preprocessing kernels. Larger thresholds keep freed memory for reuse; memory
-#: is still returned between tasks.
-WORKER_MALLOC = {"MALLOC_TRIM_THRESHOLD_": 256 * 2**20, "MALLOC_MMAP_THRESHOLD_": 32 * 2**20}
+#: Environment of every worker process (set by its nanny).
+#: - distributed's default MALLOC_TRIM_THRESHOLD_ (64 KiB) makes every per-frame temporary
+#:   page-fault: ~3x the CPU time in the preprocessing kernels. Larger thresholds keep
+#:   freed memory for reuse; memory is still returned between tasks.
+#: - JAX grabs 75 % of a GPU's memory in the first process that uses it, so the second
+#:   worker running ``predict`` or ``embed`` on the same card would fail; workers
+#:   allocate what they use instead.
+WORKER_ENVIRON = {
+    "MALLOC_TRIM_THRESHOLD_": 256 * 2**20,
+    "MALLOC_MMAP_THRESHOLD_": 32 * 2**20,
+    "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+}
 
 
 def worker_environ() -> dict[str, Any]:
-    """distributed's ``nanny.pre-spawn-environ`` (thread limits, ...) with :data:`WORKER_MALLOC`."""
+    """distributed's ``nanny.pre-spawn-environ`` (thread limits, ...) with :data:`WORKER_ENVIRON`."""
     import dask
     import distributed  # noqa: F401  (loads distributed's config defaults)
 
-    return {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **WORKER_MALLOC}
+    return {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **WORKER_ENVIRON}
 
 
 def worker_environ_export() -> str:
-    """Shell line that gives batch-job workers :data:`WORKER_MALLOC`.
+    """Shell line that gives batch-job workers :data:`WORKER_ENVIRON`.
 
     Dask merges the mapping into distributed's defaults on the node. It goes in one
     variable because Dask lower-cases the keys of ``DASK_A__B`` variables but parses their
     values as Python literals, which keeps the case.
     """
-    return f"export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON='{json.dumps(WORKER_MALLOC)}'"
+    return f"export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON='{json.dumps(WORKER_ENVIRON)}'"
 
 
 def make_cluster(config: dict[str, Any]):

@@ -7,7 +7,7 @@ from pathlib import Path
 import dask
 import pytest
 
-from pipeline.dask_cluster import dask_client, load_cluster_config, make_cluster
+from pipeline.dask_cluster import WORKER_ENVIRON, dask_client, load_cluster_config, make_cluster
 from pipeline.errors import AirysortError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "cluster-configs").glob("*.yaml"))
@@ -25,12 +25,31 @@ def test_jobqueue_config_renders_job_script(config_path, monkeypatch):
     assert DIRECTIVES[config["type"]] in script
     assert "distributed.cli.dask_worker" in script or "dask worker" in script or "dask-worker" in script
     assert config["cluster"]["walltime"] in script
-    # The workers get the malloc settings of the local cluster through Dask's config.
+    # The workers get the environment of the local cluster's workers through Dask's config.
     export = next(line for line in script.splitlines() if "PRE_SPAWN_ENVIRON" in line)
     name, value = export.removeprefix("export ").split("=", 1)
     collected = dask.config.collect_env({name: value.strip("'")})
     environ = dask.config.get("distributed.nanny.pre-spawn-environ", config=collected)
-    assert environ == {"MALLOC_TRIM_THRESHOLD_": 256 * 2**20, "MALLOC_MMAP_THRESHOLD_": 32 * 2**20}
+    assert environ == {"MALLOC_TRIM_THRESHOLD_": 256 * 2**20, "MALLOC_MMAP_THRESHOLD_": 32 * 2**20,
+                       "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+
+
+def _worker_environ() -> dict[str, str]:
+    import os
+
+    return {name: os.environ.get(name) for name in WORKER_ENVIRON}
+
+
+def test_local_cluster_workers_get_the_worker_environment():
+    with make_cluster({"type": "local", "cluster": {"n_workers": 1}}) as cluster:
+        from distributed import Client
+
+        with Client(cluster) as client:
+            (environ,) = client.run(_worker_environ).values()
+    # Malloc thresholds, and no GPU memory preallocation: several worker processes can
+    # share one card in predict and embed.
+    assert environ == {"MALLOC_TRIM_THRESHOLD_": str(256 * 2**20), "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
+                       "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
 
 
 def test_named_config_is_found_and_unknown_name_lists_choices():
