@@ -29,7 +29,7 @@ import numpy as np
 
 from pipeline.errors import AirysortError
 from pipeline.model_dir import MODEL_FILE, read_model_info
-from pipeline.taxonomy import CLASS_NAMES, N_CLASSES, coarse_group
+from pipeline.taxonomy import CLASS_NAMES, N_CLASSES, coarse_group, decide
 
 
 
@@ -379,7 +379,7 @@ def train_classifier(
         probabilities = predict_proba(result.model, rows, mesh=mesh)
         truth = valid_labels.astype(int)
         thresholds = tune_thresholds(probabilities, truth)
-        predicted = probabilities >= thresholds
+        predicted = decide(probabilities, thresholds)
         validation = {
             "loss": result.history[result.best_epoch]["val_loss"] if result.best_epoch >= 0 else None,
             "micro_f1": float(f1_score(truth, predicted, average="micro", zero_division=0.0)),
@@ -436,7 +436,10 @@ def predict_store(
 
     One Dask task per store shard loads the model (once per worker), runs the
     jitted network over the shard's patterns and returns their probabilities;
-    ``predicted`` applies the per-class thresholds saved with the model.
+    ``predicted`` applies the per-class thresholds saved with the model and then the
+    taxonomy's rules (:func:`pipeline.taxonomy.decide`: no Round with Elliptical, no
+    Spherical/Oblate with Prolate, nothing with Empty; a sub-class implies its
+    super-class).
 
     Parameters
     ----------
@@ -482,7 +485,7 @@ def predict_store(
         dtype=np.float32, meta=np.zeros((0, 0), np.float32),
     )
     thresholds = np.asarray(info["thresholds"], np.float32)
-    predicted = (prob >= thresholds).astype(np.int8)
+    predicted = prob.map_blocks(decide, thresholds, dtype=np.int8)
     dims = ("pattern", "class")
     variables = {
         "prob": xr.DataArray(prob, dims=dims, attrs={
@@ -519,8 +522,9 @@ def explain_patterns(
 ) -> dict[str, Any]:
     """Grad-CAM++ overlays for chosen patterns and each class the model predicts.
 
-    For every pattern the predicted classes are those above the model's
-    thresholds; when there is none, the most probable class is explained. One PNG
+    For every pattern the predicted classes are those of ``predict`` (thresholds and
+    taxonomy rules, :func:`pipeline.taxonomy.decide`); when there is none, the most
+    probable class is explained. One PNG
     per (pattern, class): the input with the heat map on top.
 
     Parameters
@@ -563,8 +567,9 @@ def explain_patterns(
     explained: dict[str, Any] = {}
     images = np.stack([np.asarray(source[index], np.float32) for index in indices])
     all_probabilities = predict_proba(model, images)
-    for index, image, probabilities in zip(indices, images, all_probabilities):
-        classes = np.flatnonzero(probabilities >= thresholds)
+    all_predicted = decide(all_probabilities, thresholds)
+    for index, image, probabilities, predicted in zip(indices, images, all_probabilities, all_predicted):
+        classes = np.flatnonzero(predicted)
         if not len(classes):
             classes = np.array([int(np.argmax(probabilities))])
         explained[str(index)] = {CLASS_NAMES[c]: float(probabilities[c]) for c in classes}

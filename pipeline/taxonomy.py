@@ -46,6 +46,67 @@ REAL_COMBINATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
 )
 
 
+#: Sub-class → its super-class (taxonomy.md): a pattern of a sub-class also belongs to
+#: the super-class.
+SUPER_CLASS: dict[str, str] = {
+    "Round": "Spherical/Oblate",
+    "Elliptical": "Spherical/Oblate",
+    "Streak": "Prolate",
+    "Bent": "Prolate",
+}
+#: Classes that exclude each other: the two super-classes (a droplet is oblate or
+#: prolate) and the two sub-classes of Spherical/Oblate (circular or elliptical rings).
+#: Empty ("no particle hit") excludes every other class.
+EXCLUSIVE_PAIRS: tuple[tuple[str, str], ...] = (("Spherical/Oblate", "Prolate"), ("Round", "Elliptical"))
+
+
+def decide(probabilities: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Predicted classes from probabilities: per-class thresholds, then the taxonomy's rules.
+
+    A class is predicted when its probability reaches its threshold. Where that gives
+    two classes that exclude each other (:data:`EXCLUSIVE_PAIRS`, or Empty with anything
+    else), only the one further above its threshold is kept, measured in log-odds, so
+    that classes with low thresholds (rare ones) are not favoured. Finally every
+    predicted sub-class adds its super-class (:data:`SUPER_CLASS`).
+
+    Parameters
+    ----------
+    probabilities : ndarray of shape (n, 11)
+        Sigmoid outputs of the classifier.
+    thresholds : ndarray of shape (11,)
+        Per-class decision thresholds in (0, 1).
+
+    Returns
+    -------
+    ndarray of int8, shape (n, 11)
+        Multi-hot predictions (0/1).
+    """
+    probabilities = np.asarray(probabilities, np.float64)
+    thresholds = np.asarray(thresholds, np.float64)
+    if probabilities.ndim != 2 or probabilities.shape[1] != N_CLASSES or thresholds.shape != (N_CLASSES,):
+        raise ValueError(f"probabilities must have shape (n, {N_CLASSES}) and thresholds ({N_CLASSES},), "
+                         f"got {probabilities.shape!r} and {thresholds.shape!r}")
+    eps = 1e-7
+    p, t = np.clip(probabilities, eps, 1 - eps), np.clip(thresholds, eps, 1 - eps)
+    margin = np.log(p / (1 - p)) - np.log(t / (1 - t))  # >= 0: predicted
+    predicted = probabilities >= thresholds
+    rows = np.arange(len(predicted))
+    empty = CLASS_INDEX["Empty"]
+    others = np.array([i for i in range(N_CLASSES) if i != empty])
+    for a, b in ((CLASS_INDEX[x], CLASS_INDEX[y]) for x, y in EXCLUSIVE_PAIRS):
+        both = predicted[:, a] & predicted[:, b]
+        loser = np.where(margin[:, a] >= margin[:, b], b, a)
+        predicted[rows[both], loser[both]] = False
+    with_others = predicted[:, empty] & predicted[:, others].any(axis=1)
+    best_other = np.where(predicted[:, others], margin[:, others], -np.inf).max(axis=1)
+    empty_wins = with_others & (margin[:, empty] >= best_other)
+    predicted[np.ix_(np.flatnonzero(empty_wins), others)] = False
+    predicted[with_others & ~empty_wins, empty] = False
+    for sub, sup in SUPER_CLASS.items():
+        predicted[:, CLASS_INDEX[sup]] |= predicted[:, CLASS_INDEX[sub]]
+    return predicted.astype(np.int8)
+
+
 def multi_hot(names: list[str] | tuple[str, ...]) -> np.ndarray:
     """Multi-hot int8 vector of length 11 for a list of class names."""
     vector = np.zeros(N_CLASSES, dtype=np.int8)

@@ -18,8 +18,10 @@ def command(
     cluster: ClusterOption = "local",
     json: JsonOption = False,
 ) -> None:
-    """Classify every pattern: writes 'prob' (class probabilities) and 'predicted' (0/1 with
-    the model's per-class thresholds)."""
+    """Classify every pattern: writes 'prob' (class probabilities) and 'predicted' (0/1 from
+    the model's per-class thresholds, made consistent with the taxonomy: no Round with
+    Elliptical, no Spherical/Oblate with Prolate, nothing with Empty, a sub-class implies
+    its super-class)."""
     from pipeline.classify import predict_store
 
     result = predict_store(store, model_dir, batch_size=batch_size, cluster=cluster)

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from pipeline import store
 from pipeline.cli.main import app
 from pipeline.ingest import ingest
-from pipeline.taxonomy import CLASS_NAMES, multi_hot
+from pipeline.taxonomy import CLASS_NAMES, decide, multi_hot
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -160,7 +160,7 @@ def test_label_train_killed_resume_predict_explain(ring_store, tmp_path):
     prob, predicted = dataset["prob"].values, dataset["predicted"].values
     assert prob.dtype == np.float32 and predicted.dtype == np.int8
     assert prob.shape == predicted.shape == (len(truth), 11)
-    np.testing.assert_array_equal(predicted, (prob >= np.asarray(info["thresholds"])).astype(np.int8))
+    np.testing.assert_array_equal(predicted, decide(prob, np.asarray(info["thresholds"])))
     unlabelled = np.setdiff1d(np.arange(len(truth)), labelled)
     micro = f1_score(truth[unlabelled], predicted[unlabelled], average="micro")
     assert micro > 0.9, micro

@@ -1,0 +1,74 @@
+"""Decisions from classifier probabilities follow the taxonomy's structure."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.taxonomy import CLASS_INDEX, CLASS_NAMES, decide, multi_hot
+
+
+def probabilities(**values: float) -> np.ndarray:
+    """One row of probabilities: the named classes as given, every other class 0.01."""
+    row = np.full(len(CLASS_NAMES), 0.01)
+    for name, value in values.items():
+        row[CLASS_INDEX[name.replace("_", "/")]] = value
+    return row
+
+
+def thresholds(**values: float) -> np.ndarray:
+    row = np.full(len(CLASS_NAMES), 0.5)
+    for name, value in values.items():
+        row[CLASS_INDEX[name.replace("_", "/")]] = value
+    return row
+
+
+def names(predicted_row: np.ndarray) -> set[str]:
+    return {CLASS_NAMES[i] for i in np.flatnonzero(predicted_row)}
+
+
+def test_exclusive_sub_classes_keep_the_one_further_above_its_threshold_in_log_odds():
+    # Round 0.9 over 0.5 is 2.2 in log-odds; Elliptical 0.6 over 0.3 is 1.25: Round stays.
+    rows = np.stack([probabilities(Spherical_Oblate=0.95, Round=0.9, Elliptical=0.6),
+                     # Round 0.55 over 0.5 is 0.2; Elliptical 0.4 over 0.1 is 1.79: Elliptical
+                     # stays although its probability is lower.
+                     probabilities(Spherical_Oblate=0.95, Round=0.55, Elliptical=0.4)])
+    predicted = decide(rows, thresholds(Elliptical=0.3))
+    assert names(predicted[0]) == {"Spherical/Oblate", "Round"}
+    predicted = decide(rows, thresholds(Elliptical=0.1))
+    assert names(predicted[1]) == {"Spherical/Oblate", "Elliptical"}
+
+
+def test_super_classes_exclude_each_other_and_sub_classes_imply_them():
+    rows = np.stack([probabilities(Spherical_Oblate=0.6, Prolate=0.97, Streak=0.8),
+                     probabilities(Bent=0.7),  # Prolate itself below its threshold
+                     probabilities(Round=0.8)])
+    predicted = decide(rows, thresholds())
+    assert names(predicted[0]) == {"Prolate", "Streak"}
+    assert names(predicted[1]) == {"Prolate", "Bent"}
+    assert names(predicted[2]) == {"Spherical/Oblate", "Round"}
+
+
+def test_empty_excludes_every_other_class():
+    rows = np.stack([probabilities(Empty=0.95, Round=0.6),  # Empty far above: alone
+                     probabilities(Empty=0.55, Prolate=0.9, Streak=0.9)])  # Empty barely
+    predicted = decide(rows, thresholds())
+    assert names(predicted[0]) == {"Empty"}  # no Spherical/Oblate added for a dropped Round
+    assert names(predicted[1]) == {"Prolate", "Streak"}
+
+
+def test_consistent_multi_labels_are_left_as_the_thresholds_give_them():
+    combination = ("Spherical/Oblate", "Round", "NewtonRings", "DoubleRings", "Asymmetric")
+    rows = np.where(multi_hot(combination) == 1, 0.9, 0.1)[None].repeat(3, axis=0)
+    rows[1, CLASS_INDEX["Layered"]] = 0.7
+    predicted = decide(rows, thresholds())
+    np.testing.assert_array_equal(predicted[0], multi_hot(combination))
+    assert names(predicted[1]) == set(combination) | {"Layered"}
+    assert predicted.dtype == np.int8
+
+
+def test_shapes_are_checked():
+    with pytest.raises(ValueError, match="must have shape"):
+        decide(np.zeros((2, 10)), np.full(11, 0.5))
+    with pytest.raises(ValueError, match="must have shape"):
+        decide(np.zeros((2, 11)), np.full(10, 0.5))
