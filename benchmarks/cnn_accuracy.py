@@ -111,9 +111,19 @@ def main() -> None:
     macro = float(np.mean(f1[enough])) if enough.any() else float("nan")
     print(f"micro F1 {micro:.3f} (target 0.95); macro F1 over {int(enough.sum())} classes with "
           f">= {args.min_support} test patterns {macro:.3f} (target 0.90)")
+    # The same probabilities decided by the thresholds alone, without the taxonomy's rules
+    # (pipeline.taxonomy.decide), to show what the rules change.
+    thresholds = np.asarray(json.loads((args.work / "model" / "model.json").read_text())["thresholds"])
+    plain = (np.asarray(store.open_store(args.store)["prob"].values)[rest] >= thresholds).astype(int)
+    plain_f1 = f1_score(y_true, plain, average=None, zero_division=0.0)
+    plain_micro = f1_score(y_true, plain, average="micro", zero_division=0.0)
+    plain_macro = float(np.mean(plain_f1[enough])) if enough.any() else float("nan")
+    print(f"thresholds alone, without the taxonomy's rules: micro F1 {plain_micro:.3f}, "
+          f"macro F1 {plain_macro:.3f}")
     (args.work / "scores.json").write_text(json.dumps({
         "fraction": args.fraction, "n_labelled": int(len(labelled)), "n_scored": int(len(rest)),
         "micro_f1": float(micro), "macro_f1_supported": macro,
+        "thresholds_alone": {"micro_f1": float(plain_micro), "macro_f1_supported": plain_macro},
         "per_class": {name: {"precision": float(precision[c]), "recall": float(recall[c]),
                              "f1": float(f1[c]), "support": int(support[c])}
                       for c, name in enumerate(CLASS_NAMES)},
