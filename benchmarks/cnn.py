@@ -12,7 +12,10 @@ linear layer) and measure, after warm-up (JIT compilation on the JAX side):
 - train: one optimiser step (forward, sigmoid BCE, backward, AdamW) per batch,
 - infer: a forward pass in eval mode per batch (twice the training batch),
 
-in interleaved rounds (best round of each kept, fair on a shared machine), as images/s, with the ratio airysort / PyTorch. PyTorch is not a dependency of
+in interleaved rounds (best round of each kept, fair on a shared machine), as images/s, with the ratio airysort / PyTorch.
+The JAX side shards each batch over all devices, as ``airysort train`` does: on a CPU
+that is one device per core (``jaxmodels.parallel.use_cpu_cores_as_devices``); PyTorch
+uses one thread per core. PyTorch is not a dependency of
 airysort: install it only for this benchmark (``pip install torch==2.13.0``); without
 it the PyTorch column is skipped with a message. On a GPU both sides run there (the
 card is named in the table).
@@ -54,17 +57,22 @@ def bench_jax(*, size: int, width: int, batch: int) -> dict:
 
     from jaxmodels.infer import _probabilities
     from jaxmodels.losses import weighted_bce
+    from jaxmodels.parallel import make_data_mesh, replicate, shard_batch
     from jaxmodels.resnet import ResNet18
     from jaxmodels.train import _train_step
 
+    # As in training: the batch sharded over every device (one per core on a CPU,
+    # jaxmodels.parallel.use_cpu_cores_as_devices), the state replicated.
+    mesh = make_data_mesh()
     model = ResNet18(width=width, log_activation=False, rngs=nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.adamw(1e-3, weight_decay=1e-4), wrt=nnx.Param)
+    nnx.update(model, replicate(nnx.state(model), mesh))
+    nnx.update(optimizer, replicate(nnx.state(optimizer), mesh))
     rng = np.random.default_rng(0)
-    batch_arrays = {
-        "x": jnp.asarray(rng.normal(size=(batch, size, size, 1)).astype(np.float32)),
-        "y": jnp.asarray(rng.integers(0, 2, (batch, N_CLASSES)).astype(np.float32)),
-    }
-    x_infer = jnp.concatenate([batch_arrays["x"], batch_arrays["x"]])
+    host_x = rng.normal(size=(batch, size, size, 1)).astype(np.float32)
+    batch_arrays = shard_batch(
+        {"x": host_x, "y": rng.integers(0, 2, (batch, N_CLASSES)).astype(np.float32)}, mesh)
+    x_infer = shard_batch({"x": np.concatenate([host_x, host_x])}, mesh)["x"]
 
     def loss_fn(model, batch, *, key, step, train):
         return weighted_bce(model(batch["x"]), batch["y"]), {}
@@ -86,7 +94,7 @@ def bench_jax(*, size: int, width: int, batch: int) -> dict:
     start = time.perf_counter()
     train()
     infer()  # compile both programs before timing
-    return {"device": str(jax.devices()[0].device_kind), "train": train, "infer": infer,
+    return {"device": f"{jax.devices()[0].device_kind} x {mesh.size}", "train": train, "infer": infer,
             "compile": time.perf_counter() - start}
 
 
@@ -187,6 +195,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (best kept)")
     args = parser.parse_args()
     options = dict(size=args.size, width=args.width, batch=args.batch)
+    from jaxmodels.parallel import use_cpu_cores_as_devices
+
+    use_cpu_cores_as_devices()  # what airysort train does, before JAX starts
 
     jax_side = bench_jax(**options)
     torch_side = bench_torch(**options)

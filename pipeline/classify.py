@@ -282,13 +282,14 @@ def train_classifier(
     from jaxmodels.data import PatternBatches
     from jaxmodels.infer import predict_proba, tune_thresholds
     from jaxmodels.losses import classifier_loss_fn, positive_weights
-    from jaxmodels.parallel import make_data_mesh, maybe_initialize_distributed
+    from jaxmodels.parallel import make_data_mesh, maybe_initialize_distributed, use_cpu_cores_as_devices
     from jaxmodels.resnet import build_cnn
     from jaxmodels.train import fit
     from pipeline import store
 
     start = time.perf_counter()
     model_dir = Path(model_dir)
+    use_cpu_cores_as_devices()  # on a CPU, one device per core (see its docstring)
     maybe_initialize_distributed()
     dataset, source = _input_array(store_path, input)
     labels_all = np.asarray(dataset["label"].values)

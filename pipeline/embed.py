@@ -153,10 +153,11 @@ def train_vae(
     from jaxmodels.configs import TrainConfig, VAEConfig, to_dict
     from jaxmodels.data import PatternBatches
     from jaxmodels.losses import vae_loss_fn
-    from jaxmodels.parallel import make_data_mesh, round_batch_size
+    from jaxmodels.parallel import make_data_mesh, round_batch_size, use_cpu_cores_as_devices
     from jaxmodels.train import fit
     from pipeline import store
 
+    use_cpu_cores_as_devices()  # on a CPU, one device per core (see its docstring)
     start = time.perf_counter()
     model_dir = Path(model_dir).absolute()
     vae_options, train_options = _split_options({"input": input, **options})

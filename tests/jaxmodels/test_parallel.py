@@ -93,3 +93,40 @@ def test_distributed_initialisation_only_under_multi_task_slurm(monkeypatch):
     monkeypatch.setenv("SLURM_NTASKS", "4")
     assert parallel.maybe_initialize_distributed() is True
     assert calls == [1]
+
+
+CORES_SCRIPT = textwrap.dedent(
+    """
+    import json, os
+    from jaxmodels.parallel import use_cpu_cores_as_devices
+    n = use_cpu_cores_as_devices(max_devices=3)
+    import jax
+    again = use_cpu_cores_as_devices()  # backends now started: too late, nothing changes
+    print(json.dumps({"set": n, "again": again, "devices": jax.device_count(),
+                      "cores": len(os.sched_getaffinity(0))}))
+    """
+)
+
+
+def _cores_run(**env_overrides: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", **env_overrides}
+    for name in ("XLA_FLAGS", "SLURM_NTASKS"):
+        if name not in env_overrides:
+            env.pop(name, None)
+    run = subprocess.run([sys.executable, "-c", CORES_SCRIPT], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_cpu_cores_become_devices_before_jax_starts_and_never_against_the_user():
+    out = _cores_run()
+    expected = min(3, out["cores"])
+    assert out["devices"] == expected
+    assert out["set"] == (expected if expected > 1 else 0)
+    assert out["again"] == 0
+    # A device count the user chose wins; a task of a multi-task SLURM job is left alone.
+    out = _cores_run(XLA_FLAGS="--xla_force_host_platform_device_count=5")
+    assert (out["set"], out["devices"]) == (0, 5)
+    out = _cores_run(SLURM_NTASKS="2")
+    assert (out["set"], out["devices"]) == (0, 1)
