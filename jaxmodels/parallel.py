@@ -58,7 +58,9 @@ def use_cpu_cores_as_devices(max_devices: int = 8) -> int:
     Only effective before JAX starts its backends (the first array or device query), so
     call it at the start of a command. It sets ``--xla_force_host_platform_device_count``
     in ``XLA_FLAGS`` unless that flag is already there (the user's choice wins), and does
-    nothing for a process of a multi-task SLURM job.
+    nothing for a process of a multi-task SLURM job. ``train_classifier`` and ``train_vae``
+    call it first, so a notebook that trains before any other JAX work gets one device
+    per core for the rest of the session.
 
     Parameters
     ----------
