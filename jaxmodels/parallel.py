@@ -36,8 +36,7 @@ def maybe_initialize_distributed() -> bool:
     bool
         True if the distributed runtime was initialised by this call.
     """
-    n_tasks = int(os.environ.get("SLURM_NTASKS", os.environ.get("SLURM_NPROCS", "1")) or 1)
-    if "SLURM_JOB_ID" not in os.environ or n_tasks <= 1:
+    if "SLURM_JOB_ID" not in os.environ or _slurm_task_count() <= 1:
         return False
     if jax.distributed.is_initialized():
         return False
@@ -75,8 +74,7 @@ def use_cpu_cores_as_devices(max_devices: int = 8) -> int:
     from jax._src import xla_bridge  # backends_are_initialized is not public API yet
 
     flags = os.environ.get("XLA_FLAGS", "")
-    n_tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
-    if ("xla_force_host_platform_device_count" in flags or n_tasks > 1
+    if ("xla_force_host_platform_device_count" in flags or _slurm_task_count() > 1
             or getattr(xla_bridge, "backends_are_initialized", lambda: True)()):
         return 0
     n = max(1, min(max_devices, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
@@ -84,6 +82,11 @@ def use_cpu_cores_as_devices(max_devices: int = 8) -> int:
     if n > 1:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
     return n if n > 1 else 0
+
+
+def _slurm_task_count() -> int:
+    """Tasks of the SLURM job step this process belongs to (1 outside SLURM)."""
+    return int(os.environ.get("SLURM_NTASKS", os.environ.get("SLURM_NPROCS", "1")) or 1)
 
 
 def make_data_mesh(devices: list | None = None) -> Mesh:

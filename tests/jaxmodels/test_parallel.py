@@ -110,7 +110,7 @@ CORES_SCRIPT = textwrap.dedent(
 
 def _cores_run(**env_overrides: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", **env_overrides}
-    for name in ("XLA_FLAGS", "SLURM_NTASKS"):
+    for name in ("XLA_FLAGS", "SLURM_NTASKS", "SLURM_NPROCS"):
         if name not in env_overrides:
             env.pop(name, None)
     run = subprocess.run([sys.executable, "-c", CORES_SCRIPT], cwd=REPO, env=env,
