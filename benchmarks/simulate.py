@@ -18,14 +18,15 @@ import os
 import sys
 import time
 
+from pipeline.dask_cluster import WORKER_ENVIRON
 from pipeline.simulate.beamtime import BLOCK, render_block
 from pipeline.simulate.profile import load_profile
 
 TARGETS = {("projection", 256): 200.0, ("msft", 256): 5.0}
-#: glibc settings of airysort's local Dask workers (pipeline/dask_cluster.py). With the
+#: glibc settings of airysort's Dask workers (pipeline.dask_cluster.WORKER_ENVIRON). With the
 #: defaults, every frame-sized temporary is a fresh mmap that page-faults (several times
 #: the arithmetic's CPU time at 256^2); workers keep freed memory for reuse instead.
-WORKER_MALLOC = {"MALLOC_TRIM_THRESHOLD_": str(256 * 2**20), "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20)}
+WORKER_MALLOC = {name: str(value) for name, value in WORKER_ENVIRON.items() if name.startswith("MALLOC_")}
 
 
 def rate(model: str, size: int, n: int) -> float:
