@@ -90,13 +90,12 @@ def decide(probabilities: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     p, t = np.clip(probabilities, eps, 1 - eps), np.clip(thresholds, eps, 1 - eps)
     margin = np.log(p / (1 - p)) - np.log(t / (1 - t))  # >= 0: predicted
     predicted = probabilities >= thresholds
-    rows = np.arange(len(predicted))
     empty = CLASS_INDEX["Empty"]
     others = np.array([i for i in range(N_CLASSES) if i != empty])
     for a, b in ((CLASS_INDEX[x], CLASS_INDEX[y]) for x, y in EXCLUSIVE_PAIRS):
         both = predicted[:, a] & predicted[:, b]
         loser = np.where(margin[:, a] >= margin[:, b], b, a)
-        predicted[rows[both], loser[both]] = False
+        predicted[np.flatnonzero(both), loser[both]] = False
     with_others = predicted[:, empty] & predicted[:, others].any(axis=1)
     best_other = np.where(predicted[:, others], margin[:, others], -np.inf).max(axis=1)
     empty_wins = with_others & (margin[:, empty] >= best_other)
