@@ -6,8 +6,10 @@ Each row renders shots with the real label mix (taxonomy.md frequencies) in this
 process on one core (finufft single-threaded, no Dask), in blocks of
 ``beamtime.BLOCK`` shots as a Dask worker does, timing CPU seconds so that other
 load on the machine does not count. Targets (issue 3): projection >= 200
-patterns/s per core at 256^2, MSFT >= 5 per core at 256^2. The baseline for the
-ratios is the projection model at 256^2 measured in the same run.
+patterns/s per core at 256^2, MSFT >= 5 per core at 256^2, shown for MSFT with the
+wave in straight lines (``msft``, the shipped fermi profile) and propagated in 10 nm
+slices (``msft-10nm``, ``slice_thickness: 10.0e-9``). The baseline for the ratios is
+the projection model at 256^2 measured in the same run.
 """
 
 from __future__ import annotations
@@ -22,18 +24,22 @@ from pipeline.dask_cluster import WORKER_ENVIRON
 from pipeline.simulate.beamtime import BLOCK, render_block
 from pipeline.simulate.profile import load_profile
 
-TARGETS = {("projection", 256): 200.0, ("msft", 256): 5.0}
+#: Rows: name -> (forward model, MSFT slice thickness in m or None for straight lines).
+MODELS = {"projection": ("projection", None), "born": ("born", None), "msft": ("msft", None),
+          "msft-10nm": ("msft", 10e-9)}
+TARGETS = {("projection", 256): 200.0, ("msft", 256): 5.0, ("msft-10nm", 256): 5.0}
 #: glibc settings of airysort's Dask workers (pipeline.dask_cluster.WORKER_ENVIRON). With the
 #: defaults, every frame-sized temporary is a fresh mmap that page-faults (several times
 #: the arithmetic's CPU time at 256^2); workers keep freed memory for reuse instead.
 WORKER_MALLOC = {name: str(value) for name, value in WORKER_ENVIRON.items() if name.startswith("MALLOC_")}
 
 
-def rate(model: str, size: int, n: int) -> float:
-    """Patterns per CPU second for ``n`` shots of the given model and frame size."""
+def rate(name: str, size: int, n: int) -> float:
+    """Patterns per CPU second for ``n`` shots of the given row of MODELS and frame size."""
+    model, slice_thickness = MODELS[name]
     # Projection belongs to the small-angle geometry; Born and MSFT to the wide-angle one.
     base = load_profile("lcls" if model == "projection" else "fermi")
-    profile = dataclasses.replace(base, model=model).at_size(size)
+    profile = dataclasses.replace(base, model=model, slice_thickness=slice_thickness).at_size(size)
     render_block(0, 8, seed=99, profile=profile, balanced=True)  # JIT compilation and set-up
     start = time.process_time()
     # Worker-sized blocks: one block of all n shots would also time page faults of its
@@ -58,15 +64,15 @@ def main() -> None:
     counts = {256: 60, 1024: 4} if not args.quick else {256: 16, 1024: 1}
     rows = []
     for size in args.sizes:
-        for model in ("projection", "born", "msft"):
-            n = counts[size] * (4 if model == "projection" else 1)
-            rows.append((model, size, rate(model, size, n)))
+        for name in MODELS:
+            n = counts[size] * (4 if name == "projection" else 1)
+            rows.append((name, size, rate(name, size, n)))
     baseline = rows[0][2]
-    print(f"{'model':<11} {'frame':>6} {'patterns/s/core':>16} {'vs projection 256':>18} {'target':>7} {'met':>4}")
+    print(f"{'model':<12} {'frame':>6} {'patterns/s/core':>16} {'vs projection 256':>18} {'target':>7} {'met':>4}")
     for model, size, value in rows:
         target = TARGETS.get((model, size))
         met = "" if target is None else ("yes" if value >= target else "NO")
-        print(f"{model:<11} {size:>5}² {value:>16.2f} {value / baseline:>18.3f} "
+        print(f"{model:<12} {size:>5}² {value:>16.2f} {value / baseline:>18.3f} "
               f"{'' if target is None else f'{target:g}':>7} {met:>4}")
 
 

@@ -232,6 +232,7 @@ def simulate_beamtime(
         "path": str(path),
         "profile": prof.name,
         "model": prof.model,
+        "slice_thickness": prof.slice_thickness,
         "frame_shape": list(prof.frame_shape),
         "class_counts": {name: int(c) for name, c in zip(CLASS_NAMES, counts)},
     }
@@ -296,6 +297,8 @@ class _Writer:
         h5.attrs["creator"] = "airysort simulate"
         h5.attrs["profile"] = profile.name
         h5.attrs["model"] = profile.model
+        if profile.slice_thickness is not None:
+            h5.attrs["slice_thickness"] = profile.slice_thickness  # m
         h5.attrs["seed"] = seed
         h5.attrs["class_names"] = list(CLASS_NAMES)
         if layout == "stacked":

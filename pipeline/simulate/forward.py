@@ -17,6 +17,8 @@ transformed (see ``shared/design/physics.md`` and ``docs/simulator.md``):
     The multi-slice Fourier transform (Barke et al., Nat. Commun. 6, 6187
     (2015)) in the limit of infinitely thin slices: the density carries the
     phase and attenuation ``exp(i k int_{-inf}^z dn dz')`` of the incoming wave.
+    With ``slice_thickness`` the density carries the incoming wave propagated
+    through the droplet instead (refraction, diffraction; :mod:`.propagation`).
 
 All three are evaluated column by column: every column ``(x, y)`` parallel to
 the beam crosses the particle in a few segments ``[a, b]`` of uniform material
@@ -56,7 +58,7 @@ import numba
 import numpy as np
 from scipy import special
 
-from pipeline.simulate import projected
+from pipeline.simulate import projected, propagation
 from pipeline.simulate.particles import Body, column_segments
 
 MODELS = ("projection", "born", "msft")
@@ -414,6 +416,7 @@ def droplet_amplitude(
     oversample: float = 2.0,
     supersample: int = 2,
     eps: float = 1e-4,
+    slice_thickness: float | None = None,
 ) -> np.ndarray:
     """Scattering amplitude ``A(q)`` (nm^3) of one droplet made of convex bodies.
 
@@ -441,6 +444,13 @@ def droplet_amplitude(
         Born and MSFT only.
     eps : float, default=1e-4
         Relative precision of the non-uniform FFTs.
+    slice_thickness : float, optional
+        MSFT only. None (default): the incoming wave travels in straight lines
+        (Barke et al.'s MSFT). A thickness (nm): the incoming wave is propagated
+        through the droplet slice by slice (:mod:`.propagation`), which adds its
+        refraction and diffraction inside the droplet; slower, and more accurate
+        at wide angles (about 10 nm with ``oversample=3`` matches exact Mie theory
+        to 0.02 dex up to 30 degrees for a 500 nm helium droplet at 13.5 nm).
 
     Returns
     -------
@@ -450,6 +460,8 @@ def droplet_amplitude(
     """
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; use one of {MODELS}")
+    if slice_thickness is not None and (model != "msft" or not slice_thickness > 0):
+        raise ValueError(f"slice_thickness={slice_thickness!r} needs model='msft' and a positive thickness (nm)")
     q = np.asarray(q)
     if model == "projection" and _nested_ellipsoids(bodies):
         # Exact form factors keep float32 momentum transfers in float32 (complex64 result).
@@ -471,7 +483,7 @@ def droplet_amplitude(
                                      eps=eps).reshape(shape)
     return _column_amplitude(bodies, q.reshape(-1, 3).astype(np.float64, copy=False), wavelength=wavelength,
                              index_minus_one=index_minus_one, model=model, oversample=oversample,
-                             supersample=supersample, eps=eps).reshape(shape)
+                             supersample=supersample, eps=eps, slice_thickness=slice_thickness).reshape(shape)
 
 
 def _projection_amplitude(bodies, q, *, index_minus_one, eps):
@@ -534,7 +546,8 @@ def _centred_grid(bodies: Sequence[Body], spacing):
     return tuple((np.arange(n) - n // 2) * h for n, h in zip(counts, spacing))
 
 
-def _column_amplitude(bodies, q, *, wavelength, index_minus_one, model, oversample, supersample, eps):
+def _column_amplitude(bodies, q, *, wavelength, index_minus_one, model, oversample, supersample, eps,
+                      slice_thickness=None):
     """:func:`droplet_amplitude` by the column engine (Born, MSFT), for q (n_targets, 3) in float64."""
     q_perp = float(np.sqrt(np.max(q[:, 0] ** 2 + q[:, 1] ** 2)))
     spacing = np.pi / max(q_perp, 1e-6) / oversample
@@ -569,10 +582,19 @@ def _column_amplitude(bodies, q, *, wavelength, index_minus_one, model, oversamp
     count = int(np.ceil((float(q[:, 2].max()) - qz_lo) / step)) + _TAPS + 1
     nodes = qz_lo + step * np.arange(count)
     optical = dn * thickness
-    phase_start = kappa * (np.cumsum(optical, axis=1) - optical)
-    cells = _column_integrals(
-        cell, start - z0, thickness, material, phase_start, dn_table[:-1], nodes, kappa, ny * nx,
-    ).reshape(len(nodes), ny, nx)
+    if slice_thickness is None:
+        phase_start = kappa * (np.cumsum(optical, axis=1) - optical)
+        cells = _column_integrals(cell, start - z0, thickness, material, phase_start, dn_table[:-1], nodes, kappa,
+                                  ny * nx)
+    else:
+        planes = propagation.slice_planes(z_lo - z0, z_hi - z0, slice_thickness)
+        full = propagation.full_slice_counts(cell, start - z0, thickness, material, len(dn_table) - 1, planes, ny * nx)
+        transmission = propagation.slice_transmission(cell, start - z0, thickness, material, dn_table[:-1], k,
+                                                      planes, full, supersample**2)
+        field = propagation.propagate(transmission.reshape(-1, ny, nx), planes, spacing=spacing, k=k)
+        cells = propagation.propagated_column_integrals(cell, start - z0, thickness, material, dn_table[:-1], k,
+                                                        planes, field.reshape(len(planes), -1), full, nodes)
+    cells = cells.reshape(len(nodes), ny, nx)
     cells *= spacing * spacing / supersample**2
 
     # Undo the box filter's transfer function on the unaliased spectrum.

@@ -104,9 +104,10 @@ def _group_intensity(group, setup: Setup, center_shift, supersample: int, dtype)
         live = np.repeat(np.repeat(~setup.mask, supersample, axis=0), supersample, axis=1)
         q, weight = q[live], weight[live]
     amplitude = 0
+    slice_thickness = None if profile.slice_thickness is None else profile.slice_thickness * 1e9  # nm
     for bodies, offset in group:
-        part = droplet_amplitude(bodies, q, wavelength=profile.wavelength,
-                                 index_minus_one=setup.index_minus_one, model=profile.model)
+        part = droplet_amplitude(bodies, q, wavelength=profile.wavelength, index_minus_one=setup.index_minus_one,
+                                 model=profile.model, slice_thickness=slice_thickness)
         if np.any(offset):
             # Shift theorem with the full Ewald-sphere q, also for the projection
             # model: the phase between droplets apart along the beam makes Newton rings.

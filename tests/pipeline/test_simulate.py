@@ -51,6 +51,30 @@ class TestProfiles:
             load_profile("no-such-profile")
 
 
+    def test_slice_thickness_switches_msft_to_a_propagated_wave(self, tmp_path):
+        from pathlib import Path
+
+        import pipeline.simulate
+
+        shipped = (Path(pipeline.simulate.__file__).parent / "profiles" / "fermi.yaml").read_text()
+        assert load_profile("fermi").slice_thickness is None  # straight lines by default
+        propagated = tmp_path / "fermi-propagated.yaml"
+        propagated.write_text(shipped.replace("slice_thickness: null", "slice_thickness: 10.0e-9"))
+        assert load_profile(propagated).slice_thickness == pytest.approx(10e-9)
+        frames, labels, _ = simulate_patterns(4, seed=3, profile=propagated, size=64)
+        straight_frames, straight_labels, _ = simulate_patterns(4, seed=3, profile="fermi", size=64)
+        # Same shots and noise draws; only the wave inside the droplets differs.
+        np.testing.assert_array_equal(labels, straight_labels)
+        hits = straight_frames.reshape(4, -1).sum(axis=1) > 2 * straight_frames.reshape(4, -1).sum(axis=1).min()
+        assert np.any(frames[hits] != straight_frames[hits])
+        assert frames.sum() == pytest.approx(straight_frames.sum(), rel=0.2)
+        wrong = tmp_path / "wrong.yaml"
+        wrong.write_text(shipped.replace("model: msft", "model: born").replace("slice_thickness: null",
+                                                                               "slice_thickness: 10.0e-9"))
+        with pytest.raises(AirysortError, match="slice_thickness"):
+            load_profile(wrong)
+
+
 class TestLabelRules:
     def test_combination_frequencies_follow_taxonomy(self):
         combos, p = rules.combination_table(wide_angle=True, balanced=False)

@@ -25,14 +25,15 @@ LAMBDA = 13.5e-9
 K = 2 * np.pi / 13.5  # 1/nm
 
 
-def _mie_check(radius_nm: float, max_angle_deg: float):
+def _mie_check(radius_nm: float, max_angle_deg: float, *, index_minus_one=None, **options):
+    """RMS and mean log10 error of MSFT (``options`` of droplet_amplitude) against exact Mie."""
     miepython = pytest.importorskip("miepython")
-    n = refractive_index("helium", LAMBDA)
+    n = refractive_index("helium", LAMBDA) if index_minus_one is None else 1 + index_minus_one
     theta = np.radians(np.linspace(0.2, max_angle_deg, 1500))
     # Perpendicular to the (horizontal) polarisation: Mie's |S1|^2, no polarisation factor.
     q = np.stack([0 * theta, K * np.sin(theta), K * (np.cos(theta) - 1)], axis=1)
     sphere = Body("ellipsoid", np.zeros(3), np.eye(3), (radius_nm,) * 3)
-    amplitude = droplet_amplitude([sphere], q, wavelength=LAMBDA, index_minus_one=[n - 1], model="msft")
+    amplitude = droplet_amplitude([sphere], q, wavelength=LAMBDA, index_minus_one=[n - 1], model="msft", **options)
     # dsigma/dOmega = (k^2 / 2 pi)^2 |A|^2 = |S1|^2 / k^2; miepython uses m = n' - i n''.
     simulated = (K**2 / (2 * np.pi)) ** 2 * np.abs(amplitude) ** 2 * K**2
     s1, _ = miepython.S1_S2(np.conj(n), K * radius_nm, np.cos(theta), norm="wiscombe")
@@ -50,15 +51,41 @@ class TestMSFTAgainstMie:
         assert bias < 0.015
         assert rms < 0.08
 
-    def test_500nm_sphere(self):
-        # Within 15 degrees MSFT meets the issue's 0.05 target; out to 30 degrees the
-        # scalar, forward-propagating MSFT deviates from exact Mie by 0.15 dex RMS (deep
-        # minima shift slightly). Both limits are asserted so that regressions show.
+    def test_500nm_sphere_straight_line(self):
+        # With the incoming wave in straight lines MSFT meets the issue's 0.05 target
+        # within 15 degrees; out to 30 degrees it deviates from exact Mie by 0.15 dex RMS
+        # (refraction shifts the deep minima). Both limits are asserted so that
+        # regressions show.
         rms_15, bias = _mie_check(500.0, 15.0)
         rms_30, _ = _mie_check(500.0, 30.0)
         assert bias < 0.02
         assert rms_15 < 0.05
         assert rms_30 < 0.16
+
+    def test_500nm_sphere_propagated_meets_the_target_to_30_degrees(self):
+        # The issue's check: RMS log10 error < 0.05 up to the fermi profile's 30 degrees,
+        # with the incoming wave propagated through the droplet in 10 nm slices
+        # (measured 0.038, bias 0.002).
+        rms, bias = _mie_check(500.0, 30.0, slice_thickness=10.0)
+        assert rms < 0.05
+        assert bias < 0.01
+
+    def test_propagated_msft_converges_to_mie(self):
+        # Finer slices and columns bring it closer (0.049 -> 0.020 measured): the
+        # remaining difference is numerical, not a missing physical effect.
+        coarse, _ = _mie_check(500.0, 30.0, slice_thickness=20.0)
+        fine, _ = _mie_check(500.0, 30.0, slice_thickness=10.0, oversample=3.0)
+        assert fine < 0.03
+        assert fine < 0.6 * coarse
+
+    @pytest.mark.parametrize("index_minus_one", [-0.02 + 0.002j, 0.01 + 0.001j])
+    def test_propagation_captures_strong_refraction(self, index_minus_one):
+        # A 300 nm sphere with 5x helium's refraction, diverging (n < 1) and focusing
+        # (n > 1): straight lines miss by 0.15-0.20 dex, propagation by < 0.05.
+        straight, _ = _mie_check(300.0, 30.0, index_minus_one=index_minus_one)
+        propagated, _ = _mie_check(300.0, 30.0, index_minus_one=index_minus_one, slice_thickness=10.0)
+        assert straight > 0.14
+        assert propagated < 0.05
 
     def test_born_is_worse_than_msft(self):
         miepython = pytest.importorskip("miepython")
@@ -73,6 +100,40 @@ class TestMSFTAgainstMie:
             sim = (K**2 / (2 * np.pi)) ** 2 * np.abs(a) ** 2 * K**2
             errors[model] = np.sqrt(np.mean((np.log10(sim) - np.log10(np.abs(s1) ** 2)) ** 2))
         assert errors["msft"] < errors["born"] / 3
+
+
+@pytest.mark.parametrize("shape", ["core_shell", "dumbbell"])
+def test_propagated_msft_equals_straight_msft_without_refraction(shape):
+    """With a vanishing index contrast the wave is not bent: both MSFT variants agree.
+
+    Two bodies give columns of several segments (a xenon core inside helium; two
+    overlapping spheres), so the partial and whole-slice pieces and segments of
+    one slice are all exercised.
+    """
+    scale = 1e-6  # dn ~ 1e-9: k dn times the droplet's depth is ~1e-6 rad
+    if shape == "core_shell":
+        bodies = [Body("ellipsoid", np.zeros(3), rotation_matrix(0.4, 1.0, 0.3), (160.0, 120.0, 140.0), material=0),
+                  Body("ellipsoid", np.array([20.0, -10.0, 15.0]), np.eye(3), (40.0, 40.0, 40.0), material=1)]
+        dn = [scale * (-3.9e-3 + 1.2e-3j), scale * (-2e-2 + 3e-2j)]
+    else:
+        bodies = [Body("ellipsoid", np.array([0.0, 0.0, -70.0]), np.eye(3), (100.0,) * 3),
+                  Body("ellipsoid", np.array([30.0, 20.0, 80.0]), np.eye(3), (90.0,) * 3)]
+        dn = [scale * (-3.9e-3 + 1.2e-3j)]
+    theta, phi = np.meshgrid(np.radians(np.linspace(1, 30, 12)), np.radians(np.linspace(0, 330, 12)))
+    q = np.stack([K * np.sin(theta) * np.cos(phi), K * np.sin(theta) * np.sin(phi), K * (np.cos(theta) - 1)], -1)
+    straight = droplet_amplitude(bodies, q, wavelength=LAMBDA, index_minus_one=dn, model="msft")
+    propagated = droplet_amplitude(bodies, q, wavelength=LAMBDA, index_minus_one=dn, model="msft",
+                                   slice_thickness=7.0)
+    np.testing.assert_allclose(propagated, straight, rtol=0, atol=1e-4 * np.abs(straight).max())
+
+
+def test_slice_thickness_needs_msft():
+    sphere = Body("ellipsoid", np.zeros(3), np.eye(3), (100.0,) * 3)
+    q = np.zeros((1, 3))
+    for model, thickness in (("born", 10.0), ("msft", 0.0), ("msft", -5.0)):
+        with pytest.raises(ValueError, match="slice_thickness"):
+            droplet_amplitude([sphere], q, wavelength=LAMBDA, index_minus_one=[-1e-3], model=model,
+                              slice_thickness=thickness)
 
 
 def test_msft_kernel_equals_brute_force_voxel_sum():
