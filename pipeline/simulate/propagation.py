@@ -26,9 +26,10 @@ import numba
 import numpy as np
 from scipy import fft
 
-#: Lateral padding of the propagation grid relative to the droplet's shadow: the wave
-#: scattered inside the droplet must not wrap around into it within the droplet's depth.
-PADDING = 1.5
+#: Lateral size of the (periodic) propagation grid relative to the droplet's shadow, so
+#: that the wave scattered inside does not wrap around into it. Against Mie for a 500 nm
+#: sphere (10 nm slices): 1.0 gives 0.22 dex RMS, 1.1 0.052, 1.25 0.037, 1.5 0.038.
+PADDING = 1.25
 
 
 def slice_planes(z_lo: float, z_hi: float, slice_thickness: float) -> np.ndarray:
@@ -55,11 +56,11 @@ def _slice_extents(start, thickness, material, planes, c, s):  # pragma: no cove
 def full_slice_counts(cell, start, thickness, material, n_materials, planes, n_cells):  # pragma: no cover
     """How many sub-columns of each cell cross each slice wholly inside one material.
 
-    Returns float (n_materials, n_cells, n_slices). Such a slice transmits
+    Returns float (n_materials, n_slices, n_cells). Such a slice transmits
     ``exp(i k dn dz)`` whatever the column, so it needs no per-column work.
     """
     n_slices = planes.shape[0] - 1
-    steps = np.zeros((n_materials, n_cells, n_slices + 1))
+    steps = np.zeros((n_materials, n_slices + 1, n_cells))
     for c in range(start.shape[0]):
         for s in range(start.shape[1]):
             m = material[c, s]
@@ -67,9 +68,9 @@ def full_slice_counts(cell, start, thickness, material, n_materials, planes, n_c
                 continue
             _, _, first_full, last_full = _slice_extents(start, thickness, material, planes, c, s)
             if first_full <= last_full:
-                steps[m, cell[c], first_full] += 1.0
-                steps[m, cell[c], last_full + 1] -= 1.0
-    return np.cumsum(steps, axis=2)[:, :, :n_slices]
+                steps[m, first_full, cell[c]] += 1.0
+                steps[m, last_full + 1, cell[c]] -= 1.0
+    return np.cumsum(steps, axis=1)[:, :n_slices]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -111,10 +112,10 @@ def slice_transmission(cell, start, thickness, material, dn_table, kappa, planes
     vacuum and transmit 1. ``planes`` (nm) are equally spaced; ``full`` comes from
     :func:`full_slice_counts`. Returns complex (n_slices, n_cells).
     """
-    n_cells = full.shape[1]
+    n_cells = full.shape[2]
     excess = _partial_slice_excess(cell, start, thickness, material, dn_table, kappa, planes, n_cells)
     for m, dn in enumerate(dn_table):
-        excess += (np.exp(1j * kappa * dn * (planes[1] - planes[0])) - 1) * full[m].T
+        excess += (np.exp(1j * kappa * dn * (planes[1] - planes[0])) - 1) * full[m]
     return 1.0 + excess / columns_per_cell
 
 
@@ -180,12 +181,6 @@ def _optical_path(start, thickness, material, dn_table, c, z):  # pragma: no cov
 _NEAR_POLE = 1e-2
 
 
-def _taylor_i0_i1(wt, t):
-    """``I0``, ``I1`` of :func:`propagated_column_integrals` for small ``|w t|``."""
-    return (t * (1 + wt / 2 + wt * wt / 6 + wt * wt * wt / 24),
-            t * (0.5 + wt / 3 + wt * wt / 8 + wt * wt * wt / 30))
-
-
 def propagated_column_integrals(cell, start, thickness, material, dn_table, kappa, planes, field, full, nodes):
     """Column integrals ``int dn u exp(-i qz z) dz`` at each node ``qz``, summed per cell.
 
@@ -216,53 +211,54 @@ def propagated_column_integrals(cell, start, thickness, material, dn_table, kapp
     pole_nodes = np.full((len(dn_table), max(int(near_pole.sum(axis=1).max()), 1)), -1, dtype=np.int64)
     for m, row in enumerate(near_pole):
         pole_nodes[m, :row.sum()] = np.flatnonzero(row)
-    # Cell-major: a column reads its planes from contiguous memory.
-    at_planes, by_cell = _partial_piece_terms(cell, start, thickness, material, dn_table, kappa, planes,
-                                              np.ascontiguousarray(field.T), nodes, full.shape[1], inv_w, pole_nodes)
-    out = np.ascontiguousarray(by_cell.T)
-    n_cells = full.shape[1]
-    passed = np.exp(1j * kappa * dn_table * dz)
-    _add_full_slices(at_planes, full, np.ascontiguousarray(field.T), dn_table, passed, dz)
-    for m, j in zip(*np.nonzero(near_pole)):
-        i0, i1 = _taylor_i0_i1(w[m, j] * dz, dz)
-        before, after = field[:-1], field[1:]  # (n_slices, n_cells)
-        weight = dn_table[m] * np.exp(-1j * nodes[j] * planes[:-1])[:, None] * full[m].T
-        out[j] += (weight * (before * i0 + (after / passed[m] - before) * i1)).sum(axis=0)
+    # Cell-major: a column reads its planes from contiguous memory, and one end's
+    # nodes are contiguous in the output.
+    by_cell = np.ascontiguousarray(field.T)
+    at_planes, out = _partial_piece_terms(cell, start, thickness, material, dn_table, kappa, planes, by_cell, nodes,
+                                          full.shape[2], inv_w, pole_nodes)
+    _add_full_slices(at_planes, out, full, by_cell, dn_table, kappa, planes, nodes, pole_nodes)
     # exp(-i qz z) at every plane and node; one product per material and power of 1/w.
-    # In single precision: the coefficients are smooth along the planes (the
-    # full-slice terms nearly cancel between neighbours), and the sum costs most.
     plane_phase = np.exp(-1j * planes[:, None] * nodes[None, :]).astype(np.complex64)  # (n_planes, n_nodes)
-    used = np.unique(cell)
     for m in range(len(dn_table)):
         for power in (1, 2):
-            summed = at_planes[m, power - 1, used].astype(np.complex64) @ plane_phase
-            out[:, used] += (inv_w[m] ** power)[:, None] * summed.T
-    return out
+            out += (inv_w[m] ** power)[None, :] * (at_planes[m, power - 1] @ plane_phase)
+    return np.ascontiguousarray(out.T)
 
 
 @numba.njit(cache=True, nogil=True)
-def _add_full_slices(at_planes, full, field, dn_table, passed, dz):  # pragma: no cover
-    """Add the plane terms of the pieces that fill their slice (``full`` of them per cell and slice).
+def _add_full_slices(at_planes, out, full, field, dn_table, kappa, planes, nodes, pole_nodes):  # pragma: no cover
+    """Add the terms of the pieces that fill their slice (``full`` of them per slice and cell).
 
     With ``f0``, ``f1`` the cell's field at the slice's planes and ``P = exp(i kappa dn dz)``:
     ``-dn f0 / w + dn (f1 / P - f0) / (dz w^2)`` at the first plane and
-    ``dn f1 / w - dn (f1 - P f0) / (dz w^2)`` at the second.
+    ``dn f1 / w - dn (f1 - P f0) / (dz w^2)`` at the second, into ``at_planes``; at the
+    nodes near a pole, the Taylor series of the piece integral, into ``out`` (n_cells, n_nodes).
     """
-    n_materials, n_cells, n_slices = full.shape
+    n_materials, n_slices, n_cells = full.shape
+    dz = planes[1] - planes[0]
+    pole_phase = np.exp(-1j * nodes[np.maximum(pole_nodes, 0)][:, :, None] * planes[None, None, :])
     for m in range(n_materials):
         d = dn_table[m]
-        p_m = passed[m]
-        for k in range(n_cells):
+        passed = cmath.exp(1j * kappa * d * dz)
+        for k in range(n_cells):  # cell-major, like at_planes and field
             for p in range(n_slices):
-                n = full[m, k, p]
+                n = full[m, p, k]
                 if n == 0.0:
                     continue
                 f0 = field[k, p]
                 f1 = field[k, p + 1]
                 at_planes[m, 0, k, p] -= n * d * f0
-                at_planes[m, 1, k, p] += n * d * (f1 / p_m - f0) / dz
+                at_planes[m, 1, k, p] += n * d * (f1 / passed - f0) / dz
                 at_planes[m, 0, k, p + 1] += n * d * f1
-                at_planes[m, 1, k, p + 1] -= n * d * (f1 - p_m * f0) / dz
+                at_planes[m, 1, k, p + 1] -= n * d * (f1 - passed * f0) / dz
+                for jj in range(pole_nodes.shape[1]):
+                    j = pole_nodes[m, jj]
+                    if j < 0:
+                        break
+                    wt = 1j * (kappa * d - nodes[j]) * dz
+                    i0 = dz * (1 + wt / 2 + wt * wt / 6 + wt * wt * wt / 24)
+                    i1 = dz * (0.5 + wt / 3 + wt * wt / 8 + wt * wt * wt / 30)
+                    out[k, j] += n * d * pole_phase[m, jj, p] * (f0 * i0 + (f1 / passed - f0) * i1)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -271,14 +267,16 @@ def _partial_piece_terms(cell, start, thickness, material, dn_table, kappa, plan
     """The pieces of :func:`propagated_column_integrals` that do not fill their slice.
 
     ``field`` is cell-major here, (n_cells, n_planes). Returns the coefficients of
-    ``exp(-i qz z_plane) / w^p`` (n_materials, 2, n_cells, n_planes) and the
+    ``exp(-i qz z_plane) / w^p`` (complex64, n_materials, 2, n_cells, n_planes) and the
     node-by-node sums of the ends inside slices and of the nodes near a pole, also
     cell-major (n_cells, n_nodes) so that one end's nodes are contiguous in memory.
     """
     n_planes = planes.shape[0]
     dz = planes[1] - planes[0]
     step = nodes[1] - nodes[0] if nodes.shape[0] > 1 else 0.0
-    at_planes = np.zeros((dn_table.shape[0], 2, n_cells, n_planes), dtype=np.complex128)
+    # Single precision: the coefficients are smooth along the planes (whole-slice
+    # terms nearly cancel between neighbours), and their matrix product costs most.
+    at_planes = np.zeros((dn_table.shape[0], 2, n_cells, n_planes), dtype=np.complex64)
     out = np.zeros((n_cells, nodes.shape[0]), dtype=np.complex128)  # cell-major, see the docstring
     for c in range(start.shape[0]):
         k = cell[c]
