@@ -175,6 +175,13 @@ def _optical_path(start, thickness, material, dn_table, c, z):  # pragma: no cov
     return path
 
 
+@numba.njit(cache=True, inline="always")
+def _small_piece_integrals(wt, t):  # pragma: no cover
+    """``I0``, ``I1`` of :func:`propagated_column_integrals` for small ``|w t|`` (Taylor series)."""
+    return (t * (1 + wt / 2 + wt * wt / 6 + wt * wt * wt / 24),
+            t * (0.5 + wt / 3 + wt * wt / 8 + wt * wt * wt / 30))
+
+
 #: Nodes closer than this (|w| dz) to a material's pole ``qz = kappa dn`` are summed
 #: with a Taylor series; elsewhere the exact piece integrals are split into terms at
 #: the pieces' ends (see :func:`propagated_column_integrals`).
@@ -185,9 +192,10 @@ def propagated_column_integrals(cell, start, thickness, material, dn_table, kapp
     """Column integrals ``int dn u exp(-i qz z) dz`` at each node ``qz``, summed per cell.
 
     ``field`` (n_planes, n_cells) is the propagated wave at the slice planes
-    (:func:`propagate`), ``full`` the counts of :func:`full_slice_counts`. Between planes ``u`` is written as the column's own
-    straight-line wave ``u_s = exp(i kappa int dn dz')`` times a correction ``c``
-    that goes linearly from its value at one plane to the next: the straight-line
+    (:func:`propagate`), ``full`` the counts of :func:`full_slice_counts`. Between
+    planes ``u`` is written as the column's own straight-line wave
+    ``u_s = exp(i kappa int dn dz')`` times a correction ``c`` that goes linearly
+    from its value at one plane to the next: the straight-line
     part carries the sharp changes where the column enters or leaves a material,
     the correction the smooth effect of propagation. Each piece ``[a, b]``
     (``t = b - a``) of uniform material between planes then integrates exactly to
@@ -255,9 +263,7 @@ def _add_full_slices(at_planes, out, full, field, dn_table, kappa, planes, nodes
                     j = pole_nodes[m, jj]
                     if j < 0:
                         break
-                    wt = 1j * (kappa * d - nodes[j]) * dz
-                    i0 = dz * (1 + wt / 2 + wt * wt / 6 + wt * wt * wt / 24)
-                    i1 = dz * (0.5 + wt / 3 + wt * wt / 8 + wt * wt * wt / 30)
+                    i0, i1 = _small_piece_integrals(1j * (kappa * d - nodes[j]) * dz, dz)
                     out[k, j] += n * d * pole_phase[m, jj, p] * (f0 * i0 + (f1 / passed - f0) * i1)
 
 
@@ -311,9 +317,7 @@ def _partial_piece_terms(cell, start, thickness, material, dn_table, kappa, plan
                 for j in pole_nodes[m]:
                     if j < 0:
                         break
-                    wt = 1j * (kappa * d - nodes[j]) * t
-                    i0 = t * (1 + wt / 2 + wt * wt / 6 + wt * wt * wt / 24)
-                    i1 = t * (0.5 + wt / 3 + wt * wt / 8 + wt * wt * wt / 30)
+                    i0, i1 = _small_piece_integrals(1j * (kappa * d - nodes[j]) * t, t)
                     out[k, j] += entry * cmath.exp(-1j * nodes[j] * a) * (ca * i0 + slope * t * i1)
     return at_planes, out
 
