@@ -13,6 +13,8 @@ measures, in the same run:
 - naive: ``xarray.open_dataset(file, engine="h5netcdf").to_zarr(...)`` per file;
 - airysort ingest at N/4 and at N frames from the page cache, and at N from disk, on the
   default local cluster,
+- the ceiling that compression alone sets: the store's codec for ``raw`` encoding the same
+  frames in its inner chunks on one thread (as in a Dask worker thread), times the cores,
 
 and prints frames/s, MB/s and peak memory (resident set of this process and its worker
 processes, sampled every 50 ms) with ratios against both h5py reads.
@@ -87,6 +89,31 @@ def h5py_read(paths: list[Path]) -> int:
     return frames
 
 
+def encode_seconds_per_frame(frames: np.ndarray, repeats: int = 20) -> float:
+    """CPU seconds to compress one frame with the store's codec for ``raw``, on one thread.
+
+    Dask workers call Blosc from non-main threads, where numcodecs does not use
+    Blosc's own threads; the benchmark does the same.
+    """
+    from numcodecs import Blosc, blosc
+
+    from pipeline.store import RAW_INNER_CHUNK, compressors
+
+    codec = compressors(frames.dtype)[0]
+    shuffle = {"bitshuffle": Blosc.BITSHUFFLE, "shuffle": Blosc.SHUFFLE, "noshuffle": Blosc.NOSHUFFLE}
+    numcodec = Blosc(cname=codec.cname.value, clevel=codec.clevel, shuffle=shuffle[codec.shuffle.value])
+    chunk = np.ascontiguousarray(frames[:RAW_INNER_CHUNK])
+    threads, blosc.use_threads = blosc.use_threads, False
+    try:
+        numcodec.encode(chunk)
+        start = time.process_time()
+        for _ in range(repeats):
+            numcodec.encode(chunk)
+        return (time.process_time() - start) / (repeats * len(chunk))
+    finally:
+        blosc.use_threads = threads
+
+
 def naive_xarray(paths: list[Path], out: Path) -> None:
     import xarray as xr
 
@@ -150,6 +177,12 @@ def main() -> None:
                     result = ingest(work / f"ingest{index}.zarr", paths, client=client, log=lambda line: None)
                     row(name, n, time.perf_counter() - t, memory.peak)
                 assert result["patterns"] == n, result
+        with h5py.File(large[0], "r") as h5:
+            sample = h5["entry_1/data_1/data"][:64]
+        cores = psutil.cpu_count()
+        encode = encode_seconds_per_frame(sample)
+        rows.append((f"compress only, {cores} cores", args.n, args.n * encode / cores, cores / encode,
+                     cores / encode * frame_mb, float("nan")))
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
@@ -161,6 +194,9 @@ def main() -> None:
     for name, n, seconds, fps, mbps, peak in rows:
         print(f"{name:<24} {n:>8} {seconds:>9.1f} {fps:>10.0f} {mbps:>8.0f} {peak:>9.0f} "
               f"{fps / disk:>8.2f} {fps / cache:>9.2f}")
+    print(f"compression alone: {encode * 1e3:.3f} ms of CPU per frame ({args.size}x{args.size} uint16) on one "
+          f"thread, so no ingest that compresses with this codec exceeds {cores / encode:.0f} frames/s "
+          f"on {cores} cores ({cores / encode / cache:.2f} of the page-cache read)")
 
 
 if __name__ == "__main__":
