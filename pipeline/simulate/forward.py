@@ -593,8 +593,9 @@ def _column_amplitude(bodies, q, *, wavelength, index_minus_one, model, oversamp
         transmission = propagation.slice_transmission(cell, start - z0, thickness, material, dn_table[:-1], k,
                                                       planes, full, supersample**2)
         field = propagation.propagate(transmission.reshape(-1, ny, nx), planes, spacing=spacing, k=k)
+        del transmission  # large for large droplets
         cells = propagation.propagated_column_integrals(cell, start - z0, thickness, material, dn_table[:-1], k,
-                                                        planes, field.reshape(len(planes), -1), full, nodes)
+                                                        planes, field, full, nodes)
     cells = cells.reshape(len(nodes), ny, nx)
     cells *= spacing * spacing / supersample**2
 

@@ -56,11 +56,11 @@ def _slice_extents(start, thickness, material, planes, c, s):  # pragma: no cove
 def full_slice_counts(cell, start, thickness, material, n_materials, planes, n_cells):  # pragma: no cover
     """How many sub-columns of each cell cross each slice wholly inside one material.
 
-    Returns float (n_materials, n_slices, n_cells). Such a slice transmits
+    Returns float32 (n_materials, n_slices, n_cells). Such a slice transmits
     ``exp(i k dn dz)`` whatever the column, so it needs no per-column work.
     """
     n_slices = planes.shape[0] - 1
-    steps = np.zeros((n_materials, n_slices + 1, n_cells))
+    steps = np.zeros((n_materials, n_slices + 1, n_cells), dtype=np.float32)  # small integers: exact
     for c in range(start.shape[0]):
         for s in range(start.shape[1]):
             m = material[c, s]
@@ -70,16 +70,27 @@ def full_slice_counts(cell, start, thickness, material, n_materials, planes, n_c
             if first_full <= last_full:
                 steps[m, first_full, cell[c]] += 1.0
                 steps[m, last_full + 1, cell[c]] -= 1.0
-    return np.cumsum(steps, axis=1)[:, :n_slices]
+    for p in range(1, n_slices):  # running sum over slices, in place
+        steps[:, p] += steps[:, p - 1]
+    return steps[:, :n_slices]
 
 
 @numba.njit(cache=True, nogil=True)
-def _partial_slice_excess(cell, start, thickness, material, dn_table, kappa, planes, n_cells):  # pragma: no cover
-    """Sum over sub-columns of ``exp(i k int_slice dn dz) - 1`` for the slices a column
-    crosses only partly inside a material (where it enters, leaves or changes material).
-    Returns complex (n_slices, n_cells)."""
+def slice_transmission(cell, start, thickness, material, dn_table, kappa, planes, full, columns_per_cell):  # pragma: no cover
+    """Mean transmission ``exp(i k dn t)`` of each slice over each cell's sub-columns.
+
+    ``start``, ``thickness``, ``material`` (n_columns, n_segments) describe the
+    sub-columns that cross the droplet, ``cell`` (n_columns,) the grid cell each
+    belongs to; the other ``columns_per_cell`` - (hits) sub-columns of a cell are
+    vacuum and transmit 1. ``planes`` (nm) are equally spaced; ``full`` comes from
+    :func:`full_slice_counts` and covers the slices a column crosses wholly inside
+    one material. The others, where a column enters, leaves or changes material,
+    are summed column by column. Returns complex64 (n_slices, n_cells).
+    """
     n_slices = planes.shape[0] - 1
-    excess = np.zeros((n_slices, n_cells), dtype=np.complex128)
+    dz = planes[1] - planes[0]
+    n_materials, _, n_cells = full.shape
+    excess = np.zeros((n_slices, n_cells), dtype=np.complex64)  # sum of (transmission - 1)
     optical = np.zeros(n_slices, dtype=np.complex128)
     touched = np.zeros(n_slices, dtype=np.bool_)
     for c in range(start.shape[0]):
@@ -100,23 +111,15 @@ def _partial_slice_excess(cell, start, thickness, material, dn_table, kappa, pla
                 excess[j, cell[c]] += cmath.exp(1j * kappa * optical[j]) - 1.0
                 optical[j] = 0.0
                 touched[j] = False
+    for m in range(n_materials):
+        whole = cmath.exp(1j * kappa * dn_table[m] * dz) - 1.0
+        for p in range(n_slices):
+            for k in range(n_cells):
+                excess[p, k] += full[m, p, k] * whole
+    for p in range(n_slices):
+        for k in range(n_cells):
+            excess[p, k] = 1.0 + excess[p, k] / columns_per_cell
     return excess
-
-
-def slice_transmission(cell, start, thickness, material, dn_table, kappa, planes, full, columns_per_cell):
-    """Mean transmission ``exp(i k dn t)`` of each slice over each cell's sub-columns.
-
-    ``start``, ``thickness``, ``material`` (n_columns, n_segments) describe the
-    sub-columns that cross the droplet, ``cell`` (n_columns,) the grid cell each
-    belongs to; the other ``columns_per_cell`` - (hits) sub-columns of a cell are
-    vacuum and transmit 1. ``planes`` (nm) are equally spaced; ``full`` comes from
-    :func:`full_slice_counts`. Returns complex (n_slices, n_cells).
-    """
-    n_cells = full.shape[2]
-    excess = _partial_slice_excess(cell, start, thickness, material, dn_table, kappa, planes, n_cells)
-    for m, dn in enumerate(dn_table):
-        excess += (np.exp(1j * kappa * dn * (planes[1] - planes[0])) - 1) * full[m]
-    return 1.0 + excess / columns_per_cell
 
 
 def propagate(transmission: np.ndarray, planes: np.ndarray, *, spacing: float, k: float) -> np.ndarray:
@@ -135,8 +138,9 @@ def propagate(transmission: np.ndarray, planes: np.ndarray, *, spacing: float, k
 
     Returns
     -------
-    complex64 ndarray of shape (n_slices + 1, ny, nx)
-        ``u`` at each plane, by symmetric split-step propagation (exact free-space
+    complex64 ndarray of shape (ny * nx, n_slices + 1)
+        ``u`` at each plane, cell by cell (cell ``iy * nx + ix``; cell-major, so that a
+        column reads its planes from contiguous memory), by symmetric split-step propagation (exact free-space
         half-steps around each slice's transmission), on a grid padded by
         ``PADDING`` so that the wave scattered inside does not wrap around.
     """
@@ -152,14 +156,14 @@ def propagate(transmission: np.ndarray, planes: np.ndarray, *, spacing: float, k
     field = np.ones(shape, dtype=np.complex64)
     transmission = transmission.astype(np.complex64)
     inside = (slice(oy, oy + ny), slice(ox, ox + nx))
-    out = np.empty((n_slices + 1, ny, nx), dtype=np.complex128)
+    out = np.empty((ny, nx, n_slices + 1), dtype=np.complex64)
     for j in range(n_slices):
-        out[j] = field[inside]
+        out[:, :, j] = field[inside]
         field = fft.ifft2(fft.fft2(field) * half_step)
         field[inside] *= transmission[j]
         field = fft.ifft2(fft.fft2(field) * half_step)
-    out[n_slices] = field[inside]
-    return out
+    out[:, :, n_slices] = field[inside]
+    return out.reshape(ny * nx, n_slices + 1)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -191,7 +195,7 @@ _NEAR_POLE = 1e-2
 def propagated_column_integrals(cell, start, thickness, material, dn_table, kappa, planes, field, full, nodes):
     """Column integrals ``int dn u exp(-i qz z) dz`` at each node ``qz``, summed per cell.
 
-    ``field`` (n_planes, n_cells) is the propagated wave at the slice planes
+    ``field`` (n_cells, n_planes) is the propagated wave at the slice planes
     (:func:`propagate`), ``full`` the counts of :func:`full_slice_counts`. Between
     planes ``u`` is written as the column's own straight-line wave
     ``u_s = exp(i kappa int dn dz')`` times a correction ``c`` that goes linearly
@@ -219,12 +223,10 @@ def propagated_column_integrals(cell, start, thickness, material, dn_table, kapp
     pole_nodes = np.full((len(dn_table), max(int(near_pole.sum(axis=1).max()), 1)), -1, dtype=np.int64)
     for m, row in enumerate(near_pole):
         pole_nodes[m, :row.sum()] = np.flatnonzero(row)
-    # Cell-major: a column reads its planes from contiguous memory, and one end's
-    # nodes are contiguous in the output.
-    by_cell = np.ascontiguousarray(field.T)
-    at_planes, out = _partial_piece_terms(cell, start, thickness, material, dn_table, kappa, planes, by_cell, nodes,
+    # Cell-major output: one end's nodes are contiguous in memory.
+    at_planes, out = _partial_piece_terms(cell, start, thickness, material, dn_table, kappa, planes, field, nodes,
                                           full.shape[2], inv_w, pole_nodes)
-    _add_full_slices(at_planes, out, full, by_cell, dn_table, kappa, planes, nodes, pole_nodes)
+    _add_full_slices(at_planes, out, full, field, dn_table, kappa, planes, nodes, pole_nodes)
     # exp(-i qz z) at every plane and node; one product per material and power of 1/w.
     plane_phase = np.exp(-1j * planes[:, None] * nodes[None, :]).astype(np.complex64)  # (n_planes, n_nodes)
     for m in range(len(dn_table)):
@@ -272,7 +274,7 @@ def _partial_piece_terms(cell, start, thickness, material, dn_table, kappa, plan
                          pole_nodes):  # pragma: no cover
     """The pieces of :func:`propagated_column_integrals` that do not fill their slice.
 
-    ``field`` is cell-major here, (n_cells, n_planes). Returns the coefficients of
+    ``field`` is (n_cells, n_planes). Returns the coefficients of
     ``exp(-i qz z_plane) / w^p`` (complex64, n_materials, 2, n_cells, n_planes) and the
     node-by-node sums of the ends inside slices and of the nodes near a pole, also
     cell-major (n_cells, n_nodes) so that one end's nodes are contiguous in memory.
