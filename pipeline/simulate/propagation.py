@@ -76,7 +76,8 @@ def full_slice_counts(cell, start, thickness, material, n_materials, planes, n_c
 
 
 @numba.njit(cache=True, nogil=True)
-def slice_transmission(cell, start, thickness, material, dn_table, kappa, planes, full, columns_per_cell):  # pragma: no cover
+def slice_transmission(cell, start, thickness, material, dn_table, kappa, planes, full,
+                       columns_per_cell):  # pragma: no cover
     """Mean transmission ``exp(i k dn t)`` of each slice over each cell's sub-columns.
 
     ``start``, ``thickness``, ``material`` (n_columns, n_segments) describe the
