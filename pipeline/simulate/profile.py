@@ -92,6 +92,10 @@ class Profile:
         half += float(np.hypot(*det["beam_center_offset"]))
         return float(np.arctan(half * det["pixel_size"] / det["distance"]))
 
+    def with_slice_thickness(self, slice_thickness: float | None, *, origin: str = "profile") -> Profile:
+        """The same profile with MSFT's incoming wave propagated in slices this thick (m; None: straight lines)."""
+        return dataclasses.replace(self, slice_thickness=_checked_slice_thickness(slice_thickness, self.model, origin))
+
     def at_size(self, size: int | None) -> Profile:
         """The same experiment read out as ``size`` x ``size`` pixels over the same angles.
 
@@ -188,6 +192,15 @@ def _numbers(value):
     return value
 
 
+def _checked_slice_thickness(value, model: str, origin: str) -> float | None:
+    if value is None:
+        return None
+    if model != "msft" or isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e-6:
+        raise AirysortError(f"{origin}: slice_thickness {value!r} needs model msft (this is {model}) and a "
+                            "thickness in m between 0 and 1e-6 (e.g. 10.0e-9), or null")
+    return float(value)
+
+
 def profile_from_dict(raw: dict, *, origin: str = "profile") -> Profile:
     """Validate a profile given as nested dicts (the YAML structure) and build it."""
     if not isinstance(raw, dict):
@@ -200,11 +213,7 @@ def profile_from_dict(raw: dict, *, origin: str = "profile") -> Profile:
     if model not in ("projection", "born", "msft"):
         raise AirysortError(f"{origin}: model {model!r} is unknown; use projection, born or msft")
     raw = _numbers(raw)
-    slice_thickness = raw.get("slice_thickness")
-    if slice_thickness is not None and (model != "msft" or not isinstance(slice_thickness, float)
-                                        or not 0 < slice_thickness < 1e-6):
-        raise AirysortError(f"{origin}: slice_thickness {slice_thickness!r} needs model msft and a thickness "
-                            "in m between 0 and 1e-6 (e.g. 10.0e-9), or null")
+    slice_thickness = _checked_slice_thickness(raw.get("slice_thickness"), model, origin)
     detector = {**_DETECTOR_DEFAULTS, **raw["detector"]}
     if detector["dtype"] not in ("uint16", "float32"):
         raise AirysortError(f"{origin}: detector.dtype {detector['dtype']!r} is unsupported; use uint16 or float32")

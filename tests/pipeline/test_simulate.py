@@ -268,6 +268,22 @@ class TestCommandLine:
             np.testing.assert_array_equal(ds["label"].values, h5["entry_1/result_1/labels"][()])
         assert ds.attrs["wavelength"] == pytest.approx(13.5e-9)
 
+    def test_slice_thickness_option(self, tmp_path):
+        out = tmp_path / "wave.cxi"
+        result = runner.invoke(app, ["simulate", str(out), "--n", "3", "--size", "32", "--slice-thickness", "1e-8",
+                                     "--cluster", "local-threads", "--json"])
+        assert result.exit_code == 0, result.output
+        assert _last_json(result.output)["slice_thickness"] == pytest.approx(1e-8)
+        with h5py.File(out) as h5:
+            assert h5.attrs["slice_thickness"] == pytest.approx(1e-8)
+            assert h5["entry_1/data_1/data"].shape == (3, 32, 32)
+        # The small-angle profile has no MSFT to propagate: one clear error line, no file.
+        refused = runner.invoke(app, ["simulate", str(tmp_path / "no.cxi"), "--n", "3", "--profile", "lcls",
+                                      "--slice-thickness", "1e-8", "--cluster", "local-threads"])
+        assert refused.exit_code == 1
+        assert "slice_thickness" in refused.output and "projection" in refused.output
+        assert not (tmp_path / "no.cxi").exists()
+
     def test_bad_profile_is_one_error_line(self, tmp_path):
         result = runner.invoke(app, ["simulate", str(tmp_path / "x.cxi"), "--n", "2", "--profile", "nope",
                                      "--cluster", "local-threads"])
