@@ -582,16 +582,15 @@ def _column_amplitude(bodies, q, *, wavelength, index_minus_one, model, oversamp
     qz_lo = float(q[:, 2].min()) - _TAPS * step
     count = int(np.ceil((float(q[:, 2].max()) - qz_lo) / step)) + _TAPS + 1
     nodes = qz_lo + step * np.arange(count)
-    optical = dn * thickness
     if slice_thickness is None:
+        optical = dn * thickness
         phase_start = kappa * (np.cumsum(optical, axis=1) - optical)
         cells = _column_integrals(cell, start - z0, thickness, material, phase_start, dn_table[:-1], nodes, kappa,
                                   ny * nx)
     else:
         planes = propagation.slice_planes(z_lo - z0, z_hi - z0, slice_thickness)
-        full = propagation.full_slice_counts(cell, start - z0, thickness, material, len(dn_table) - 1, planes, ny * nx)
-        transmission = propagation.slice_transmission(cell, start - z0, thickness, material, dn_table[:-1], k,
-                                                      planes, full, supersample**2)
+        transmission, full = propagation.slice_transmission(cell, start - z0, thickness, material, dn_table[:-1], k,
+                                                            planes, ny * nx, supersample**2)
         field = propagation.propagate(transmission.reshape(-1, ny, nx), planes, spacing=spacing, k=k)
         del transmission  # large for large droplets
         cells = propagation.propagated_column_integrals(cell, start - z0, thickness, material, dn_table[:-1], k,

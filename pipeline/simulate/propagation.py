@@ -53,65 +53,61 @@ def _slice_extents(start, thickness, material, planes, c, s):  # pragma: no cove
 
 
 @numba.njit(cache=True, nogil=True)
-def full_slice_counts(cell, start, thickness, material, n_materials, planes, n_cells):  # pragma: no cover
-    """How many sub-columns of each cell cross each slice wholly inside one material.
-
-    Returns float32 (n_materials, n_slices, n_cells). Such a slice transmits
-    ``exp(i k dn dz)`` whatever the column, so it needs no per-column work.
-    """
-    n_slices = planes.shape[0] - 1
-    steps = np.zeros((n_materials, n_slices + 1, n_cells), dtype=np.float32)  # small integers: exact
-    for c in range(start.shape[0]):
-        for s in range(start.shape[1]):
-            m = material[c, s]
-            if m < 0 or thickness[c, s] <= 0.0:
-                continue
-            _, _, first_full, last_full = _slice_extents(start, thickness, material, planes, c, s)
-            if first_full <= last_full:
-                steps[m, first_full, cell[c]] += 1.0
-                steps[m, last_full + 1, cell[c]] -= 1.0
-    for p in range(1, n_slices):  # running sum over slices, in place
-        steps[:, p] += steps[:, p - 1]
-    return steps[:, :n_slices]
-
-
-@numba.njit(cache=True, nogil=True)
-def slice_transmission(cell, start, thickness, material, dn_table, kappa, planes, full,
+def slice_transmission(cell, start, thickness, material, dn_table, kappa, planes, n_cells,
                        columns_per_cell):  # pragma: no cover
     """Mean transmission ``exp(i k dn t)`` of each slice over each cell's sub-columns.
 
     ``start``, ``thickness``, ``material`` (n_columns, n_segments) describe the
     sub-columns that cross the droplet, ``cell`` (n_columns,) the grid cell each
     belongs to; the other ``columns_per_cell`` - (hits) sub-columns of a cell are
-    vacuum and transmit 1. ``planes`` (nm) are equally spaced; ``full`` comes from
-    :func:`full_slice_counts` and covers the slices a column crosses wholly inside
-    one material. The others, where a column enters, leaves or changes material,
-    are summed column by column. Returns complex64 (n_slices, n_cells).
+    vacuum and transmit 1. ``planes`` (nm) are equally spaced. A slice that a column
+    crosses wholly inside one material transmits ``exp(i k dn dz)`` whatever the
+    column, so those are only counted; the others, where a column enters, leaves or
+    changes material, are summed column by column.
+
+    Returns
+    -------
+    transmission : complex64 ndarray of shape (n_slices, n_cells)
+    full : float32 ndarray of shape (n_materials, n_slices, n_cells)
+        How many sub-columns of each cell cross each slice wholly inside each material
+        (small integers, exact), for :func:`propagated_column_integrals`.
     """
     n_slices = planes.shape[0] - 1
     dz = planes[1] - planes[0]
-    n_materials, _, n_cells = full.shape
+    n_materials = dn_table.shape[0]
+    steps = np.zeros((n_materials, n_slices + 1, n_cells), dtype=np.float32)  # +1 / -1 where a full run starts / ends
     excess = np.zeros((n_slices, n_cells), dtype=np.complex64)  # sum of (transmission - 1)
     optical = np.zeros(n_slices, dtype=np.complex128)
-    touched = np.zeros(n_slices, dtype=np.bool_)
+    seen = np.zeros(n_slices, dtype=np.bool_)
+    touched = np.empty(2 * start.shape[1], dtype=np.int64)  # the partial slices of one column
     for c in range(start.shape[0]):
+        n_touched = 0
         for s in range(start.shape[1]):
             m = material[c, s]
             if m < 0 or thickness[c, s] <= 0.0:
                 continue
             first, last, first_full, last_full = _slice_extents(start, thickness, material, planes, c, s)
+            if first_full <= last_full:
+                steps[m, first_full, cell[c]] += 1.0
+                steps[m, last_full + 1, cell[c]] -= 1.0
             a = start[c, s]
             b = a + thickness[c, s]
             for j in range(first, last + 1, max(last - first, 1)):  # the first and the last slice
                 if first_full <= j <= last_full:
                     continue
+                if not seen[j]:
+                    seen[j] = True
+                    touched[n_touched] = j
+                    n_touched += 1
                 optical[j] += dn_table[m] * (min(b, planes[j + 1]) - max(a, planes[j]))
-                touched[j] = True
-        for j in range(n_slices):
-            if touched[j]:
-                excess[j, cell[c]] += cmath.exp(1j * kappa * optical[j]) - 1.0
-                optical[j] = 0.0
-                touched[j] = False
+        for i in range(n_touched):
+            j = touched[i]
+            excess[j, cell[c]] += cmath.exp(1j * kappa * optical[j]) - 1.0
+            optical[j] = 0.0
+            seen[j] = False
+    for p in range(1, n_slices):  # running sum over slices, in place
+        steps[:, p] += steps[:, p - 1]
+    full = steps[:, :n_slices]
     for m in range(n_materials):
         whole = cmath.exp(1j * kappa * dn_table[m] * dz) - 1.0
         for p in range(n_slices):
@@ -120,7 +116,7 @@ def slice_transmission(cell, start, thickness, material, dn_table, kappa, planes
     for p in range(n_slices):
         for k in range(n_cells):
             excess[p, k] = 1.0 + excess[p, k] / columns_per_cell
-    return excess
+    return excess, full
 
 
 def propagate(transmission: np.ndarray, planes: np.ndarray, *, spacing: float, k: float) -> np.ndarray:
@@ -197,7 +193,7 @@ def propagated_column_integrals(cell, start, thickness, material, dn_table, kapp
     """Column integrals ``int dn u exp(-i qz z) dz`` at each node ``qz``, summed per cell.
 
     ``field`` (n_cells, n_planes) is the propagated wave at the slice planes
-    (:func:`propagate`), ``full`` the counts of :func:`full_slice_counts`. Between
+    (:func:`propagate`), ``full`` the counts of :func:`slice_transmission`. Between
     planes ``u`` is written as the column's own straight-line wave
     ``u_s = exp(i kappa int dn dz')`` times a correction ``c`` that goes linearly
     from its value at one plane to the next: the straight-line
