@@ -28,7 +28,13 @@ from typing import Any, Callable
 import numpy as np
 
 from pipeline.errors import AirysortError
-from pipeline.model_dir import MODEL_FILE, read_model_info
+from pipeline.model_dir import (
+    MODEL_FILE,
+    check_preprocessing,
+    input_preprocessing,
+    read_model_info,
+    write_model_info,
+)
 from pipeline.taxonomy import CLASS_NAMES, N_CLASSES, coarse_group, decide
 
 
@@ -136,17 +142,6 @@ def import_labels(store_path: str | Path, csv_path: str | Path) -> dict[str, Any
 
 
 # --------------------------------------------------------------------------- model dir
-
-
-def _write_model_info(model_dir: Path, info: dict[str, Any]) -> None:
-    import jax
-
-    if jax.process_index() != 0:  # under srun every task has the same info; one writes it
-        return
-    # Write then rename: a crash never leaves a half-written model.json.
-    tmp = model_dir / (MODEL_FILE + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2))
-    tmp.replace(model_dir / MODEL_FILE)
 
 
 @functools.lru_cache(maxsize=4)
@@ -335,14 +330,16 @@ def train_classifier(
         model_dir.mkdir(parents=True, exist_ok=True)
         info = {"model": "cnn", "status": "training", "store": str(Path(store_path).absolute()),
                 "input": input, "input_shape": list(source.shape[1:]),
+                "preprocessing": input_preprocessing(dataset.attrs, input),
                 "class_names": list(CLASS_NAMES), "cnn": to_dict(cnn_config),
                 "train": to_dict(train_config)}
-        _write_model_info(model_dir, info)
+        write_model_info(model_dir, info)
     if list(source.shape[1:]) != list(info["input_shape"]):
         raise AirysortError(
             f"{input!r} patterns of {str(store_path)!r} are {tuple(source.shape[1:])!r} but the "
             f"model in {str(model_dir)!r} was built for {tuple(info['input_shape'])!r}"
         )
+    check_preprocessing(info, dataset.attrs, input=input, store_path=store_path, model_dir=model_dir)
 
     train_idx, valid_idx = _split(labelled, labels_all[labelled],
                                   train_config.validation_fraction, train_config.seed)
@@ -397,7 +394,7 @@ def train_classifier(
         "validation": validation,
         "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     })
-    _write_model_info(model_dir, info)
+    write_model_info(model_dir, info)
     return {
         "model": "cnn", "model_id": info["model_id"], "model_dir": str(model_dir),
         "n_train": int(len(train_idx)), "n_valid": int(len(valid_idx)),
@@ -479,6 +476,7 @@ def predict_store(
             f"but the model was trained on {tuple(info['input_shape'])!r}; preprocess with the "
             "same --size"
         )
+    check_preprocessing(info, dataset.attrs, input=info["input"], store_path=store_path, model_dir=model_dir)
     inputs = inputs.rechunk({0: store.PATTERN_CHUNK, 1: -1, 2: -1})
     prob = inputs.map_blocks(
         _predict_block, model_dir=str(model_dir), batch_size=batch_size,
@@ -553,6 +551,7 @@ def explain_patterns(
 
     model, info = load_classifier(model_dir)
     dataset, source = _input_array(store_path, info["input"])
+    check_preprocessing(info, dataset.attrs, input=info["input"], store_path=store_path, model_dir=model_dir)
     n = dataset.sizes["pattern"]
     bad = [i for i in indices if not 0 <= i < n]
     if bad or not indices:

@@ -119,7 +119,7 @@ def correlate_store(
     centres = np.stack([dataset["centre_y"].values, dataset["centre_x"].values], axis=1).astype(np.float64)
     hits = dataset["hit"].values.astype(bool)
     run_mask = dataset["preprocess_mask"].values.astype(bool)
-    preprocess_parameters = _last_parameters(dataset.attrs, "preprocess")
+    preprocess_parameters = store.last_parameters(dataset.attrs, "preprocess")
     level = resolve_saturation(
         preprocess_parameters.get("saturation", "auto"), dtype=raw.dtype, attrs=dict(dataset.attrs)
     )
@@ -216,13 +216,6 @@ def _write_ccf(path, ccf, *, dims, coords, variant: str, parameters: dict[str, A
         parameters=parameters,
         description="correlate: ccf",
     )
-
-
-def _last_parameters(attrs: dict[str, Any], command: str) -> dict[str, Any]:
-    for entry in reversed(attrs.get("provenance", [])):
-        if entry.get("command") == command:
-            return dict(entry.get("parameters", {}))
-    return {}
 
 
 def _momentum_transfer(radii: np.ndarray, attrs: dict[str, Any]) -> np.ndarray | None:

@@ -25,7 +25,13 @@ from typing import Any, Callable
 import numpy as np
 
 from pipeline.errors import AirysortError
-from pipeline.model_dir import MODEL_FILE, read_model_info
+from pipeline.model_dir import (
+    MODEL_FILE,
+    check_preprocessing,
+    input_preprocessing,
+    read_model_info,
+    write_model_info,
+)
 
 
 #: Training defaults of the VAE where they differ from :class:`TrainConfig`'s: no
@@ -189,6 +195,8 @@ def train_vae(
             f"store {str(store_path)!r} has no {vae_config.input!r} variable to train on; run "
             f"'airysort preprocess {store_path}' first"
         )
+    if saved is not None:
+        check_preprocessing(saved, dataset.attrs, input=vae_config.input, store_path=store_path, model_dir=model_dir)
     n_patterns = int(dataset.sizes["pattern"])
     source = zarr.open_group(str(store_path), mode="r", use_consolidated=False)[vae_config.input]
     rng = np.random.default_rng(train_config.seed)
@@ -233,13 +241,14 @@ def train_vae(
         "vae": to_dict(vae_config),
         "train": to_dict(train_config),
         "store": str(Path(store_path).absolute()),
+        "preprocessing": input_preprocessing(dataset.attrs, vae_config.input),
         "n_train": int(len(train_idx)),
         "n_valid": n_valid,
         "status": "training",
     }
     if not resume:
         _clear_training_state(model_dir)
-    _write_model_info(model_dir, record)
+    write_model_info(model_dir, record)
 
     model = build_vae(vae_config, seed=train_config.seed)
     result = fit(
@@ -262,7 +271,7 @@ def train_vae(
         best_epoch=result.best_epoch,
         history=result.history,
     )
-    _write_model_info(model_dir, record)
+    write_model_info(model_dir, record)
     _load_vae_cached.cache_clear()
     return {
         "model": "vae",
@@ -276,13 +285,6 @@ def train_vae(
         "final": {k: round(float(v), 4) for k, v in final.items()},
         "seconds": round(time.perf_counter() - start, 2),
     }
-
-
-def _write_model_info(model_dir: Path, record: dict[str, Any]) -> None:
-    # Write then rename: a crash never leaves a half-written model.json.
-    tmp = model_dir / (MODEL_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=float))
-    tmp.replace(model_dir / MODEL_FILE)
 
 
 def _clear_training_state(model_dir: Path) -> None:
@@ -349,6 +351,8 @@ def embed_store(
                 f"store {str(store_path)!r} has no {config.input!r} variable to embed; run "
                 f"'airysort preprocess {store_path}' first"
             )
+        check_preprocessing(read_model_info(model_dir, kind="vae"), dataset.attrs, input=config.input,
+                            store_path=store_path, model_dir=model_dir)
         images = dataset[config.input].data
         z = config.latent_dim
         encoded = images.map_blocks(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from pipeline.errors import AirysortError
 
@@ -27,3 +27,55 @@ def read_model_info(model_dir: str | Path, *, kind: str) -> dict[str, Any]:
     if info.get("model") != kind:
         raise AirysortError(f"{str(model_dir)!r} holds a {info.get('model')!r} model, not {KIND_NAMES[kind]}; {train}")
     return info
+
+
+def write_model_info(model_dir: Path, info: dict[str, Any]) -> None:
+    """Write ``model.json``: to a temporary file, then renamed, so that a crash never
+    leaves a half-written one. Under ``srun`` every task holds the same info; only the
+    first process writes it."""
+    import jax
+
+    if jax.process_index() != 0:
+        return
+    tmp = Path(model_dir) / (MODEL_FILE + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2, default=float))
+    tmp.replace(Path(model_dir) / MODEL_FILE)
+
+
+#: ``preprocess`` parameters that change what an ``image`` looks like beyond its shape,
+#: with the values of stores preprocessed before a parameter existed. A model learns
+#: one look; images made another way (a different crop is a different zoom) would be
+#: classified without warning, so the look is recorded with the model and checked.
+IMAGE_PREPROCESSING = {"crop": 1.0, "scaling": "log", "asinh_scale": 1.0}
+
+
+def input_preprocessing(attrs: Mapping[str, Any], input: str) -> dict[str, Any]:
+    """The :data:`IMAGE_PREPROCESSING` parameters behind a store's ``input`` (store
+    attributes ``attrs``); empty for inputs other than ``image``."""
+    from pipeline.store import last_parameters
+
+    if input != "image":
+        return {}
+    done = last_parameters(attrs, "preprocess")
+    return {name: done.get(name, default) for name, default in IMAGE_PREPROCESSING.items()}
+
+
+def check_preprocessing(info: Mapping[str, Any], attrs: Mapping[str, Any], *, input: str, store_path, model_dir) -> None:
+    """Refuse a store whose ``input`` was preprocessed unlike the model's training data.
+
+    ``info`` is the model's ``model.json``; models saved before the preprocessing was
+    recorded (no ``preprocessing`` entry) are not checked.
+    """
+    expected = info.get("preprocessing")
+    if not expected:
+        return
+    found = input_preprocessing(attrs, input)
+    differ = [name for name, value in expected.items() if found.get(name) != value]
+    if differ:
+        wanted = " ".join(f"--{name.replace('_', '-')} {expected[name]}" for name in differ)
+        got = ", ".join(f"{name} {found.get(name)!r}" for name in differ)
+        raise AirysortError(
+            f"{input!r} of {str(store_path)!r} was preprocessed with {got}, but the model in "
+            f"{str(model_dir)!r} was trained on images made with {wanted}; run "
+            f"'airysort preprocess {store_path} {wanted}' first"
+        )

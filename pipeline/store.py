@@ -295,6 +295,14 @@ def append_provenance(
     group.attrs["provenance"] = provenance
 
 
+def last_parameters(attrs: Mapping[str, Any], command: str) -> dict[str, Any]:
+    """Parameters of the latest ``command`` in a store's provenance (empty if none)."""
+    for entry in reversed(attrs.get("provenance", [])):
+        if entry.get("command") == command:
+            return dict(entry.get("parameters", {}))
+    return {}
+
+
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda v: v.item() if isinstance(v, np.generic) else str(v)))
 

@@ -1,4 +1,4 @@
-"""``airysort preprocess STORE.zarr [--size 128] [--scaling log|asinh] [--dark FILE.npy]``"""
+"""``airysort preprocess STORE.zarr [--size 128] [--crop 1.0] [--scaling log|asinh] [--dark FILE.npy]``"""
 
 from __future__ import annotations
 
@@ -20,6 +20,11 @@ class Scaling(str, Enum):
 def command(
     store: Annotated[Path, typer.Argument(help="Zarr store.")],
     size: Annotated[int, typer.Option(help="Side of the preprocessed image, pixels.")] = 128,
+    crop: Annotated[
+        float,
+        typer.Option(help="Side of the cropped square as a fraction of the largest square inside the "
+                          "detector disc (below 1: the inner, small-angle part at finer sampling)."),
+    ] = 1.0,
     scaling: Annotated[Scaling, typer.Option(help="Intensity scaling: log(1+I) or asinh(I/scale).")] = Scaling.log,
     asinh_scale: Annotated[float, typer.Option(help="Counts where asinh scaling turns logarithmic.")] = 1.0,
     dark: Annotated[
@@ -46,6 +51,7 @@ def command(
         result = preprocess_store(
             store,
             size=size,
+            crop=crop,
             scaling=scaling.value,
             asinh_scale=asinh_scale,
             dark=dark,

@@ -179,6 +179,19 @@ def test_label_train_killed_resume_predict_explain(ring_store, tmp_path):
     result = run_cli("explain", path, model_dir, "--index", "99999", "--out", out)
     assert result.exit_code == 1 and "pattern indices must be in" in result.stderr
 
+    # Images made another way (here: re-preprocessed with --crop 0.5, a different zoom)
+    # are refused, not silently misclassified; the look of the training images is
+    # recorded with the model.
+    assert info["preprocessing"] == {"crop": 1.0, "scaling": "log", "asinh_scale": 1.0}
+    store.append_provenance(path, "preprocess", {"size": 32, "crop": 0.5, "scaling": "log"})
+    for command in (["predict", path, model_dir, "--cluster", "local-threads"],
+                    ["explain", path, model_dir, "--index", "1", "--out", out]):
+        result = run_cli(*command)
+        assert result.exit_code == 1
+        assert "preprocessed with crop 0.5" in result.stderr and f"'airysort preprocess {path} --crop 1.0'" in result.stderr
+    store.append_provenance(path, "preprocess", {"size": 32, "crop": 1.0, "scaling": "log"})
+    assert run_cli("predict", path, model_dir, "--cluster", "local-threads").exit_code == 0
+
 
 def test_train_without_labels_is_one_error_line(tmp_path, dask_threads):
     path = tmp_path / "s.zarr"

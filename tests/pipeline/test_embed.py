@@ -174,3 +174,23 @@ def test_user_errors(vae_store, tmp_path):
         train_vae(path, tmp_path / "m", epochs=1, latent_dim=0)
     with pytest.raises(AirysortError, match="input must be 'image'"):
         train_vae(path, tmp_path / "m", epochs=1, input="ccf")
+
+
+def test_images_preprocessed_another_way_are_refused(vae_store, trained, tmp_path):
+    """The VAE records how its training images were made; embedding (or resuming on)
+    images scaled another way is refused with the command that makes matching ones."""
+    import shutil
+
+    path, _, _ = vae_store
+    model_dir, _, _ = trained
+    assert json.loads((model_dir / "model.json").read_text())["preprocessing"] == {
+        "crop": 1.0, "scaling": "log", "asinh_scale": 1.0}
+    other = tmp_path / "other.zarr"
+    shutil.copytree(path, other)
+    store.append_provenance(other, "preprocess", {"size": SIZE, "scaling": "asinh", "asinh_scale": 1.0})
+    result = CliRunner().invoke(app, ["embed", str(other), str(model_dir), "--cluster", "local-threads"])
+    assert result.exit_code == 1
+    assert "preprocessed with scaling 'asinh'" in result.stderr
+    assert f"'airysort preprocess {other} --scaling log'" in result.stderr
+    with pytest.raises(AirysortError, match="preprocessed with scaling 'asinh'"):
+        train_vae(other, model_dir, epochs=4)

@@ -67,6 +67,21 @@ def task_prefixes(*collections) -> set[str]:
     return {key_split(key) for collection in optimised for key in dict(collection.__dask_graph__())}
 
 
+def first_dark_ring(image, beyond):
+    """Radius, image pixels, of the first minimum of the azimuthal mean beyond radius ``beyond``."""
+    size = image.shape[0]
+    yy, xx = np.indices(image.shape)
+    radius = np.hypot(yy - (size - 1) / 2, xx - (size - 1) / 2)
+    valid = image != 0
+    bins = np.round(radius[valid]).astype(int)
+    mean = np.bincount(bins, image[valid]) / np.maximum(np.bincount(bins), 1)
+    start = int(np.ceil(beyond))
+    lowest = start + int(np.flatnonzero(np.diff(mean[start : size // 2]) > 0)[0])
+    # Sub-bin position: the vertex of the parabola through the lowest bin and its neighbours.
+    left, middle, right = mean[lowest - 1 : lowest + 2]
+    return lowest + 0.5 * (left - right) / (left - 2 * middle + right)
+
+
 def hit_settings(mask=None):
     mask = detector_mask() if mask is None else mask
     return pk.HitSettings(regions=pk.HitRegions.around(mask, (127.5, 127.5)), saturation=65535)
@@ -159,6 +174,29 @@ class TestStore:
         assert ds.attrs["wavelength"] == 13.5e-9 and len(ds.attrs["ingested_files"]) == 1
         recorded = ds.attrs["provenance"][-1]
         assert recorded["parameters"]["size"] == 48 and recorded["parameters"]["scaling"] == "log"
+
+    def test_crop_keeps_the_inner_part_at_a_finer_sampling(self, tmp_path, dask_threads):
+        """--crop 0.5 maps the same pixels of the frame onto twice the image radius: the
+        Airy pattern's first dark ring (20 px from the centre on the detector) moves
+        from 20 / s to 2 x 20 / s image pixels, s the detector pixels per image pixel at
+        crop 1."""
+        frames = np.stack([airy_pattern(speckle=20.0, photons=1e6, seed=i) for i in range(4)])
+        path = make_store(tmp_path, frames)
+        radii = {}
+        for crop in (1.0, 0.5):
+            outcome = runner.invoke(app, ["preprocess", str(path), "--size", "64", "--crop", str(crop),
+                                          "--cluster", "local-threads", "--json"])
+            assert outcome.exit_code == 0, outcome.output
+            parameters = json.loads(outcome.stdout.strip().splitlines()[-1])["parameters"]
+            assert parameters["crop"] == crop
+            scale = 2 * parameters["crop_half_side"] / 64  # detector pixels per image pixel
+            image = store.open_store(path).image.values.mean(axis=0)
+            # Past the central hole (7 px on the detector) and the mask's blurred edge.
+            radii[crop] = first_dark_ring(image, beyond=7 / scale + 2) * scale
+        # The same ring on the detector: 20 px, measured at both samplings.
+        assert radii[1.0] == pytest.approx(20.0, abs=2.0) and radii[0.5] == pytest.approx(20.0, abs=1.0)
+        outcome = runner.invoke(app, ["preprocess", str(path), "--crop", "1.5", "--cluster", "local-threads"])
+        assert outcome.exit_code == 1 and "--crop 1.5 must be between 0.05 and 1" in outcome.output
 
     @pytest.mark.parametrize("n_hits,n_empty", [(0, 6), (6, 0)])
     def test_stores_of_only_empty_frames_or_only_hits(self, tmp_path, dask_threads, n_hits, n_empty):
