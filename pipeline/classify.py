@@ -429,6 +429,7 @@ def predict_store(
     *,
     batch_size: int = 64,
     cluster: str = "local",
+    start: int = 0,
 ) -> dict[str, Any]:
     """Classify every pattern of a store → ``prob`` and ``predicted``.
 
@@ -448,12 +449,15 @@ def predict_store(
         Patterns per forward pass.
     cluster : str, default="local"
         Dask cluster (``--cluster``).
+    start : int, default=0
+        Classify only patterns ``start`` to the end (written by region into ``prob``
+        and ``predicted``, which must exist: ``airysort watch`` after each new file).
 
     Returns
     -------
     dict
-        ``n_patterns``, ``model_id``, ``counts`` (predicted patterns per class),
-        ``variables``, ``seconds``.
+        ``n_patterns`` (classified now), ``model_id``, ``counts`` (predicted patterns
+        per class, among them), ``variables``, ``seconds``.
     """
     import dask.array as da
     import xarray as xr
@@ -461,7 +465,7 @@ def predict_store(
     from pipeline import store
     from pipeline.dask_cluster import dask_client
 
-    start = time.perf_counter()
+    started = time.perf_counter()
     model_dir = Path(model_dir).absolute()
     info = read_model_info(model_dir, kind="cnn")
     if "thresholds" not in info:
@@ -477,7 +481,14 @@ def predict_store(
             "same --size"
         )
     check_preprocessing(info, dataset.attrs, input=info["input"], store_path=store_path, model_dir=model_dir)
-    inputs = inputs.rechunk({0: store.PATTERN_CHUNK, 1: -1, 2: -1})
+    n_total = inputs.shape[0]
+    if start and dataset.get("prob") is not None and dataset["prob"].attrs.get("model_id") != info["model_id"]:
+        raise AirysortError(
+            f"'prob' of {str(store_path)!r} comes from model {dataset['prob'].attrs.get('model_id')!r}, not "
+            f"{info['model_id']!r}; classify the whole store with 'airysort predict {store_path} {model_dir}'"
+        )
+    inputs = inputs[start:].rechunk(
+        {0: store.region_chunks(start, n_total) if start else store.PATTERN_CHUNK, 1: -1, 2: -1})
     prob = inputs.map_blocks(
         _predict_block, model_dir=str(model_dir), batch_size=batch_size,
         drop_axis=2, chunks=(inputs.chunks[0], (N_CLASSES,)),
@@ -500,12 +511,13 @@ def predict_store(
                         "thresholds": dict(zip(CLASS_NAMES, info["thresholds"])),
                         "input": info["input"], "batch_size": batch_size},
             description="predict: classifying patterns",
+            start=start,
         )
-    counts = np.asarray(store.open_store(store_path)["predicted"].sum("pattern").values)
+    counts = np.asarray(store.open_store(store_path)["predicted"][start:].sum("pattern").values)
     return {
         "n_patterns": int(inputs.shape[0]), "model_id": info["model_id"],
         "counts": dict(zip(CLASS_NAMES, (int(c) for c in counts))),
-        "variables": ["prob", "predicted"], "seconds": round(time.perf_counter() - start, 2),
+        "variables": ["prob", "predicted"], "seconds": round(time.perf_counter() - started, 2),
     }
 
 

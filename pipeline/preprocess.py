@@ -332,23 +332,6 @@ def preprocess_store(
     if centre_window is None:
         centre_window = min(64, min(shape) // 4)
     radius = kernels.disc_radius(shape, centre0) - search_radius
-    settings = kernels.PreprocessSettings(
-        mask=run_mask,
-        background=background.astype(np.float32),
-        nominal_centre=centre0,
-        half_side=crop * radius / np.sqrt(2.0),
-        size=int(size),
-        scaling=scaling,
-        asinh_scale=asinh_scale,
-        saturation=level,
-        search_radius=search_radius,
-        centre_window=centre_window,
-    )
-    # The full pass reads every shard afresh: read and analysis fuse into one task per
-    # shard, and the sample leaves worker memory now.
-    del sample
-    outputs = analyse_array(raw, hit_settings=hit_settings, settings=settings)
-
     parameters = {
         "size": int(size),
         "crop": float(crop),
@@ -364,11 +347,17 @@ def preprocess_store(
         "centre_window": centre_window,
         "stat_shards": stat_shards,
         "nominal_centre": list(centre0),
-        "crop_half_side": settings.half_side,
+        "crop_half_side": crop * radius / np.sqrt(2.0),
         "background": background_source,
         "background_shards": n_background,
         "hot_pixels": int(hot.sum()),
     }
+    hit_settings, settings = run_settings(parameters, run_mask=run_mask, background=background, dark=dark_frame)
+    # The full pass reads every shard afresh: read and analysis fuse into one task per
+    # shard, and the sample leaves worker memory now.
+    del sample
+    outputs = analyse_array(raw, hit_settings=hit_settings, settings=settings)
+
     with store.write_lock(path, COMMAND):
         _write_run_arrays(path, run_mask=run_mask, background=settings.background)
         _write_outputs(path, outputs, scaling=scaling, parameters=parameters)
@@ -391,7 +380,71 @@ def preprocess_store(
     }
 
 
-def _write_outputs(path, outputs: dict, *, scaling: str, parameters: dict[str, Any]) -> None:
+def run_settings(
+    parameters: dict[str, Any], *, run_mask: np.ndarray, background: np.ndarray, dark: np.ndarray | None
+) -> tuple[kernels.HitSettings, kernels.PreprocessSettings]:
+    """The block kernels' settings from a run's ``preprocess`` parameters and corrections.
+
+    ``parameters`` are those :func:`preprocess_store` records; ``run_mask`` and
+    ``background`` its ``preprocess_mask`` and ``background``; ``dark`` the dark frame
+    hit finding subtracts (None unless the user gave one).
+    """
+    centre0 = tuple(float(c) for c in parameters["nominal_centre"])
+    hit_settings = kernels.HitSettings(
+        regions=kernels.HitRegions.around(run_mask, centre0),
+        dark=dark,
+        saturation=parameters["saturation"],
+        n_sigma=parameters["hit_sigma"],
+        min_photons=parameters["min_photons"],
+        threshold=parameters["hit_threshold"],
+    )
+    settings = kernels.PreprocessSettings(
+        mask=run_mask,
+        background=np.asarray(background, np.float32),
+        nominal_centre=centre0,
+        half_side=parameters["crop_half_side"],
+        size=int(parameters["size"]),
+        scaling=parameters["scaling"],
+        asinh_scale=parameters["asinh_scale"],
+        saturation=parameters["saturation"],
+        search_radius=parameters["search_radius"],
+        centre_window=parameters["centre_window"],
+    )
+    return hit_settings, settings
+
+
+def preprocess_new(path: str | os.PathLike, *, start: int) -> dict[str, Any]:
+    """Preprocess patterns ``start`` to the end as the store's last ``preprocess`` did.
+
+    For a run that grows while it is processed (``airysort watch``): the run-level
+    corrections (mask with hot pixels, background, hit threshold) and every parameter are
+    those of the last :func:`preprocess_store` on this store, so new images match the old
+    ones; only the new patterns are read and written (by region). Must run inside
+    :func:`pipeline.dask_cluster.dask_client`.
+
+    Returns
+    -------
+    dict
+        ``patterns`` (new ones), ``hits`` among them, ``seconds``.
+    """
+    from pipeline import store
+
+    started = time.perf_counter()
+    dataset = store.open_store(path)
+    parameters = store.last_parameters(dataset.attrs, COMMAND)
+    if not parameters or "preprocess_mask" not in dataset or "image" not in dataset:
+        raise AirysortError(f"store {str(path)!r} has not been preprocessed yet; run 'airysort preprocess {path}' first")
+    background = dataset["background"].values
+    dark = background if parameters["background"] == "dark" else None
+    hit_settings, settings = run_settings(
+        parameters, run_mask=dataset["preprocess_mask"].values.astype(bool), background=background, dark=dark)
+    outputs = analyse_array(dataset["raw"].data[start:], hit_settings=hit_settings, settings=settings)
+    _write_outputs(path, outputs, scaling=parameters["scaling"], parameters=parameters, start=start)
+    hits = store.open_store(path)["hit"].values[start:]
+    return {"patterns": int(hits.size), "hits": int(hits.sum()), "seconds": round(time.perf_counter() - started, 2)}
+
+
+def _write_outputs(path, outputs: dict, *, scaling: str, parameters: dict[str, Any], start: int = 0) -> None:
     """Write the per-pattern results in one pass (one task per shard computes them all)."""
     import xarray as xr
 
@@ -413,7 +466,8 @@ def _write_outputs(path, outputs: dict, *, scaling: str, parameters: dict[str, A
         ),
         **{name: xr.DataArray(outputs[name], dims=pattern, attrs=attrs) for name, attrs in descriptions.items()},
     }
-    store.write_variables(path, variables, command=COMMAND, parameters=parameters, description="preprocess: images")
+    store.write_variables(path, variables, command=COMMAND, parameters=parameters, description="preprocess: images",
+                          start=start)
 
 
 class _Clock:

@@ -295,12 +295,19 @@ def append_provenance(
     group.attrs["provenance"] = provenance
 
 
-def last_parameters(attrs: Mapping[str, Any], command: str) -> dict[str, Any]:
-    """Parameters of the latest ``command`` in a store's provenance (empty if none)."""
+def last_entry(attrs: Mapping[str, Any], command: str) -> dict[str, Any]:
+    """The latest ``command`` entry of a store's provenance (empty if none): its
+    ``parameters``, time, and for writes of pattern variables the ``patterns`` range
+    ``[start, stop)`` written."""
     for entry in reversed(attrs.get("provenance", [])):
         if entry.get("command") == command:
-            return dict(entry.get("parameters", {}))
+            return dict(entry)
     return {}
+
+
+def last_parameters(attrs: Mapping[str, Any], command: str) -> dict[str, Any]:
+    """Parameters of the latest ``command`` in a store's provenance (empty if none)."""
+    return dict(last_entry(attrs, command).get("parameters", {}))
 
 
 def _jsonable(value: Any) -> Any:
@@ -324,6 +331,7 @@ def write_variables(
     command: str,
     parameters: Mapping[str, Any],
     description: str | None = None,
+    start: int = 0,
 ) -> None:
     """Write pattern-aligned variables into the store, one Dask task per shard.
 
@@ -340,6 +348,11 @@ def write_variables(
         Recorded in the store's provenance.
     description : str, optional
         Text of the progress bar.
+    start : int, default=0
+        With ``start > 0``, only patterns ``start`` to the end are written, into the
+        existing arrays (e.g. the patterns of a file just ingested, ``airysort watch``):
+        each variable then has ``n - start`` patterns, and the store must already hold
+        it over all ``n`` patterns (ingest lengthens every pattern array).
 
     Must run inside :func:`pipeline.dask_cluster.dask_client` (or any distributed client).
     """
@@ -347,6 +360,10 @@ def write_variables(
 
     path = _check_store(path)
     n_patterns = n_committed(path)
+    if start:
+        _write_region(path, variables, start=start, n_patterns=n_patterns, command=command,
+                      parameters=parameters, description=description)
+        return
     with write_lock(path, command):
         group = zarr.open_group(path, mode="r+", use_consolidated=False)
         arrays: dict[str, xr.DataArray] = {}
@@ -380,7 +397,47 @@ def write_variables(
             path, mode="a", zarr_format=3, encoding=encoding, consolidated=False, compute=False, safe_chunks=True
         )
         compute_with_progress(writes, description or f"{command}: writing {', '.join(variables)}")
-        append_provenance(path, command, parameters)
+        append_provenance(path, command, parameters, extra={"patterns": [0, n_patterns]})
+        consolidate(path)
+
+
+def region_chunks(start: int, stop: int, shard: int = PATTERN_CHUNK) -> tuple[int, ...]:
+    """Chunk lengths of patterns ``start:stop`` that end on shard boundaries: each chunk
+    lies in one shard, so each task writes a shard no other task touches."""
+    edges = [start, *range((start // shard + 1) * shard, stop, shard), stop]
+    return tuple(b - a for a, b in zip(edges, edges[1:]) if b > a)
+
+
+def _write_region(path: Path, variables: Mapping[str, xr.DataArray], *, start: int, n_patterns: int,
+                  command: str, parameters: Mapping[str, Any], description: str | None) -> None:
+    """:func:`write_variables` for patterns ``start`` to the end, into existing arrays."""
+    from pipeline.progress import compute_with_progress
+
+    if not 0 < start < n_patterns:
+        raise AirysortError(f"start={start!r} must be between 1 and {n_patterns - 1} (patterns in the store)")
+    with write_lock(path, command):
+        group = zarr.open_group(path, mode="r+", use_consolidated=False)
+        arrays: dict[str, xr.DataArray] = {}
+        for name, array in variables.items():
+            if name not in group:
+                raise AirysortError(f"{name!r} is not in the store yet: write it for every pattern first")
+            expected = (n_patterns, *array.shape[1:])
+            if array.dims[0] != "pattern" or tuple(group[name].shape) != expected:
+                raise AirysortError(
+                    f"{name!r} for patterns {start}..{n_patterns - 1} has dims {array.dims!r} and shape "
+                    f"{array.shape!r}, but the store holds shape {tuple(group[name].shape)!r}"
+                )
+            array = array.drop_vars(list(array.coords)).chunk(
+                {"pattern": region_chunks(start, n_patterns), **{d: -1 for d in array.dims[1:]}})
+            arrays[name] = array
+        # safe_chunks=False: xarray flags the first chunk, which shares its shard with
+        # patterns before ``start``; but that shard is written by this one task only.
+        writes = xr.Dataset(arrays).to_zarr(
+            path, region={"pattern": slice(start, n_patterns)}, mode="r+", zarr_format=3,
+            consolidated=False, compute=False, safe_chunks=False,
+        )
+        compute_with_progress(writes, description or f"{command}: writing {', '.join(variables)}")
+        append_provenance(path, command, parameters, extra={"patterns": [start, n_patterns]})
         consolidate(path)
 
 

@@ -9,7 +9,7 @@ from pipeline.cli import cluster, evaluate
 from pipeline.cli import correlate, preprocess
 from pipeline.cli import embed, latent
 from pipeline.cli import explain, label, predict, train
-from pipeline.cli import simulate
+from pipeline.cli import simulate, watch
 
 app = typer.Typer(
     name="airysort",
@@ -53,6 +53,7 @@ app.command("train")(train.command)
 app.command("predict")(predict.command)
 app.command("explain")(explain.command)
 app.command("simulate")(simulate.command)
+app.command("watch")(watch.command)
 
 
 def main() -> None:
