@@ -106,7 +106,16 @@ def process_batch(
     from pipeline.preprocess import preprocess_new, preprocess_store
 
     info = classifier_info(model_dir)
-    ingested = ingest(store_path, files, dataset=dataset, log=log) if files else {"ingested": 0, "rejected": 0}
+    try:
+        ingested = ingest(store_path, files, dataset=dataset, log=log) if files else {"ingested": 0, "rejected": 0}
+    except AirysortError as error:
+        if store.is_store(store_path):
+            raise
+        # No store yet and not one readable frame in these files (each rejected with its
+        # reason above): wait for the next files instead of stopping the watch.
+        log(f"ERROR: {error}")
+        return {"files": len(files), "ingested": 0, "rejected": len(files), "preprocessed": 0, "hits": 0,
+                "predicted": 0, "counts": {}, "patterns": 0}
     n_patterns = store.n_committed(store_path)
     attrs = store.read_attrs(store_path)
 

@@ -113,6 +113,19 @@ def test_a_killed_batch_is_finished_by_the_next(beamtime, tmp_path, dask_threads
     assert np.isfinite(store.open_store(run)["prob"].values).all()
 
 
+def test_an_unreadable_first_file_does_not_stop_the_watch(beamtime, tmp_path):
+    root, files, model_dir = beamtime
+    daq, run = tmp_path / "daq", tmp_path / "run.zarr"
+    daq.mkdir()
+    (daq / "run_0.cxi").write_bytes(b"truncated by the DAQ")
+    lines = []
+    result = watch(daq, run, model_dir, once=True, log=lines.append)
+    assert result["rejected"] == 1 and result["patterns"] == 0 and not store.is_store(run)
+    assert any("run_0.cxi" in line for line in lines)
+    shutil.copy(files["run_a"], daq)
+    assert watch(daq, run, model_dir, once=True, log=lines.append)["predicted"] == 20
+
+
 def test_cli_polls_until_interrupted(beamtime, tmp_path):
     """A real ``airysort watch`` process: a file moved into the directory (as a DAQ
     finishing a file under another name would) is classified; Ctrl-C stops it cleanly."""
