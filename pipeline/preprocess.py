@@ -42,6 +42,7 @@ import numpy as np
 
 from pipeline import preprocess_kernels as kernels
 from pipeline.errors import AirysortError
+from pipeline.progress import StageClock
 
 COMMAND = "preprocess"
 
@@ -283,7 +284,7 @@ def preprocess_store(
     dark_frame = load_dark(dark, shape)
     level = resolve_saturation(saturation, dtype=raw.dtype, attrs=dict(dataset.attrs))
 
-    clock = _Clock()
+    clock = StageClock()
     # 1. Hot pixels from a bounded sample of shards, read once and kept in worker memory
     # (stat_shards shards, whatever the store size) for the next two passes.
     sample = sample_shards(raw, stat_shards).persist()
@@ -468,19 +469,6 @@ def _write_outputs(path, outputs: dict, *, scaling: str, parameters: dict[str, A
     }
     store.write_variables(path, variables, command=COMMAND, parameters=parameters, description="preprocess: images",
                           start=start)
-
-
-class _Clock:
-    """Wall-clock seconds of each pass, reported in the result."""
-
-    def __init__(self) -> None:
-        self.laps: dict[str, float] = {}
-        self._start = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.laps[name] = round(now - self._start, 3)
-        self._start = now
 
 
 def _describe_dark(dark: str | os.PathLike | np.ndarray | None) -> str | None:

@@ -5,6 +5,7 @@ stderr."""
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any, Iterable
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -50,3 +51,17 @@ def compute_with_progress(collection: Any, description: str) -> Any:
     persisted = client.persist(collection)
     wait_with_progress(futures_of(persisted), description)
     return client.compute(persisted).result()
+
+
+class StageClock:
+    """Wall-clock seconds of consecutive stages of a command, reported in its result:
+    ``lap(name)`` ends a stage; ``laps`` maps each name to its seconds."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._start, 3)
+        self._start = now

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from pipeline.errors import AirysortError, StoreLockedError
+from pipeline.progress import StageClock
 
 #: File names watched by default: the inputs ``airysort ingest`` reads without options.
 DEFAULT_PATTERNS = ("*.cxi", "*.h5", "*.hdf5", "*.npy")
@@ -97,7 +98,8 @@ def process_batch(
     dict
         ``files``, ``ingested``, ``rejected``, ``preprocessed``, ``hits`` and
         ``predicted`` (patterns done now), ``counts`` (predicted classes of those
-        patterns), ``patterns`` (in the store).
+        patterns), ``patterns`` (in the store), ``seconds`` (per stage: ``ingest``,
+        ``preprocess``, ``predict``).
     """
     from pipeline import store
     from pipeline.classify import predict_store
@@ -106,6 +108,7 @@ def process_batch(
     from pipeline.preprocess import preprocess_new, preprocess_store
 
     info = classifier_info(model_dir)
+    clock = StageClock()
     try:
         ingested = ingest(store_path, files, dataset=dataset, log=log) if files else {"ingested": 0, "rejected": 0}
     except AirysortError as error:
@@ -115,7 +118,8 @@ def process_batch(
         # reason above): wait for the next files instead of stopping the watch.
         log(f"ERROR: {error}")
         return {"files": len(files), "ingested": 0, "rejected": len(files), "preprocessed": 0, "hits": 0,
-                "predicted": 0, "counts": {}, "patterns": 0}
+                "predicted": 0, "counts": {}, "patterns": 0, "seconds": {}}
+    clock.lap("ingest")
     n_patterns = store.n_committed(store_path)
     attrs = store.read_attrs(store_path)
 
@@ -128,11 +132,13 @@ def process_batch(
         hits = result["hits"]
     elif preprocessed_from < n_patterns:
         hits = preprocess_new(store_path, start=preprocessed_from)["hits"]
+    clock.lap("preprocess")
 
     predicted_from = done_until(store.read_attrs(store_path), "predict", model_id=info["model_id"])
     counts: dict[str, int] = {}
     if predicted_from < n_patterns:
         counts = predict_store(store_path, model_dir, start=predicted_from)["counts"]
+    clock.lap("predict")
     return {
         "files": len(files),
         "ingested": int(ingested["ingested"]),
@@ -142,6 +148,7 @@ def process_batch(
         "predicted": n_patterns - predicted_from,
         "counts": counts,
         "patterns": n_patterns,
+        "seconds": clock.laps,
     }
 
 
@@ -258,5 +265,5 @@ def _batch_line(batch: dict[str, Any]) -> str:
     return (
         f"{batch['files']} new file(s): {batch['ingested']} patterns ingested, {batch['rejected']} rejected; "
         f"{batch['predicted']} classified ({batch['hits']} hits): {classes or 'no class'}; "
-        f"{batch['patterns']} patterns in the store"
+        f"{batch['patterns']} patterns in the store; {sum(batch['seconds'].values()):.1f} s"
     )
