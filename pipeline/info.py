@@ -80,7 +80,8 @@ def format_info(info: dict[str, Any]) -> str:
     if info["provenance"]:
         lines.append("provenance")
         for p in info["provenance"]:
-            lines.append(f"  {p['time']}  {p['command']:<11} airysort {p['version']}")
+            written = f"  patterns {p['patterns'][0]}..{p['patterns'][1] - 1}" if p.get("patterns") else ""
+            lines.append(f"  {p['time']}  {p['command']:<11} airysort {p['version']}{written}")
     if info["pending_ingest"]:
         lines.append("NOTE: an interrupted ingest is pending; run 'airysort ingest' again to complete it")
     return "\n".join(lines)

@@ -283,11 +283,21 @@ def append_provenance(
 
     ``extra`` fields (e.g. an ingest's id) go into the entry too; with ``once``, nothing is
     added when an entry with the same ``extra`` fields exists (a resumed run finalising again).
+    A write of patterns that continues the ``command``'s last entry (``extra["patterns"]``
+    starts where that entry's range ends, same parameters and version: ``airysort watch``,
+    file after file) extends that entry's range and time instead of adding one, so the
+    provenance of a long run stays short.
     """
     extra = dict(extra or {})
     group = zarr.open_group(path, mode="r+", use_consolidated=False)
     provenance = list(group.attrs.get("provenance", []))
     if once and any(all(entry.get(k) == v for k, v in extra.items()) for entry in provenance):
+        return
+    last = next((i for i in range(len(provenance) - 1, -1, -1) if provenance[i].get("command") == command), None)
+    if last is not None and _continues(provenance[last], extra, parameters):
+        first = provenance[last]["patterns"][0]
+        provenance[last] = {**provenance[last], "time": now(), "patterns": [first, extra["patterns"][1]]}
+        group.attrs["provenance"] = provenance
         return
     provenance.append(
         {"command": command, "version": __version__, "time": now(), **extra, "parameters": _jsonable(dict(parameters))}
@@ -308,6 +318,15 @@ def last_entry(attrs: Mapping[str, Any], command: str) -> dict[str, Any]:
 def last_parameters(attrs: Mapping[str, Any], command: str) -> dict[str, Any]:
     """Parameters of the latest ``command`` in a store's provenance (empty if none)."""
     return dict(last_entry(attrs, command).get("parameters", {}))
+
+
+def _continues(entry: Mapping[str, Any], extra: Mapping[str, Any], parameters: Mapping[str, Any]) -> bool:
+    """Whether a write of ``extra["patterns"]`` continues the pattern range of ``entry``,
+    with the same parameters and airysort version."""
+    if "patterns" not in extra or "patterns" not in entry or extra["patterns"][0] == 0:
+        return False
+    return (entry["patterns"][1] == extra["patterns"][0] and entry.get("version") == __version__
+            and entry.get("parameters") == _jsonable(dict(parameters)))
 
 
 def _jsonable(value: Any) -> Any:
