@@ -27,7 +27,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -122,7 +124,8 @@ def make_cluster(config: dict[str, Any]):
         options.setdefault("n_workers", os.cpu_count() or 1)
         options.setdefault("threads_per_worker", 1)
         options.setdefault("dashboard_address", ":0")
-        return LocalCluster(**options)
+        with _ctrl_c_ignored():
+            return LocalCluster(**options)
     if kind not in JOBQUEUE_CLASSES:
         raise AirysortError(
             f"cluster type {kind!r} is not supported; use 'local' or one of {sorted(JOBQUEUE_CLASSES)}"
@@ -132,6 +135,24 @@ def make_cluster(config: dict[str, Any]):
     cluster_class = getattr(dask_jobqueue, JOBQUEUE_CLASSES[kind])
     options["job_script_prologue"] = [worker_environ_export(), *(options.get("job_script_prologue") or [])]
     return cluster_class(**options)
+
+
+@contextlib.contextmanager
+def _ctrl_c_ignored() -> Iterator[None]:
+    """Worker processes started meanwhile ignore Ctrl-C (they inherit the ignored SIGINT).
+
+    A terminal sends Ctrl-C to the whole process group: the workers of a LocalCluster
+    would die mid-task with tracebacks of their own, while the client should decide
+    (``airysort watch`` finishes the batch in hand; other commands stop the cluster).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager

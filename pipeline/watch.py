@@ -23,11 +23,14 @@ patterns, their hits and the classes predicted for them.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from pipeline.errors import AirysortError, StoreLockedError
 from pipeline.progress import StageClock
@@ -165,7 +168,8 @@ def watch(
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Ingest, preprocess and classify the files landing in ``directory`` (see the module
-    docstring) until interrupted (Ctrl-C finishes the batch in hand, then stops).
+    docstring) until Ctrl-C, which finishes the batch in hand and stops (a second Ctrl-C
+    interrupts that batch; the next watch completes it).
 
     Must run inside :func:`pipeline.dask_cluster.dask_client`.
 
@@ -217,10 +221,10 @@ def watch(
     previous = snapshot(directory, patterns) if not once else {}
     if not once:
         log(f"watching {directory} for {', '.join(patterns)} every {interval:g} s (Ctrl-C to stop)")
-    try:
-        while True:
-            if not once:
-                time.sleep(interval)
+    with _stop_on_ctrl_c(log) as stop:
+        while not stop.is_set():
+            if not once and not _sleep(interval, stop):
+                break
             current = snapshot(directory, patterns)
             ready = sorted(current, key=lambda p: (current[p][1], p)) if once else landed(previous, current)
             previous = current
@@ -238,9 +242,43 @@ def watch(
                 log(_batch_line(batch))
             if once or (max_batches is not None and totals["batches"] >= max_batches):
                 break
-    except KeyboardInterrupt:
+    if stop.is_set():
         log("stopped")
     return totals
+
+
+@contextlib.contextmanager
+def _stop_on_ctrl_c(log: Callable[[str], None]) -> Iterator[threading.Event]:
+    """An event set by the first Ctrl-C (SIGINT), so that the batch in hand finishes
+    and is counted; a second Ctrl-C interrupts at once. Outside the main thread (where
+    Python cannot take signals) the event is only set by the caller."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def request_stop(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        log("stopping after the batch in hand (Ctrl-C again to abort it)")
+
+    previous = signal.signal(signal.SIGINT, request_stop)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _sleep(seconds: float, stop: threading.Event) -> bool:
+    """Wait ``seconds`` in short steps; False as soon as ``stop`` is set."""
+    deadline = time.monotonic() + seconds
+    while not stop.is_set():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return True
+        time.sleep(min(left, 0.1))
+    return False
 
 
 def _ingested_files(store_path: str | os.PathLike) -> set[tuple[str, tuple[int, int]]]:

@@ -40,12 +40,24 @@ def _worker_environ() -> dict[str, str]:
     return {name: os.environ.get(name) for name in WORKER_ENVIRON}
 
 
+def _ignores_ctrl_c() -> bool:
+    import signal
+
+    return signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
 def test_local_cluster_workers_get_the_worker_environment():
+    import signal
+
+    handler = signal.getsignal(signal.SIGINT)
     with make_cluster({"type": "local", "cluster": {"n_workers": 1}}) as cluster:
         from distributed import Client
 
         with Client(cluster) as client:
             (environ,) = client.run(_worker_environ).values()
+            (ignored,) = client.run(_ignores_ctrl_c).values()
+    # Ctrl-C reaches the whole process group: workers leave it to the client.
+    assert ignored and signal.getsignal(signal.SIGINT) is handler  # the client's own is restored
     # Malloc thresholds, and no GPU memory preallocation: several worker processes can
     # share one card in predict and embed.
     assert environ == {"MALLOC_TRIM_THRESHOLD_": str(256 * 2**20), "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),

@@ -130,7 +130,8 @@ def test_an_unreadable_first_file_does_not_stop_the_watch(beamtime, tmp_path):
 
 def test_cli_polls_until_interrupted(beamtime, tmp_path):
     """A real ``airysort watch`` process: a file moved into the directory (as a DAQ
-    finishing a file under another name would) is classified; Ctrl-C stops it cleanly."""
+    finishing a file under another name would) is classified; Ctrl-C, even while the
+    batch is still being written, lets it finish and be counted, then stops."""
     root, files, model_dir = beamtime
     daq, run = tmp_path / "daq", tmp_path / "run.zarr"
     daq.mkdir()
@@ -153,7 +154,8 @@ def test_cli_polls_until_interrupted(beamtime, tmp_path):
     assert process.returncode == 0, stderr
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["batches"] == 1 and result["files"] == 1 and result["predicted"] == 20
-    assert "1 new file(s): 20 patterns ingested" in stderr and "stopped" in stderr
+    assert "1 new file(s): 20 patterns ingested" in stderr
+    assert "stopping after the batch in hand" in stderr and stderr.rstrip().endswith("stopped")
 
 
 def test_user_errors(beamtime, tmp_path):
