@@ -441,7 +441,7 @@ def _write_region(path: Path, variables: Mapping[str, xr.DataArray], *, start: i
             if name not in group:
                 raise AirysortError(f"{name!r} is not in the store yet: write it for every pattern first")
             expected = (n_patterns, *array.shape[1:])
-            if array.dims[0] != "pattern" or tuple(group[name].shape) != expected:
+            if array.dims[0] != "pattern" or array.shape[0] != n_patterns - start or tuple(group[name].shape) != expected:
                 raise AirysortError(
                     f"{name!r} for patterns {start}..{n_patterns - 1} has dims {array.dims!r} and shape "
                     f"{array.shape!r}, but the store holds shape {tuple(group[name].shape)!r}"

@@ -57,6 +57,35 @@ def test_write_variables_region_per_shard(filled_store, dask_threads):
     assert store.open_store(path).image.shape == (600, 3)
 
 
+def test_write_variables_from_a_start_pattern(filled_store, dask_threads):
+    """Patterns ``start:`` written into existing arrays: a start inside a shard and a region
+    over three shards, each shard written by one task; the patterns before stay as they were."""
+    path, raw = filled_store
+    image = xr.DataArray(np.zeros((600, 6, 5), np.float32), dims=("pattern", "iy", "ix"))
+    store.write_variables(path, {"image": image}, command="scale", parameters={"scale": 0.5})
+    store.resize_patterns(path, 900)  # as ingest does when a file arrives
+    new = (np.arange(900 - 100, dtype=np.float32)[:, None, None] + np.zeros((1, 6, 5), np.float32))
+    assert store.region_chunks(100, 900) == (156, 256, 256, 132)
+    store.write_variables(path, {"image": xr.DataArray(new, dims=("pattern", "iy", "ix"))},
+                          command="scale", parameters={"scale": 0.5}, start=100)
+    written = zarr.open_array(path / "image", mode="r")[:]
+    np.testing.assert_array_equal(written[:100], 0)
+    np.testing.assert_array_equal(written[100:], new)
+    # A write that continues the last one's range with the same parameters extends it.
+    store.resize_patterns(path, 1000)
+    store.write_variables(path, {"image": xr.DataArray(np.ones((100, 6, 5), np.float32), dims=("pattern", "iy", "ix"))},
+                          command="scale", parameters={"scale": 0.5}, start=900)
+    np.testing.assert_array_equal(zarr.open_array(path / "image", mode="r")[900:], 1)
+    entries = [e for e in store.read_attrs(path)["provenance"] if e["command"] == "scale"]
+    assert [e["patterns"] for e in entries] == [[0, 600], [100, 1000]]
+    with pytest.raises(AirysortError, match="has dims"):  # wrong number of patterns
+        store.write_variables(path, {"image": xr.DataArray(new[:5], dims=("pattern", "iy", "ix"))},
+                              command="scale", parameters={}, start=900)
+    with pytest.raises(AirysortError, match="not in the store yet"):
+        store.write_variables(path, {"latent": xr.DataArray(np.ones((100, 2), np.float32), dims=("pattern", "z"))},
+                              command="embed", parameters={}, start=900)
+
+
 def test_write_variables_rejects_wrong_length(filled_store, dask_threads):
     path, _ = filled_store
     bad = xr.DataArray(np.ones((10, 2), np.float32), dims=("pattern", "z"))
