@@ -27,7 +27,9 @@ stays bounded by a few shards whatever the store size:
 
 The run-level results (combined mask without saturation, background) are written as
 the store variables ``preprocess_mask`` and ``background`` (``y, x``) so that
-``airysort correlate`` uses exactly the same corrections.
+``airysort correlate`` uses exactly the same corrections, and so that
+:func:`preprocess_new` (``airysort watch``) can apply them, with the recorded
+parameters, to patterns appended later, without another pass over the run.
 """
 
 from __future__ import annotations
