@@ -78,7 +78,7 @@ def main() -> None:
         seconds["predict"] = time.perf_counter() - start - seconds["ingest"] - seconds["preprocess"]
         rows.append(("offline, all files at once (baseline)", args.files * args.frames, seconds))
 
-    print(f"\n| run | patterns | ingest s | preprocess s | predict s | total s | patterns/s |")
+    print("\n| run | patterns | ingest s | preprocess s | predict s | total s | patterns/s |")
     print("|---|---|---|---|---|---|---|")
     for name, n, stage in rows:
         total = sum(stage.values())

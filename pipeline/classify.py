@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import functools
-import json
 import time
 import uuid
 from pathlib import Path
@@ -459,7 +458,6 @@ def predict_store(
         ``n_patterns`` (classified now), ``model_id``, ``counts`` (predicted patterns
         per class, among them), ``variables``, ``seconds``.
     """
-    import dask.array as da
     import xarray as xr
 
     from pipeline import store

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 
 import numpy as np
@@ -13,7 +12,6 @@ from typer.testing import CliRunner
 from pipeline import store
 from pipeline.cli.main import app
 from pipeline.ingest import ingest
-from pipeline.taxonomy import N_CLASSES
 from tests.factories import random_frames, random_labels, write_stacked_cxi
 
 

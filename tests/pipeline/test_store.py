@@ -8,7 +8,7 @@ import xarray as xr
 import zarr
 
 from pipeline import store
-from pipeline.errors import AirysortError, StoreLockedError
+from pipeline.errors import AirysortError
 from pipeline.taxonomy import CLASS_NAMES
 
 
