@@ -42,7 +42,7 @@ def correlate_array(raw, centres, *, settings: kernels.CorrelateSettings):
     centres = centres.rechunk((raw.chunks[0], 2))
     # (n, 1, 1) arrays broadcast against raw's (n, y, x) blocks, one block per shard.
     rows, cols = centres[:, 0, None, None], centres[:, 1, None, None]
-    shared = dask.delayed(settings, pure=True)
+    shared = dask.delayed(settings, pure=False)  # a key of its own (see preprocess.analyse_array)
     extra = len(settings.output_shape) - 2
     return da.map_blocks(
         _correlate_block,

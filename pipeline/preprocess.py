@@ -70,15 +70,18 @@ def analyse_array(raw, *, hit_settings: kernels.HitSettings, settings: kernels.P
     import dask.array as da
 
     size = settings.size
-    # One copy of the settings (masks, background) in the graph, not one per task. The
+    # One copy of the settings (masks, background) in the graph, not one per task, under
+    # a key of its own (pure=False: a key derived from the content would be shared with
+    # the previous pass's graph, and a key the scheduler is still releasing from that
+    # graph can leave this one's tasks waiting or cancelled). The
     # blocks keep three axes, (n, 1, packed row): with ``drop_axis`` Dask does not fuse
     # the shard's read into this task, and each 128 MB shard became a task result of
     # its own (held in memory, sometimes sent to the other worker).
     packed = da.map_blocks(
         _analyse_block,
         raw,
-        dask.delayed(hit_settings, pure=True),
-        dask.delayed(settings, pure=True),
+        dask.delayed(hit_settings, pure=False),
+        dask.delayed(settings, pure=False),
         chunks=(raw.chunks[0], (1,), (size * size + len(kernels.PACKED_COLUMNS),)),
         dtype=np.float32,
         meta=np.empty((0, 0, 0), np.float32),
@@ -108,7 +111,7 @@ def frame_statistics(raw, *, hit_settings: kernels.HitSettings):
     return da.map_blocks(
         _frame_statistics_block,
         raw,
-        dask.delayed(hit_settings, pure=True),
+        dask.delayed(hit_settings, pure=False),
         drop_axis=2,
         chunks=(raw.chunks[0], (3,)),
         dtype=np.float64,
@@ -155,7 +158,7 @@ def background_median(sample, *, hit_settings: kernels.HitSettings) -> tuple[np.
     medians = da.map_blocks(
         _empty_median_block,
         sample,
-        dask.delayed(hit_settings, pure=True),
+        dask.delayed(hit_settings, pure=False),
         chunks=((1,) * sample.numblocks[0], *((s,) for s in sample.shape[1:])),
         dtype=np.float32,
         meta=np.empty((0, 0, 0), np.float32),

@@ -253,7 +253,11 @@ def _blocks(blocks, *, seed, profile, balanced, client):
 
         workers = max(1, len(client.scheduler_info().get("workers", {})))
         in_flight = 3 * workers  # bounded memory: frames wait on the client only this long
-        remote_profile = client.scatter(profile, broadcast=True)
+        # hash=False: a key of its own. With the content's hash as key, a second beamtime
+        # of the same profile on a shared client (a notebook, the test session) could get
+        # the key of data being released after the first, and its tasks were cancelled
+        # for "lost dependencies".
+        remote_profile = client.scatter(profile, broadcast=True, hash=False)
         pending = iter(blocks)
         futures = {}
         done: dict[int, Any] = {}
