@@ -124,7 +124,11 @@ def make_cluster(config: dict[str, Any]):
         options.setdefault("n_workers", os.cpu_count() or 1)
         options.setdefault("threads_per_worker", 1)
         options.setdefault("dashboard_address", ":0")
-        with _ctrl_c_ignored():
+        # Worker processes started meanwhile inherit the ignored SIGINT. A terminal sends
+        # Ctrl-C to the whole process group: the workers would die mid-task with
+        # tracebacks of their own, while the client should decide (``airysort watch``
+        # finishes the batch in hand; other commands stop the cluster).
+        with ctrl_c_handled_by(signal.SIG_IGN):
             return LocalCluster(**options)
     if kind not in JOBQUEUE_CLASSES:
         raise AirysortError(
@@ -138,17 +142,14 @@ def make_cluster(config: dict[str, Any]):
 
 
 @contextlib.contextmanager
-def _ctrl_c_ignored() -> Iterator[None]:
-    """Worker processes started meanwhile ignore Ctrl-C (they inherit the ignored SIGINT).
-
-    A terminal sends Ctrl-C to the whole process group: the workers of a LocalCluster
-    would die mid-task with tracebacks of their own, while the client should decide
-    (``airysort watch`` finishes the batch in hand; other commands stop the cluster).
-    """
+def ctrl_c_handled_by(handler: Any) -> Iterator[None]:
+    """Ctrl-C (SIGINT) goes to ``handler`` (a function of ``(signum, frame)``, or
+    ``signal.SIG_IGN``) inside the block, to the previous handler after it. Outside the
+    main thread, where Python cannot set signal handlers, nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = signal.signal(signal.SIGINT, handler)
     try:
         yield
     finally:

@@ -328,6 +328,14 @@ def _run_journal(path: Path, journal: dict, plan: dict, client, log) -> dict:
 # --------------------------------------------------------------------------- public API
 
 
+def ingested_fingerprints(store_path: str | os.PathLike) -> set[tuple[str, int, int]]:
+    """``(absolute path, size, mtime in ns)`` of every file the store holds
+    (:func:`pipeline.sources.fingerprint`); empty when there is no store yet."""
+    if not store.is_store(store_path):
+        return set()
+    return {(f["path"], f["size"], f["mtime_ns"]) for f in store.read_attrs(store_path).get("ingested_files", [])}
+
+
 def ingest(
     store_path: str | os.PathLike,
     inputs: Sequence[str | os.PathLike],
@@ -376,9 +384,7 @@ def ingest(
             _run_journal(path, *resumed, client, log)
 
         sources, rejects = _scan(inputs, dataset)
-        known = set()
-        if store.is_store(path):
-            known = {(f["path"], f["size"], f["mtime_ns"]) for f in store.read_attrs(path).get("ingested_files", [])}
+        known = ingested_fingerprints(path)
         skipped = 0
         if not force:
             fresh = []

@@ -71,12 +71,12 @@ def analyse_array(raw, *, hit_settings: kernels.HitSettings, settings: kernels.P
 
     size = settings.size
     # One copy of the settings (masks, background) in the graph, not one per task, under
-    # a key of its own (pure=False: a key derived from the content would be shared with
+    # a key of its own (pure=False): a key derived from the content would be shared with
     # the previous pass's graph, and a key the scheduler is still releasing from that
-    # graph can leave this one's tasks waiting or cancelled). The
-    # blocks keep three axes, (n, 1, packed row): with ``drop_axis`` Dask does not fuse
-    # the shard's read into this task, and each 128 MB shard became a task result of
-    # its own (held in memory, sometimes sent to the other worker).
+    # graph can leave this one's tasks waiting or cancelled.
+    # The blocks keep three axes, (n, 1, packed row): with ``drop_axis`` Dask does not
+    # fuse the shard's read into this task, and each 128 MB shard became a task result
+    # of its own (held in memory, sometimes sent to the other worker).
     packed = da.map_blocks(
         _analyse_block,
         raw,
@@ -366,7 +366,7 @@ def preprocess_store(
 
     with store.write_lock(path, COMMAND):
         _write_run_arrays(path, run_mask=run_mask, background=settings.background)
-        _write_outputs(path, outputs, scaling=scaling, parameters=parameters)
+        _write_outputs(path, outputs, parameters=parameters)
     clock.lap("images")
     written = store.open_store(path)[["hit", "centre_y", "centre_x"]].compute()
     hits = written["hit"].values
@@ -445,12 +445,12 @@ def preprocess_new(path: str | os.PathLike, *, start: int) -> dict[str, Any]:
     hit_settings, settings = run_settings(
         parameters, run_mask=dataset["preprocess_mask"].values.astype(bool), background=background, dark=dark)
     outputs = analyse_array(dataset["raw"].data[start:], hit_settings=hit_settings, settings=settings)
-    _write_outputs(path, outputs, scaling=parameters["scaling"], parameters=parameters, start=start)
+    _write_outputs(path, outputs, parameters=parameters, start=start)
     hits = store.open_store(path)["hit"].values[start:]
     return {"patterns": int(hits.size), "hits": int(hits.sum()), "seconds": round(time.perf_counter() - started, 2)}
 
 
-def _write_outputs(path, outputs: dict, *, scaling: str, parameters: dict[str, Any], start: int = 0) -> None:
+def _write_outputs(path, outputs: dict, *, parameters: dict[str, Any], start: int = 0) -> None:
     """Write the per-pattern results in one pass (one task per shard computes them all)."""
     import xarray as xr
 
@@ -468,7 +468,7 @@ def _write_outputs(path, outputs: dict, *, scaling: str, parameters: dict[str, A
             outputs["image"],
             dims=("pattern", "iy", "ix"),
             attrs={"long_name": "preprocessed network input", "units": "1",
-                   "comment": f"{scaling} scaled, normalised per pattern; masked pixels are 0"},
+                   "comment": f"{parameters['scaling']} scaled, normalised per pattern; masked pixels are 0"},
         ),
         **{name: xr.DataArray(outputs[name], dims=pattern, attrs=attrs) for name, attrs in descriptions.items()},
     }

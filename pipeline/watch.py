@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import sys
 import threading
 import time
@@ -137,7 +136,7 @@ def process_batch(
         hits = preprocess_new(store_path, start=preprocessed_from)["hits"]
     clock.lap("preprocess")
 
-    predicted_from = done_until(store.read_attrs(store_path), "predict", model_id=info["model_id"])
+    predicted_from = done_until(attrs, "predict", model_id=info["model_id"])  # preprocess leaves it as it was
     counts: dict[str, int] = {}
     if predicted_from < n_patterns:
         counts = predict_store(store_path, model_dir, start=predicted_from)["counts"]
@@ -204,6 +203,7 @@ def watch(
         ``patterns`` (in the store at the end).
     """
     from pipeline import store
+    from pipeline.ingest import ingested_fingerprints
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -215,9 +215,9 @@ def watch(
     patterns = tuple(patterns)
     totals: dict[str, Any] = {"batches": 0, "files": 0, "ingested": 0, "rejected": 0, "predicted": 0,
                               "counts": {}, "patterns": 0}
-    # (path, (size, mtime)) of the files handed to ingest, starting with those the store
+    # (path, size, mtime) of the files handed to ingest, starting with those the store
     # holds: a watch started again does not list every file of the run as skipped.
-    taken = _ingested_files(store_path)
+    taken = ingested_fingerprints(store_path)
     previous = snapshot(directory, patterns) if not once else {}
     if not once:
         log(f"watching {directory} for {', '.join(patterns)} every {interval:g} s (Ctrl-C to stop)")
@@ -226,9 +226,10 @@ def watch(
             if not once and not _sleep(interval, stop):
                 break
             current = snapshot(directory, patterns)
-            ready = sorted(current, key=lambda p: (current[p][1], p)) if once else landed(previous, current)
+            # With --once, every file there now counts as landed.
+            ready = landed(current if once else previous, current)
             previous = current
-            files = [path for path in ready if (path, current[path]) not in taken]
+            files = [path for path in ready if (path, *current[path]) not in taken]
             if files or (once and store.is_store(store_path)):
                 try:
                     batch = process_batch(files, store_path, model_dir, dataset=dataset, log=log)
@@ -237,7 +238,7 @@ def watch(
                         raise
                     log(f"{error}; trying again in {interval:g} s")
                     continue
-                taken.update((path, current[path]) for path in files)
+                taken.update((path, *current[path]) for path in files)
                 _add(totals, batch)
                 log(_batch_line(batch))
             if once or (max_batches is not None and totals["batches"] >= max_batches):
@@ -252,10 +253,9 @@ def _stop_on_ctrl_c(log: Callable[[str], None]) -> Iterator[threading.Event]:
     """An event set by the first Ctrl-C (SIGINT), so that the batch in hand finishes
     and is counted; a second Ctrl-C interrupts at once. Outside the main thread (where
     Python cannot take signals) the event is only set by the caller."""
+    from pipeline.dask_cluster import ctrl_c_handled_by
+
     stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
 
     def request_stop(signum, frame):
         if stop.is_set():
@@ -263,15 +263,16 @@ def _stop_on_ctrl_c(log: Callable[[str], None]) -> Iterator[threading.Event]:
         stop.set()
         log("stopping after the batch in hand (Ctrl-C again to abort it)")
 
-    previous = signal.signal(signal.SIGINT, request_stop)
-    try:
+    with ctrl_c_handled_by(request_stop):
         yield stop
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _sleep(seconds: float, stop: threading.Event) -> bool:
-    """Wait ``seconds`` in short steps; False as soon as ``stop`` is set."""
+    """Wait ``seconds`` in short steps; False as soon as ``stop`` is set.
+
+    Not ``stop.wait(seconds)``: the Ctrl-C handler sets ``stop`` in this same thread, and
+    if the signal came while ``wait`` held the event's lock, ``set`` would wait on it forever.
+    """
     deadline = time.monotonic() + seconds
     while not stop.is_set():
         left = deadline - time.monotonic()
@@ -279,14 +280,6 @@ def _sleep(seconds: float, stop: threading.Event) -> bool:
             return True
         time.sleep(min(left, 0.1))
     return False
-
-
-def _ingested_files(store_path: str | os.PathLike) -> set[tuple[str, tuple[int, int]]]:
-    from pipeline import store
-
-    if not store.is_store(store_path):
-        return set()
-    return {(f["path"], (f["size"], f["mtime_ns"])) for f in store.read_attrs(store_path).get("ingested_files", [])}
 
 
 def _add(totals: dict[str, Any], batch: dict[str, Any]) -> None:
