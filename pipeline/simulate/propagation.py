@@ -150,17 +150,21 @@ def propagate(transmission: np.ndarray, planes: np.ndarray, *, spacing: float, k
     kz = np.sqrt((k * k - ky[:, None] ** 2 - kx[None, :] ** 2).astype(np.complex128))
     # Single precision: the field is smooth and of order 1; the FFTs cost most here.
     half_step = np.exp(0.5j * (kz - k) * (planes[1] - planes[0])).astype(np.complex64)
-    field = np.ones(shape, dtype=np.complex64)
+    full_step = half_step * half_step
     transmission = transmission.astype(np.complex64)
     inside = (slice(oy, oy + ny), slice(ox, ox + nx))
-    out = np.empty((ny, nx, n_slices + 1), dtype=np.complex64)
+    out = np.empty((n_slices + 1, ny, nx), dtype=np.complex64)
+    out[0] = 1.0  # the plane wave's envelope before the droplet; a half-step leaves it 1
+    field = np.ones(shape, dtype=np.complex64)
+    # Consecutive half-steps around a plane share one forward FFT: three FFTs per slice.
     for j in range(n_slices):
-        out[:, :, j] = field[inside]
-        field = fft.ifft2(fft.fft2(field) * half_step)
         field[inside] *= transmission[j]
-        field = fft.ifft2(fft.fft2(field) * half_step)
-    out[:, :, n_slices] = field[inside]
-    return out.reshape(ny * nx, n_slices + 1)
+        spectrum = fft.fft2(field)
+        out[j + 1] = fft.ifft2(spectrum * half_step)[inside]
+        if j + 1 < n_slices:
+            field = fft.ifft2(spectrum * full_step)
+    # One transpose at the end instead of strided writes per plane.
+    return np.ascontiguousarray(out.reshape(n_slices + 1, ny * nx).T)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -226,7 +230,7 @@ def propagated_column_integrals(cell, start, thickness, material, dn_table, kapp
     _add_full_slices(at_planes, out, full, field, dn_table, kappa, planes, nodes, pole_nodes)
     # exp(-i qz z) at every plane and node; one product per material and power of 1/w.
     plane_phase = np.exp(-1j * planes[:, None] * nodes[None, :]).astype(np.complex64)  # (n_planes, n_nodes)
-    for m in range(len(dn_table)):
+    for m in np.unique(material[material >= 0]):  # a material absent here adds nothing
         for power in (1, 2):
             out += (inv_w[m] ** power)[None, :] * (at_planes[m, power - 1] @ plane_phase)
     return np.ascontiguousarray(out.T)

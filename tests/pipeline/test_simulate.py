@@ -57,20 +57,19 @@ class TestProfiles:
         import pipeline.simulate
 
         shipped = (Path(pipeline.simulate.__file__).parent / "profiles" / "fermi.yaml").read_text()
-        assert load_profile("fermi").slice_thickness is None  # straight lines by default
-        propagated = tmp_path / "fermi-propagated.yaml"
-        propagated.write_text(shipped.replace("slice_thickness: null", "slice_thickness: 10.0e-9"))
-        assert load_profile(propagated).slice_thickness == pytest.approx(10e-9)
-        frames, labels, _ = simulate_patterns(4, seed=3, profile=propagated, size=64)
-        straight_frames, straight_labels, _ = simulate_patterns(4, seed=3, profile="fermi", size=64)
+        assert load_profile("fermi").slice_thickness == pytest.approx(15e-9)  # propagated by default
+        straight = tmp_path / "fermi-straight.yaml"
+        straight.write_text(shipped.replace("slice_thickness: 15.0e-9", "slice_thickness: null"))
+        assert load_profile(straight).slice_thickness is None
+        frames, labels, _ = simulate_patterns(4, seed=3, profile="fermi", size=64)
+        straight_frames, straight_labels, _ = simulate_patterns(4, seed=3, profile=straight, size=64)
         # Same shots and noise draws; only the wave inside the droplets differs.
         np.testing.assert_array_equal(labels, straight_labels)
         hits = straight_frames.reshape(4, -1).sum(axis=1) > 2 * straight_frames.reshape(4, -1).sum(axis=1).min()
         assert np.any(frames[hits] != straight_frames[hits])
         assert frames.sum() == pytest.approx(straight_frames.sum(), rel=0.2)
         wrong = tmp_path / "wrong.yaml"
-        wrong.write_text(shipped.replace("model: msft", "model: born").replace("slice_thickness: null",
-                                                                               "slice_thickness: 10.0e-9"))
+        wrong.write_text(shipped.replace("model: msft", "model: born"))
         with pytest.raises(AirysortError, match="slice_thickness"):
             load_profile(wrong)
 
@@ -277,6 +276,11 @@ class TestCommandLine:
         with h5py.File(out) as h5:
             assert h5.attrs["slice_thickness"] == pytest.approx(1e-8)
             assert h5["entry_1/data_1/data"].shape == (3, 32, 32)
+        # 0: straight lines instead of the fermi profile's propagated wave.
+        straight = runner.invoke(app, ["simulate", str(tmp_path / "straight.cxi"), "--n", "2", "--size", "32",
+                                       "--slice-thickness", "0", "--cluster", "local-threads", "--json"])
+        assert straight.exit_code == 0, straight.output
+        assert _last_json(straight.output)["slice_thickness"] is None
         # The small-angle profile has no MSFT to propagate: one clear error line, no file.
         refused = runner.invoke(app, ["simulate", str(tmp_path / "no.cxi"), "--n", "3", "--profile", "lcls",
                                       "--slice-thickness", "1e-8", "--cluster", "local-threads"])
