@@ -17,7 +17,7 @@ stored as JSON next to a checkpoint.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 C = TypeVar("C")
