@@ -143,6 +143,17 @@ def import_labels(store_path: str | Path, csv_path: str | Path) -> dict[str, Any
 # --------------------------------------------------------------------------- model dir
 
 
+def finished_classifier_info(model_dir: str | Path) -> dict[str, Any]:
+    """``model.json`` of a classifier whose training has finished (it has thresholds),
+    or a clear error."""
+    info = read_model_info(model_dir, kind="cnn")
+    if "thresholds" not in info:
+        raise AirysortError(
+            f"training of {str(model_dir)!r} has not finished; run 'airysort train' again to resume it"
+        )
+    return info
+
+
 @functools.lru_cache(maxsize=4)
 def _load_classifier_cached(model_dir: str, stamp: float):
     from flax import nnx
@@ -151,11 +162,7 @@ def _load_classifier_cached(model_dir: str, stamp: float):
     from jaxmodels.configs import CNNConfig
     from jaxmodels.resnet import build_cnn
 
-    info = read_model_info(model_dir, kind="cnn")
-    if "thresholds" not in info:
-        raise AirysortError(
-            f"training of {model_dir!r} has not finished; run 'airysort train' again to resume it"
-        )
+    info = finished_classifier_info(model_dir)
     config = CNNConfig.from_dict(info["cnn"])
     model = load_model(Path(model_dir) / "best", lambda: build_cnn(config, rngs=nnx.Rngs(0)))
     return model, info
@@ -465,11 +472,7 @@ def predict_store(
 
     started = time.perf_counter()
     model_dir = Path(model_dir).absolute()
-    info = read_model_info(model_dir, kind="cnn")
-    if "thresholds" not in info:
-        raise AirysortError(
-            f"training of {str(model_dir)!r} has not finished; run 'airysort train' again to resume it"
-        )
+    info = finished_classifier_info(model_dir)
     dataset, _ = _input_array(store_path, info["input"])
     inputs = dataset[info["input"]].data
     if list(inputs.shape[1:]) != list(info["input_shape"]):

@@ -73,11 +73,9 @@ def done_until(attrs: dict[str, Any], command: str, *, model_id: str | None = No
 
 def classifier_info(model_dir: str | os.PathLike) -> dict[str, Any]:
     """``model.json`` of a finished classifier of ``image`` inputs, or a clear error."""
-    from pipeline.model_dir import read_model_info
+    from pipeline.classify import finished_classifier_info
 
-    info = read_model_info(model_dir, kind="cnn")
-    if "thresholds" not in info:
-        raise AirysortError(f"training of {str(model_dir)!r} has not finished; run 'airysort train' again to resume it")
+    info = finished_classifier_info(model_dir)
     if info["input"] != "image":
         raise AirysortError(f"watch classifies 'image' inputs; the model in {str(model_dir)!r} reads {info['input']!r}")
     return info
