@@ -293,7 +293,7 @@ def append_provenance(
     provenance = list(group.attrs.get("provenance", []))
     if once and any(all(entry.get(k) == v for k, v in extra.items()) for entry in provenance):
         return
-    last = next((i for i in range(len(provenance) - 1, -1, -1) if provenance[i].get("command") == command), None)
+    last = _last_index(provenance, command)
     if last is not None and _continues(provenance[last], extra, parameters):
         first = provenance[last]["patterns"][0]
         provenance[last] = {**provenance[last], "time": now(), "patterns": [first, extra["patterns"][1]]}
@@ -309,10 +309,14 @@ def last_entry(attrs: Mapping[str, Any], command: str) -> dict[str, Any]:
     """The latest ``command`` entry of a store's provenance (empty if none): its
     ``parameters``, time, and for writes of pattern variables the ``patterns`` range
     ``[start, stop)`` written."""
-    for entry in reversed(attrs.get("provenance", [])):
-        if entry.get("command") == command:
-            return dict(entry)
-    return {}
+    provenance = attrs.get("provenance", [])
+    last = _last_index(provenance, command)
+    return {} if last is None else dict(provenance[last])
+
+
+def _last_index(provenance: list[dict[str, Any]], command: str) -> int | None:
+    """Index of the latest ``command`` entry of ``provenance`` (None if none)."""
+    return next((i for i in range(len(provenance) - 1, -1, -1) if provenance[i].get("command") == command), None)
 
 
 def last_parameters(attrs: Mapping[str, Any], command: str) -> dict[str, Any]:
