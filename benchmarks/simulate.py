@@ -22,7 +22,7 @@ import os
 import sys
 import time
 
-from pipeline.dask_cluster import WORKER_ENVIRON
+from pipeline.dask_cluster import worker_environ
 from pipeline.simulate.beamtime import BLOCK, render_block
 from pipeline.simulate.profile import load_profile
 
@@ -32,13 +32,14 @@ PROFILE = "profile"
 MODELS = {"projection": ("projection", None), "born": ("born", None), "msft": ("msft", PROFILE),
           "msft-10nm": ("msft", 10e-9), "msft-straight": ("msft", None)}
 TARGETS = {("projection", 256): 200.0, ("msft", 256): 5.0}
-#: glibc settings of airysort's Dask workers (pipeline.dask_cluster.WORKER_ENVIRON). With the
-#: defaults, every frame-sized temporary is a fresh mmap that page-faults (several times
-#: the arithmetic's CPU time at 256^2); workers keep freed memory for reuse instead.
-WORKER_MALLOC = {name: str(value) for name, value in WORKER_ENVIRON.items() if name.startswith("MALLOC_")}
-#: One BLAS/OpenMP thread, as distributed gives each worker (its nanny's pre-spawn
-#: environment): extra BLAS threads spin and would be charged as CPU time here.
-ONE_THREAD = {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+#: Environment of airysort's Dask workers (pipeline.dask_cluster.worker_environ), split in
+#: two. glibc settings: with the defaults, every frame-sized temporary is a fresh mmap
+#: that page-faults (several times the arithmetic's CPU time at 256^2); workers keep
+#: freed memory for reuse instead. Thread limits: one BLAS/OpenMP thread, as distributed
+#: gives each worker; extra BLAS threads spin and would be charged as CPU time here.
+_WORKER = {name: str(value) for name, value in worker_environ().items()}
+WORKER_MALLOC = {name: value for name, value in _WORKER.items() if name.startswith("MALLOC_")}
+WORKER_THREADS = {name: value for name, value in _WORKER.items() if name.endswith("_NUM_THREADS")}
 
 
 def rate(name: str, size: int, n: int) -> float:
@@ -65,12 +66,13 @@ def main() -> None:
     parser.add_argument("--default-malloc", action="store_true",
                         help="keep glibc's allocator defaults instead of the workers' settings")
     args = parser.parse_args()
-    wanted = {**ONE_THREAD, **({} if args.default_malloc else WORKER_MALLOC)}
+    wanted = {**WORKER_THREADS, **({} if args.default_malloc else WORKER_MALLOC)}
     if any(os.environ.get(k) != v for k, v in wanted.items()):
         # The allocator and BLAS read these at start-up: run again with them set.
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **wanted})
     print("allocator:", "glibc defaults" if args.default_malloc else "Dask worker settings "
-          + " ".join(f"{k}={v}" for k, v in WORKER_MALLOC.items()) + "; one BLAS thread")
+          + " ".join(f"{k}={v}" for k, v in WORKER_MALLOC.items()))
+    print("threads:", " ".join(f"{k}={v}" for k, v in WORKER_THREADS.items()), "(as in a Dask worker)")
     counts = {256: 60, 1024: 4} if not args.quick else {256: 16, 1024: 1}
     rows = []
     for size in args.sizes:

@@ -615,9 +615,9 @@ def _column_amplitude(bodies, q, *, wavelength, index_minus_one, model, oversamp
     # One plan (one FFT set-up) for all nodes; each node sees only its targets.
     plan = finufft.Plan(2, (ny, nx), eps=eps, isign=-1, nthreads=1, upsampfac=1.25)
     for j in range(len(nodes)):
-        near = slice(lower[j], upper[j])
         if upper[j] == lower[j]:
             continue
+        near = slice(lower[j], upper[j])
         plan.setpts(qy[near], qx[near])
         by_qz[near] += plan.execute(cells[j]) * _interpolation_weight(position[near] - j)
     amplitude = np.empty_like(by_qz)
