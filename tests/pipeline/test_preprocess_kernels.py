@@ -125,6 +125,20 @@ class TestHitFinding:
         regions = pk.HitRegions.around(mask, pk.nominal_centre(mask))
         assert stats[0, 0] == frame[regions.inner | regions.outer].sum()
 
+    @pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.float32])
+    def test_region_sums_are_exact_for_every_detector_dtype(self, dtype):
+        # Integer counts are summed exactly (64-bit), also beyond float32's 2**24, and
+        # a frame's negative (pedestal-subtracted) values count with their sign.
+        mask = detector_mask()
+        regions = pk.HitRegions.around(mask, pk.nominal_centre(mask))
+        rng = np.random.default_rng(1)
+        high = min(np.iinfo(dtype).max if np.issubdtype(dtype, np.integer) else 2**24, 2**31 - 1)
+        frames = rng.integers(0 if np.issubdtype(dtype, np.unsignedinteger) else -3, high, (3, *SHAPE)).astype(dtype)
+        stats = pk.frame_statistics_block(frames, regions=regions)
+        valid = regions.inner | regions.outer
+        expected = [frame[valid].astype(np.float64 if dtype == np.float32 else np.int64).sum() for frame in frames]
+        np.testing.assert_array_equal(stats[:, 0], expected)
+
 
     def test_saturated_pixels_and_their_dark_are_left_out(self):
         mask = detector_mask()
@@ -247,6 +261,14 @@ class TestScalingAndResampling:
         assert np.allclose(pk.scale_intensity(frame, scaling="asinh", asinh_scale=2), np.arcsinh(frame / 2))
         with pytest.raises(AirysortError, match="unknown scaling 'sqrt'"):
             pk.scale_intensity(frame, scaling="sqrt")
+
+    @pytest.mark.parametrize("scaling", ["log", "asinh"])
+    def test_scaling_in_place_gives_the_same_values(self, scaling):
+        frame = np.random.default_rng(2).normal(5, 10, (3, 16, 16)).astype(np.float32)
+        expected = pk.scale_intensity(frame, scaling=scaling, asinh_scale=3.0)
+        scaled = pk.scale_intensity(frame, scaling=scaling, asinh_scale=3.0, out=frame)
+        assert scaled is frame
+        np.testing.assert_array_equal(frame, expected)
 
     def test_masked_pixels_neither_leak_nor_darken_their_neighbours(self):
         # A smooth pattern with garbage in the masked pixels: the image next to the mask
