@@ -51,6 +51,25 @@ def read_csv(path: Path) -> dict[str, np.ndarray]:
     return {r.split(",")[0]: np.array([int(v) for v in r.split(",")[1:]]) for r in rows}
 
 
+def class_scores(y_true: np.ndarray, y_pred: np.ndarray, *, min_support: int) -> dict:
+    """Per-class precision, recall, F1 and support (printed as a table), micro F1, and
+    macro F1 over the classes with at least ``min_support`` true patterns."""
+    from sklearn.metrics import f1_score, precision_recall_fscore_support
+
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, zero_division=0.0)
+    print(f"{'class':<18}{'precision':>10}{'recall':>8}{'F1':>7}{'support':>9}")
+    for c, name in enumerate(CLASS_NAMES):
+        print(f"{name:<18}{precision[c]:>10.3f}{recall[c]:>8.3f}{f1[c]:>7.3f}{support[c]:>9d}")
+    supported = support >= min_support
+    return {
+        "micro_f1": float(f1_score(y_true, y_pred, average="micro", zero_division=0.0)),
+        "macro_f1_supported": float(np.mean(f1[supported])) if supported.any() else float("nan"),
+        "supported": supported,
+        "per_class": {name: {"precision": float(precision[c]), "recall": float(recall[c]), "f1": float(f1[c]),
+                             "support": int(support[c])} for c, name in enumerate(CLASS_NAMES)},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("store", type=Path)
@@ -93,22 +112,16 @@ def main() -> None:
     train_seconds = time.perf_counter() - start
     airysort("predict", args.store, args.work / "model", "--cluster", args.cluster)
 
-    from sklearn.metrics import f1_score, precision_recall_fscore_support
+    from sklearn.metrics import f1_score
 
     predicted = np.asarray(store.open_store(args.store)["predicted"].values)
     rest = np.setdiff1d(np.arange(n), labelled)
     y_true, y_pred = truth[rest], predicted[rest]
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, zero_division=0.0)
     print(f"\n{len(labelled)} labelled ({args.fraction:.0%}), scored on the {len(rest)} others; "
           f"training {train_seconds:.0f} s, {trained['steps']} steps, "
           f"best epoch {trained['best_epoch'] + 1}")
-    print(f"{'class':<18}{'precision':>10}{'recall':>8}{'F1':>7}{'support':>9}")
-    for c, name in enumerate(CLASS_NAMES):
-        print(f"{name:<18}{precision[c]:>10.3f}{recall[c]:>8.3f}{f1[c]:>7.3f}{support[c]:>9d}")
-    enough = support >= args.min_support
-    micro = f1_score(y_true, y_pred, average="micro", zero_division=0.0)
-    macro = float(np.mean(f1[enough])) if enough.any() else float("nan")
+    scores = class_scores(y_true, y_pred, min_support=args.min_support)
+    micro, macro, enough = scores["micro_f1"], scores["macro_f1_supported"], scores["supported"]
     print(f"micro F1 {micro:.3f} (target 0.95); macro F1 over {int(enough.sum())} classes with "
           f">= {args.min_support} test patterns {macro:.3f} (target 0.90)")
     # The same probabilities decided by the thresholds alone, without the taxonomy's rules
@@ -124,9 +137,7 @@ def main() -> None:
         "fraction": args.fraction, "n_labelled": int(len(labelled)), "n_scored": int(len(rest)),
         "micro_f1": float(micro), "macro_f1_supported": macro,
         "thresholds_alone": {"micro_f1": float(plain_micro), "macro_f1_supported": plain_macro},
-        "per_class": {name: {"precision": float(precision[c]), "recall": float(recall[c]),
-                             "f1": float(f1[c]), "support": int(support[c])}
-                      for c, name in enumerate(CLASS_NAMES)},
+        "per_class": scores["per_class"],
         "train": trained, "train_seconds": train_seconds}, indent=2))
 
 
