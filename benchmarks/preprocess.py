@@ -22,7 +22,8 @@ block of frames with zarr, then per frame the same kernels with the run's settin
 (``find_hits_block`` and ``preprocess_frame``; ``correlate_frame``: the block kernels
 on a block of one frame). Prints frames/s, MB/s of raw data
 (uncompressed) and peak memory (resident set of this process and its workers, sampled
-every 50 ms), with ratios against the read limit.
+every 50 ms), with ratios against the read limit; then the CPU cost per frame of the
+preprocessing kernel alone (``analyse_block`` timed on one worker) next to that of reading.
 """
 
 from __future__ import annotations
@@ -129,27 +130,46 @@ def _warm_up() -> None:
     import pipeline.store  # noqa: F401
 
 
+def _kernel_settings(path: Path):
+    """The block kernels' settings of the store's last ``preprocess`` run."""
+    from pipeline import store
+    from pipeline.preprocess import run_settings
+
+    group = zarr.open_group(path, mode="r", use_consolidated=False)
+    parameters = store.last_parameters(store.read_attrs(path), "preprocess")
+    return run_settings(parameters, run_mask=group["preprocess_mask"][:].astype(bool),
+                        background=group["background"][:], dark=None)
+
+
 def loop_preprocess(path: Path, n_frames: int) -> None:
     """One process, frame by frame, the same kernels as the preprocess graph."""
     from pipeline import preprocess_kernels as pk
     from pipeline import store
 
-    group = zarr.open_group(path, mode="r", use_consolidated=False)
-    parameters = store.read_attrs(path)["provenance"][-2]["parameters"]  # preprocess, before correlate
-    mask = group["preprocess_mask"][:]
-    settings = pk.PreprocessSettings(
-        mask=mask, background=group["background"][:], nominal_centre=tuple(parameters["nominal_centre"]),
-        half_side=parameters["crop_half_side"], size=parameters["size"], saturation=parameters["saturation"],
-    )
-    hit_settings = pk.HitSettings(
-        regions=pk.HitRegions.around(mask, settings.nominal_centre), saturation=settings.saturation,
-        n_sigma=parameters["hit_sigma"], min_photons=parameters["min_photons"], threshold=parameters["hit_threshold"],
-    )
-    raw = group["raw"]
+    hit_settings, settings = _kernel_settings(path)
+    raw = zarr.open_group(path, mode="r", use_consolidated=False)["raw"]
     for start in range(0, n_frames, store.RAW_INNER_CHUNK):
         for frame in raw[start : min(start + store.RAW_INNER_CHUNK, n_frames)]:
             _, hit = pk.find_hits_block(frame[None], hit_settings=hit_settings)
             pk.preprocess_frame(frame, hit=bool(hit[0]), settings=settings)
+
+
+def kernel_seconds_per_frame(path: Path, repeats: int = 3) -> float:
+    """Seconds per frame of the preprocessing kernel alone (``analyse_block``: hits, centring,
+    scaling, resampling, normalisation) on the store's first shard, best of ``repeats``;
+    run on a Dask worker, it sees the workers' allocator settings."""
+    from pipeline import preprocess_kernels as pk
+    from pipeline import store
+
+    hit_settings, settings = _kernel_settings(path)
+    frames = zarr.open_group(path, mode="r", use_consolidated=False)["raw"][: store.PATTERN_CHUNK]
+    pk.analyse_block(frames[:8], hit_settings=hit_settings, settings=settings)  # compiled loops loaded
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        pk.analyse_block(frames, hit_settings=hit_settings, settings=settings)
+        best = min(best, time.perf_counter() - start)
+    return best / len(frames)
 
 
 def loop_correlate(path: Path, n_frames: int) -> None:
@@ -216,6 +236,8 @@ def main() -> None:
                     if stage == "preprocess":
                         print(f"    hits {result['hits']}/{n}, hot pixels {result['hot_pixels']}, "
                               f"background: {result['background']}", flush=True)
+                # One worker times the kernel alone while the other idles.
+                kernel = client.submit(kernel_seconds_per_frame, path, pure=False).result()
         big = workdir / f"n{sizes[-1]}.zarr"
         m = min(args.loop_frames, sizes[-1])
         limit = rows[3][4]  # read rate of the large store
@@ -242,6 +264,9 @@ def main() -> None:
         print(f"{stage}: {graph[4] / read[4]:.2f} x the read limit ({(graph[1] / graph[3]) / (read[1] / read[3]):.2f} "
               f"per CPU second), {graph[4] / loop[4]:.1f} x the plain loop; "
               f"peak memory at N / at N/4 = {graph[7] / by[(stage, small)][7]:.2f}")
+    read = by[("read raw (I/O limit)", large)]
+    print(f"preprocessing kernel alone (analyse_block on one worker, first {min(large, 256)} frames, best of 3): "
+          f"{kernel * 1e3:.2f} ms per frame; reading and decompressing: {read[3] / read[1] * 1e3:.2f} ms of CPU per frame")
     print(f"load average at the end: {os.getloadavg()[0]:.1f} ({os.cpu_count()} cpus)")
 
 
