@@ -218,7 +218,7 @@ class HitRegions:
     ``inner`` and ``outer`` are boolean (y, x) maps of valid pixels (not masked);
     ``indicator`` (derived) holds them as the two rows of a float32 ``(2, y x)``
     matrix (for the rare frames with saturated pixels), ``flat_inner`` and
-    ``flat_outer`` as flat uint8 weights for the fused sums of :func:`_region_sums`.
+    ``flat_outer`` as flat uint8 weights for the exact integer sums of :func:`_region_sums`.
     """
 
     inner: np.ndarray
@@ -294,7 +294,7 @@ def frame_statistics_block(
     indicator = regions.indicator.T  # (y x, 2), a transposed view: BLAS reads rows
     flat = frames.reshape(n, indicator.shape[0])
     # One pass over the counts gives both region sums and each frame's largest count.
-    raw_sums, largest = _region_sums(*_exact_sum_input(flat), regions.flat_inner, regions.flat_outer)
+    raw_sums, largest = _region_sums_block(flat, regions)
     sizes = np.broadcast_to(indicator.sum(axis=0, dtype=np.float64), (n, 2)).copy()
     dark_weights = None if dark is None else np.asarray(dark, np.float64).reshape(-1, 1) * indicator
     dark_sums = np.zeros((n, 2)) if dark is None else np.broadcast_to(dark_weights.sum(axis=0), (n, 2)).copy()
@@ -315,25 +315,36 @@ def frame_statistics_block(
     return np.stack([inner + outer, inner - expected, sigma], axis=1)
 
 
-def _exact_sum_input(flat: np.ndarray) -> tuple[np.ndarray, np.int64 | np.float64]:
-    """Frames and the zero of the accumulator :func:`_region_sums` sums them in: exact
-    64-bit integers for integer counts of up to 32 bits, float64 otherwise."""
-    if flat.dtype.kind in "iu" and flat.dtype.itemsize <= 4:
-        return flat, np.int64(0)
-    return flat.astype(np.float64, copy=False), np.float64(0.0)
+def _region_sums_block(flat: np.ndarray, regions: HitRegions) -> tuple[np.ndarray, np.ndarray]:
+    """Sums of each frame of ``flat`` (n, pixels) over the inner disc and the outer annulus,
+    float64 (n, 2), and each frame's largest value (n,).
+
+    Integer counts of up to 32 bits are summed exactly in one compiled pass over the
+    frame (:func:`_region_sums`); other data (calibrated float photons) by float32 matrix
+    products, a few frames at a time.
+    """
+    if flat.dtype.kind in "iub" and flat.dtype.itemsize <= 4:
+        return _region_sums(flat, regions.flat_inner, regions.flat_outer)
+    sums, largest = np.empty((flat.shape[0], 2)), np.empty(flat.shape[0])
+    for part in sub_blocks(flat.shape[0]):
+        block = flat[part].astype(np.float32, copy=False)
+        sums[part] = block @ regions.indicator.T
+        largest[part] = block.max(axis=1)
+    return sums, largest
 
 
 @numba.njit(cache=True, nogil=True)
-def _region_sums(flat, zero, inner, outer):  # pragma: no cover - compiled
-    """Per frame of ``flat`` (n, pixels): the sums over the pixels weighted by ``inner`` and
-    by ``outer`` (0/1), as float64 (n, 2), and the largest value (n,)."""
+def _region_sums(flat, inner, outer):  # pragma: no cover - compiled
+    """Per frame of integer counts ``flat`` (n, pixels): the exact sums over the pixels
+    weighted by ``inner`` and by ``outer`` (0/1), as float64 (n, 2), and the largest
+    count (n,)."""
     n = flat.shape[0]
     sums = np.zeros((n, 2))
     largest = np.empty(n)
     for i in range(n):
         frame = flat[i]
-        a = zero
-        b = zero
+        a = np.int64(0)
+        b = np.int64(0)
         top = frame[0]
         for p in range(frame.size):
             value = frame[p]
