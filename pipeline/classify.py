@@ -514,7 +514,7 @@ def predict_store(
             description="predict: classifying patterns",
             start=start,
         )
-    counts = np.asarray(store.open_store(store_path)["predicted"][start:].sum("pattern").values)
+    counts = store.read_pattern_values(store_path, "predicted", start=start).sum(axis=0, dtype=np.int64)
     return {
         "n_patterns": int(inputs.shape[0]), "model_id": info["model_id"],
         "counts": dict(zip(CLASS_NAMES, (int(c) for c in counts))),

@@ -368,9 +368,8 @@ def preprocess_store(
         _write_run_arrays(path, run_mask=run_mask, background=settings.background)
         _write_outputs(path, outputs, parameters=parameters)
     clock.lap("images")
-    written = store.open_store(path)[["hit", "centre_y", "centre_x"]].compute()
-    hits = written["hit"].values
-    hit_centres = np.stack([written["centre_y"].values[hits], written["centre_x"].values[hits]], axis=1)
+    hits = store.read_pattern_values(path, "hit")
+    hit_centres = np.stack([store.read_pattern_values(path, f"centre_{axis}")[hits] for axis in "yx"], axis=1)
     n_hits = int(hits.sum())
     return {
         "patterns": int(n_patterns),
@@ -446,7 +445,7 @@ def preprocess_new(path: str | os.PathLike, *, start: int) -> dict[str, Any]:
         parameters, run_mask=dataset["preprocess_mask"].values.astype(bool), background=background, dark=dark)
     outputs = analyse_array(dataset["raw"].data[start:], hit_settings=hit_settings, settings=settings)
     _write_outputs(path, outputs, parameters=parameters, start=start)
-    hits = store.open_store(path)["hit"].values[start:]
+    hits = store.read_pattern_values(path, "hit", start=start)
     return {"patterns": int(hits.size), "hits": int(hits.sum()), "seconds": round(time.perf_counter() - started, 2)}
 
 

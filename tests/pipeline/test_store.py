@@ -86,6 +86,16 @@ def test_write_variables_from_a_start_pattern(filled_store, dask_threads):
                               command="embed", parameters={}, start=900)
 
 
+def test_read_pattern_values_from_a_start_pattern(filled_store):
+    path, raw = filled_store
+    labels = (np.arange(600 * len(CLASS_NAMES)).reshape(600, -1) % 2).astype(np.int8)
+    store.write_pattern_variable_direct(path, "label", labels)
+    np.testing.assert_array_equal(store.read_pattern_values(path, "label", start=250), labels[250:])
+    np.testing.assert_array_equal(store.read_pattern_values(path, "raw"), raw)
+    with pytest.raises(AirysortError, match="does not exist"):
+        store.read_pattern_values(path.parent / "missing.zarr", "label")
+
+
 def test_write_variables_rejects_wrong_length(filled_store, dask_threads):
     path, _ = filled_store
     bad = xr.DataArray(np.ones((10, 2), np.float32), dims=("pattern", "z"))
