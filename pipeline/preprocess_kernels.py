@@ -856,7 +856,7 @@ def normalise(image: np.ndarray, bad: np.ndarray) -> np.ndarray:
     """
     image = np.asarray(image, np.float32)
     bad = np.broadcast_to(np.asarray(bad, bool), image.shape)
-    flat = image.reshape(-1, image.shape[-2] * image.shape[-1]) if image.ndim >= 2 else image.reshape(1, -1)
+    flat = image.reshape(-1, image.shape[-2] * image.shape[-1])
     return _normalise_rows(flat, bad.reshape(flat.shape)).reshape(image.shape)
 
 
