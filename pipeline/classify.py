@@ -287,6 +287,7 @@ def train_classifier(
     from jaxmodels.resnet import build_cnn
     from jaxmodels.train import fit
     from pipeline import store
+    from pipeline.evaluate import macro_f1
 
     start = time.perf_counter()
     model_dir = Path(model_dir)
@@ -387,7 +388,7 @@ def train_classifier(
         validation = {
             "loss": result.history[result.best_epoch]["val_loss"] if result.best_epoch >= 0 else None,
             "micro_f1": float(f1_score(truth, predicted, average="micro", zero_division=0.0)),
-            "macro_f1": float(f1_score(truth, predicted, average="macro", zero_division=0.0)),
+            "macro_f1": macro_f1(truth, predicted)[0],
             "n": int(len(valid_idx)),
         }
     info.update({

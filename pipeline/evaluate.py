@@ -4,7 +4,9 @@ Truth is the store's ``label`` (researcher labels, −1 where unlabelled) or a l
 (``shot_id,`` + the 11 class names, rows matched by ``shot_id``).
 
 * Classification (``predicted`` against truth): per-class precision, recall, F1 and
-  support, micro and macro F1 (scikit-learn). Patterns the classifier was trained or
+  support, micro and macro F1 (scikit-learn). Macro F1 averages the classes that occur
+  in the truth or the predictions: a class the beamtime cannot show (Bent and Asymmetric
+  need wide-angle scattering) would otherwise count as F1 0. Patterns the classifier was trained or
   validated on are left out when the store records them (a ``label_role`` or
   ``train_split`` variable, see :func:`training_mask`); the output says which subset
   was scored.
@@ -130,7 +132,8 @@ def classification_scores(truth: np.ndarray, predicted: np.ndarray) -> dict[str,
     -------
     dict
         ``per_class`` (name → precision, recall, f1, support), ``micro_f1``,
-        ``macro_f1``, ``n`` — the classification section of interface.md.
+        ``macro_f1``, ``n`` — the classification section of interface.md — and
+        ``macro_classes``, the classes the macro average is over (see :func:`macro_f1`).
     """
     precision, recall, f1, support = metrics.precision_recall_fscore_support(
         truth, predicted, average=None, labels=list(range(N_CLASSES)), zero_division=0
@@ -139,12 +142,29 @@ def classification_scores(truth: np.ndarray, predicted: np.ndarray) -> dict[str,
         name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
         for name, p, r, f, s in zip(CLASS_NAMES, precision, recall, f1, support)
     }
+    macro, classes = macro_f1(truth, predicted)
     return {
         "per_class": per_class,
         "micro_f1": float(metrics.f1_score(truth, predicted, average="micro", zero_division=0)),
-        "macro_f1": float(metrics.f1_score(truth, predicted, average="macro", zero_division=0)),
+        "macro_f1": macro,
+        "macro_classes": classes,
         "n": int(len(truth)),
     }
+
+
+def macro_f1(truth: np.ndarray, predicted: np.ndarray) -> tuple[float, list[str]]:
+    """Macro F1 over the classes that occur in ``truth`` or ``predicted`` (0/1 rows).
+
+    A class absent from both has no defined F1; scikit-learn leaves it out of the
+    average with ``zero_division=nan``. Returns the score (nan when no class occurs)
+    and the names of the classes averaged.
+    """
+    occurs = (np.asarray(truth) > 0).any(axis=0) | (np.asarray(predicted) > 0).any(axis=0)
+    classes = [name for name, seen in zip(CLASS_NAMES, occurs) if seen]
+    if not classes:
+        return float("nan"), classes
+    score = metrics.f1_score(truth, predicted, average="macro", zero_division=np.nan)
+    return float(score), classes
 
 
 def clustering_scores(groups: np.ndarray, clusters: np.ndarray, *, k: int) -> dict[str, Any]:
@@ -273,7 +293,9 @@ def format_report(result: dict[str, Any]) -> str:
             lines.append(
                 f"{name:<18}{row['precision']:>10.3f}{row['recall']:>8.3f}{row['f1']:>8.3f}{row['support']:>9d}"
             )
-        lines.append(f"micro F1 {classification['micro_f1']:.3f}   macro F1 {classification['macro_f1']:.3f}")
+        averaged = len(classification["macro_classes"])
+        lines.append(f"micro F1 {classification['micro_f1']:.3f}   macro F1 {classification['macro_f1']:.3f} "
+                     f"(over the {averaged} classes in the truth or the predictions)")
         if "note" in classification:
             lines.append(f"note: {classification['note']}")
     clustering = result.get("clustering")

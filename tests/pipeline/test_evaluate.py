@@ -92,6 +92,22 @@ class TestScores:
         assert scores["macro_f1"] == pytest.approx(np.mean([counted_scores(truth, predicted, i)[2] for i in range(11)]))
         assert scores["n"] == 200
 
+    def test_macro_f1_leaves_out_classes_absent_from_truth_and_predictions(self):
+        # A small-angle beamtime has no Bent or Asymmetric patterns: they must not count
+        # as F1 0 in the macro average. A class predicted but never true does count (F1 0).
+        rng = np.random.default_rng(3)
+        truth = rng.integers(0, 2, (300, N_CLASSES))
+        predicted = np.where(rng.random(truth.shape) < 0.2, 1 - truth, truth)
+        truth[:, [5, 6]] = 0
+        predicted[:, 5] = 0
+        predicted[:40, 6] = 1
+        scores = classification_scores(truth, predicted)
+        averaged = [i for i in range(N_CLASSES) if i != 5]
+        assert scores["macro_classes"] == [CLASS_NAMES[i] for i in averaged]
+        assert scores["per_class"]["Asymmetric"]["f1"] == 0.0
+        assert scores["macro_f1"] == pytest.approx(
+            np.mean([counted_scores(truth, predicted, i)[2] for i in averaged]))
+
     def test_clustering_is_invariant_to_cluster_names(self):
         groups = np.array(["round", "round", "empty", "prolate", "prolate", "empty"])
         renamed = clustering_scores(groups, np.array([7, 7, 0, 3, 3, 0]), k=3)
