@@ -86,12 +86,15 @@ def test_write_variables_from_a_start_pattern(filled_store, dask_threads):
                               command="embed", parameters={}, start=900)
 
 
-def test_read_pattern_values_from_a_start_pattern(filled_store):
+def test_read_pattern_values_from_a_start_or_at_chosen_patterns(filled_store):
     path, raw = filled_store
     labels = (np.arange(600 * len(CLASS_NAMES)).reshape(600, -1) % 2).astype(np.int8)
     store.write_pattern_variable_direct(path, "label", labels)
     np.testing.assert_array_equal(store.read_pattern_values(path, "label", start=250), labels[250:])
     np.testing.assert_array_equal(store.read_pattern_values(path, "raw"), raw)
+    picks = np.array([301, 7, 7, 120])  # any order, repeats allowed, across shards
+    np.testing.assert_array_equal(store.read_pattern_values(path, "raw", patterns=picks), raw[picks])
+    assert store.read_pattern_values(path, "raw", patterns=[]).shape == (0, *raw.shape[1:])
     with pytest.raises(AirysortError, match="does not exist"):
         store.read_pattern_values(path.parent / "missing.zarr", "label")
 
