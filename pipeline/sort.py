@@ -154,7 +154,9 @@ def export_patterns(path: str | os.PathLike, class_name: str, out_cxi: str | os.
                                  dtype=dataset["raw"].dtype, chunks=(1, *frame_shape))
         for start in range(0, len(members), store.PATTERN_CHUNK):
             chunk = members[start : start + store.PATTERN_CHUNK]
-            data[start : start + len(chunk)] = dataset["raw"].isel(pattern=chunk).values
+            # Straight from Zarr: only the inner chunks holding these frames are decoded (a
+            # Dask read of scattered members decodes every shard they touch, each time).
+            data[start : start + len(chunk)] = store.read_pattern_values(path, "raw", patterns=chunk)
         detector = h5.create_group("entry_1/instrument_1/detector_1")
         source = h5.create_group("entry_1/instrument_1/source_1")
         for group, key, name in ((detector, "detector_distance", "distance"), (detector, "pixel_size", "x_pixel_size"),
