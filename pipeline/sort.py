@@ -52,17 +52,22 @@ def class_thresholds(dataset: xr.Dataset) -> np.ndarray:
     return thresholds
 
 
-def _write_index(path: Path, dataset: xr.Dataset, patterns: np.ndarray, probability: np.ndarray | None) -> None:
+def _index_columns(dataset: xr.Dataset) -> dict[str, np.ndarray]:
+    """The per-pattern columns of every index list, read once per ``sort``."""
+    return {"shot_id": np.asarray(dataset["shot_id"].values).astype(object),
+            "source_file": np.asarray(dataset["source_file"].values).astype(object),
+            "frame": np.asarray(dataset["frame"].values)}
+
+
+def _write_index(path: Path, columns: dict[str, np.ndarray], patterns: np.ndarray,
+                 probability: np.ndarray | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    shot_id = np.asarray(dataset["shot_id"].values).astype(object)
-    source = np.asarray(dataset["source_file"].values).astype(object)
-    frame = np.asarray(dataset["frame"].values)
+    shown = [""] * len(patterns) if probability is None else [f"{value:.4f}" for value in probability]
     with open(path, "w", newline="") as stream:
         writer = csv.writer(stream)
         writer.writerow(["pattern", "shot_id", "source_file", "frame", "probability"])
-        for i, p in enumerate(patterns):
-            prob = "" if probability is None else f"{probability[i]:.4f}"
-            writer.writerow([int(p), shot_id[p], source[p], int(frame[p]), prob])
+        writer.writerows(zip(patterns.tolist(), columns["shot_id"][patterns], columns["source_file"][patterns],
+                             columns["frame"][patterns].tolist(), shown))
 
 
 def _gallery(path: Path, dataset: xr.Dataset, picks: list[tuple[int, str]], title: str) -> str:
@@ -95,6 +100,7 @@ def sort_store(path: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str,
             "run 'airysort predict' or 'airysort cluster' first"
         )
     summary: dict[str, Any] = {"out_dir": str(out), "classes": {}, "clusters": {}}
+    columns = _index_columns(dataset)
 
     if "predicted" in dataset:
         predicted = np.asarray(dataset["predicted"].values)
@@ -103,7 +109,7 @@ def sort_store(path: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str,
         for c, name in enumerate(CLASS_NAMES):
             members = np.flatnonzero(predicted[:, c] == 1)
             members = members[np.argsort(-prob[members, c], kind="stable")]
-            _write_index(out / "classes" / f"{safe_name(name)}.csv", dataset, members, prob[members, c])
+            _write_index(out / "classes" / f"{safe_name(name)}.csv", columns, members, prob[members, c])
             representative = [(int(p), f"#{p} p={prob[p, c]:.2f}") for p in members[:N_REPRESENTATIVE]]
             nearest = np.argsort(np.abs(prob[:, c] - thresholds[c]), kind="stable")[:N_BORDERLINE]
             borderline = [(int(p), f"#{p} p={prob[p, c]:.2f} border") for p in nearest]
@@ -123,7 +129,7 @@ def sort_store(path: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str,
                 order = np.argsort(-confidence, kind="stable")
                 members, confidence = members[order], confidence[order]
             directory = out / "clusters" / method
-            _write_index(directory / f"cluster_{k}.csv", dataset, members, confidence)
+            _write_index(directory / f"cluster_{k}.csv", columns, members, confidence)
             picks = [(int(p), f"#{p}") for p in members[:N_REPRESENTATIVE + N_BORDERLINE]]
             _gallery(directory / f"cluster_{k}.png", dataset, picks, f"{method} cluster {k}: {len(members)} patterns")
             counts[int(k)] = int(len(members))
