@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import store  # noqa: E402
 from pipeline.labelsheet import write_label_csv  # noqa: E402
-from pipeline.taxonomy import CLASS_NAMES  # noqa: E402
 
 
 def airysort(*args: str) -> dict:
@@ -52,22 +51,27 @@ def read_csv(path: Path) -> dict[str, np.ndarray]:
 
 
 def class_scores(y_true: np.ndarray, y_pred: np.ndarray, *, min_support: int) -> dict:
-    """Per-class precision, recall, F1 and support (printed as a table), micro F1, and
-    macro F1 over the classes with at least ``min_support`` true patterns."""
-    from sklearn.metrics import f1_score, precision_recall_fscore_support
+    """``airysort evaluate``'s per-class precision, recall, F1 and support and micro F1
+    (:func:`pipeline.evaluate.classification_scores`), and macro F1 over the classes with at
+    least ``min_support`` true patterns."""
+    from pipeline.evaluate import classification_scores
 
-    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, zero_division=0.0)
-    print(f"{'class':<18}{'precision':>10}{'recall':>8}{'F1':>7}{'support':>9}")
-    for c, name in enumerate(CLASS_NAMES):
-        print(f"{name:<18}{precision[c]:>10.3f}{recall[c]:>8.3f}{f1[c]:>7.3f}{support[c]:>9d}")
-    supported = support >= min_support
+    scores = classification_scores(y_true, y_pred)
+    per_class = scores["per_class"]
+    supported = np.array([row["support"] >= min_support for row in per_class.values()])
+    f1 = np.array([row["f1"] for row in per_class.values()])
     return {
-        "micro_f1": float(f1_score(y_true, y_pred, average="micro", zero_division=0.0)),
+        "micro_f1": scores["micro_f1"],
         "macro_f1_supported": float(np.mean(f1[supported])) if supported.any() else float("nan"),
         "supported": supported,
-        "per_class": {name: {"precision": float(precision[c]), "recall": float(recall[c]), "f1": float(f1[c]),
-                             "support": int(support[c])} for c, name in enumerate(CLASS_NAMES)},
+        "per_class": per_class,
     }
+
+
+def print_class_table(per_class: dict) -> None:
+    print(f"{'class':<18}{'precision':>10}{'recall':>8}{'F1':>7}{'support':>9}")
+    for name, row in per_class.items():
+        print(f"{name:<18}{row['precision']:>10.3f}{row['recall']:>8.3f}{row['f1']:>7.3f}{row['support']:>9d}")
 
 
 def main() -> None:
@@ -112,8 +116,6 @@ def main() -> None:
     train_seconds = time.perf_counter() - start
     airysort("predict", args.store, args.work / "model", "--cluster", args.cluster)
 
-    from sklearn.metrics import f1_score
-
     predicted = np.asarray(store.open_store(args.store)["predicted"].values)
     rest = np.setdiff1d(np.arange(n), labelled)
     y_true, y_pred = truth[rest], predicted[rest]
@@ -121,6 +123,7 @@ def main() -> None:
           f"training {train_seconds:.0f} s, {trained['steps']} steps, "
           f"best epoch {trained['best_epoch'] + 1}")
     scores = class_scores(y_true, y_pred, min_support=args.min_support)
+    print_class_table(scores["per_class"])
     micro, macro, enough = scores["micro_f1"], scores["macro_f1_supported"], scores["supported"]
     print(f"micro F1 {micro:.3f} (target 0.95); macro F1 over {int(enough.sum())} classes with "
           f">= {args.min_support} test patterns {macro:.3f} (target 0.90)")
@@ -128,9 +131,8 @@ def main() -> None:
     # (pipeline.taxonomy.decide), to show what the rules change.
     thresholds = np.asarray(json.loads((args.work / "model" / "model.json").read_text())["thresholds"])
     plain = (np.asarray(store.open_store(args.store)["prob"].values)[rest] >= thresholds).astype(int)
-    plain_f1 = f1_score(y_true, plain, average=None, zero_division=0.0)
-    plain_micro = f1_score(y_true, plain, average="micro", zero_division=0.0)
-    plain_macro = float(np.mean(plain_f1[enough])) if enough.any() else float("nan")
+    plain_scores = class_scores(y_true, plain, min_support=args.min_support)  # same supported classes
+    plain_micro, plain_macro = plain_scores["micro_f1"], plain_scores["macro_f1_supported"]
     print(f"thresholds alone, without the taxonomy's rules: micro F1 {plain_micro:.3f}, "
           f"macro F1 {plain_macro:.3f}")
     (args.work / "scores.json").write_text(json.dumps({

@@ -41,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cnn_accuracy import airysort, class_scores  # noqa: E402
+from cnn_accuracy import airysort, class_scores, print_class_table  # noqa: E402
 
 from pipeline import store  # noqa: E402
 from pipeline.simulate import detector  # noqa: E402
@@ -217,6 +217,7 @@ def main() -> None:
     y_true, y_pred = np.asarray(dataset["label"].values), np.asarray(dataset["predicted"].values)
     print(f"\n{len(y_true)} patterns from the independent model, classified by {args.model}")
     scores = class_scores(y_true, y_pred, min_support=args.min_support)
+    print_class_table(scores["per_class"])
     print(f"micro F1 {scores['micro_f1']:.3f}; macro F1 over {int(scores['supported'].sum())} classes with "
           f">= {args.min_support} patterns {scores['macro_f1_supported']:.3f}")
     (args.work / "scores.json").write_text(json.dumps({

@@ -93,15 +93,10 @@ def h5py_read(paths: list[Path]) -> int:
     return frames
 
 
-def _read_share(paths: list[Path]) -> int:
-    return h5py_read(paths)
-
-
-def h5py_read_parallel(paths: list[Path], pool) -> int:
-    """Frames read by the processes of ``pool`` at once, each reading its share of the
-    files (ingest's workers, too, read whole files in parallel)."""
-    processes = pool._processes
-    return sum(pool.map(_read_share, [paths[i::processes] for i in range(processes)]))
+def h5py_read_parallel(paths: list[Path], pool, processes: int) -> int:
+    """Frames read by the ``processes`` processes of ``pool`` at once, each reading its
+    share of the files (ingest's workers, too, read whole files in parallel)."""
+    return sum(pool.map(h5py_read, [paths[i::processes] for i in range(processes)]))
 
 
 def encode_seconds_per_frame(frames: np.ndarray, repeats: int = 20) -> float:
@@ -166,11 +161,11 @@ def main() -> None:
         def timed_read(name, pool=None):
             with PeakMemory() as memory:
                 t = time.perf_counter()
-                n = h5py_read(large) if pool is None else h5py_read_parallel(large, pool)
+                n = h5py_read(large) if pool is None else h5py_read_parallel(large, pool, cores)
                 row(name, n, time.perf_counter() - t, memory.peak)
 
         with multiprocessing.get_context("spawn").Pool(cores) as pool:
-            pool.map(_read_share, [[]] * cores)  # processes up, h5py imported, before timing
+            pool.map(h5py_read, [[]] * cores)  # processes up, h5py imported, before timing
             evict(large)
             timed_read("h5py read, disk")
             evict(large)

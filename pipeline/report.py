@@ -136,7 +136,7 @@ def section_metrics(dataset, evaluation: dict[str, Any] | None, truth_csv: str |
         f"<h2>Classification</h2><p>Scored on {result['n']} patterns "
         f"({html.escape(str(result.get('scored', '')))}; truth: {html.escape(str(evaluation.get('truth')))}). "
         f"Micro F1 <b>{result['micro_f1']:.3f}</b>, macro F1 <b>{result['macro_f1']:.3f}</b>"
-        f" (over the {len(result.get('macro_classes', result['per_class']))} classes in the truth or "
+        f" (over the {len(result['macro_classes'])} classes in the truth or "
         "the predictions).</p>"
         + _table(["class", "precision", "recall", "F1", "support"], rows)
     )
