@@ -212,7 +212,9 @@ def evaluate_store(path: str | Path, *, truth_csv: str | Path | None = None) -> 
         interface.md; a section is absent when its inputs are. Extra keys: ``truth``
         (``"label"`` or the CSV path), ``classification.scored`` (``"held_out"`` when the
         training patterns are known and excluded, else ``"all_labelled"``),
-        ``classification.excluded_training``, ``truth_unmatched_rows`` (CSV only).
+        ``classification.excluded_training``, ``classification.groups`` (the predicted
+        coarse groups scored as a clustering of the scored patterns, as in
+        :func:`clustering_scores`), ``truth_unmatched_rows`` (CSV only).
     """
     from pipeline import store
 
@@ -254,6 +256,12 @@ def evaluate_store(path: str | Path, *, truth_csv: str | Path | None = None) -> 
         predicted = np.asarray(dataset["predicted"].values)
         result["classification"] = classification_scores(truth[scored], predicted[scored])
         result["classification"]["scored"] = "all_labelled" if trained is None else "held_out"
+        # The classifier's coarse groups scored like a clustering: the supervised reference
+        # for the clustering table (what labels teach about the groups on these patterns).
+        predicted_groups = coarse_group(predicted[scored])
+        result["classification"]["groups"] = clustering_scores(
+            coarse_group(truth[scored]), predicted_groups, k=len(np.unique(predicted_groups))
+        )
         result["classification"]["excluded_training"] = int((known & ~scored).sum())
         if trained is None and truth_csv is None:
             result["classification"]["note"] = (
@@ -296,6 +304,9 @@ def format_report(result: dict[str, Any]) -> str:
         averaged = len(classification["macro_classes"])
         lines.append(f"micro F1 {classification['micro_f1']:.3f}   macro F1 {classification['macro_f1']:.3f} "
                      f"(over the {averaged} classes in the truth or the predictions)")
+        groups = classification["groups"]
+        lines.append(f"predicted coarse groups as a clustering: homogeneity {groups['homogeneity']:.3f}, "
+                     f"completeness {groups['completeness']:.3f}, ARI {groups['ari']:.3f}, NMI {groups['nmi']:.3f}")
         if "note" in classification:
             lines.append(f"note: {classification['note']}")
     clustering = result.get("clustering")
@@ -309,5 +320,12 @@ def format_report(result: dict[str, Any]) -> str:
             lines.append(
                 f"{method:<10}{row['k']:>4d}{row['homogeneity']:>13.3f}{row['completeness']:>14.3f}"
                 f"{row['ari']:>8.3f}{row['nmi']:>8.3f}"
+            )
+        if classification:
+            row = classification["groups"]
+            lines.append(
+                f"{'classifier':<10}{row['k']:>4d}{row['homogeneity']:>13.3f}{row['completeness']:>14.3f}"
+                f"{row['ari']:>8.3f}{row['nmi']:>8.3f}   (supervised reference: its predicted "
+                f"groups on the {row['n']} patterns above)"
             )
     return "\n".join(lines)

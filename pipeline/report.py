@@ -179,6 +179,10 @@ def section_clustering(evaluation: dict[str, Any] | None) -> str | None:
         return None
     names = {"gmm": "GMM on β-TCVAE latents", "spectral": "spectral clustering on images (baseline)"}
     rows = [[names.get(m, m), s["k"], s["homogeneity"], s["completeness"], s["ari"], s["nmi"]] for m, s in evaluation["clustering"].items()]
+    if "classification" in evaluation:
+        s = evaluation["classification"]["groups"]
+        rows.append([f"the classifier's predicted groups (supervised reference, {s['n']} scored patterns)",
+                     s["k"], s["homogeneity"], s["completeness"], s["ari"], s["nmi"]])
     groups = evaluation.get("coarse_groups", {})
     note = ", ".join(f"{g}: {n}" for g, n in groups.items())
     return (

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
+from sklearn.metrics import adjusted_rand_score, completeness_score, homogeneity_score
 from typer.testing import CliRunner
 
 from pipeline import store
@@ -154,6 +155,15 @@ class TestEvaluateCommand:
         assert classification["per_class"]["Round"]["recall"] == pytest.approx(counted_scores(truth, predicted, 1)[1])
         # Clustering is unsupervised: still scored on every labelled pattern.
         assert result["clustering"]["gmm"]["n"] == known.sum()
+        # The classifier's coarse groups, scored like a clustering on the held-out patterns.
+        true_groups, predicted_groups = coarse_group(truth), coarse_group(predicted)
+        assert (true_groups != predicted_groups).any()  # 10 % flipped labels move some groups
+        groups = classification["groups"]
+        assert groups["n"] == held_out.sum() and groups["k"] == len(set(predicted_groups))
+        assert groups["homogeneity"] == pytest.approx(homogeneity_score(true_groups, predicted_groups))
+        assert groups["completeness"] == pytest.approx(completeness_score(true_groups, predicted_groups))
+        assert groups["ari"] == pytest.approx(adjusted_rand_score(true_groups, predicted_groups))
+        assert 0.3 < groups["ari"] < 1.0
 
     def test_truth_csv_overrides_store_labels(self, evaluated_store):
         truth = evaluated_store["truth"]
@@ -179,6 +189,8 @@ class TestEvaluateCommand:
         assert result.exit_code == 0, result.output
         assert "DoubleRings" in result.stderr and "macro F1" in result.stderr
         assert "homogeneity" in result.stderr and "spectral" in result.stderr and "gmm" in result.stderr
+        assert "predicted coarse groups as a clustering" in result.stderr
+        assert "supervised reference" in result.stderr.splitlines()[-1]
 
     def test_bad_csv_header_is_one_error_line(self, evaluated_store):
         csv = evaluated_store["tmp"] / "bad.csv"
