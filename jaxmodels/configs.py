@@ -84,6 +84,11 @@ class TrainConfig:
         of every epoch).
     log_every : int, default=20
         Print loss and metrics to stderr every this many steps.
+    batch_norm_batches : int, default=16
+        At the end of every epoch, recompute the BatchNorm layers' running statistics as
+        the average over this many training batches with the epoch's final weights
+        (:func:`jaxmodels.train.recalibrate_batch_norm`); 0 keeps the running averages of
+        training. Models without BatchNorm (the VAE) skip it.
     """
 
     epochs: int = 30
@@ -99,6 +104,7 @@ class TrainConfig:
     min_epochs: int = 10
     checkpoint_every: int = 200
     log_every: int = 20
+    batch_norm_batches: int = 16
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -117,6 +123,8 @@ class TrainConfig:
             )
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every!r}")
+        if self.batch_norm_batches < 0:
+            raise ValueError(f"batch_norm_batches must be >= 0, got {self.batch_norm_batches!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:

@@ -200,6 +200,67 @@ def _eval_step(loss_fn: LossFn) -> Callable:
     return eval_step
 
 
+@functools.lru_cache(maxsize=8)
+def _statistics_step(loss_fn: LossFn) -> Callable:
+    """Jitted forward pass in training mode (no update): batch norm's running statistics move."""
+
+    @nnx.jit
+    def statistics_step(model, batch, key):
+        return loss_fn(model, batch, key=key, step=jnp.zeros((), jnp.int32), train=True)[0]
+
+    return statistics_step
+
+
+def recalibrate_batch_norm(
+    model: nnx.Module,
+    loss_fn: LossFn,
+    batches: PatternBatches,
+    *,
+    n_batches: int,
+    epoch: int,
+    seed: int = 0,
+    mesh: jax.sharding.Mesh | None = None,
+) -> int:
+    """Set every BatchNorm's running mean and variance to their average over ``n_batches``
+    training batches, computed with the current weights ("precise BN").
+
+    The running averages kept during training mix statistics of weights from the last
+    few dozen steps; while the learning rate is high those weights differ enough that the
+    network in eval mode no longer matches itself in training mode, and the validation
+    loss jumps from epoch to epoch (Wu & Johnson, "Rethinking 'Batch' in BatchNorm",
+    arXiv:2105.07576). Each batch's own statistics are recovered from the change of the
+    running average it causes, so the layers keep their momentum.
+
+    Returns
+    -------
+    int
+        Batches used (0 when the model has no BatchNorm).
+    """
+    layers = [module for _, module in model.iter_modules() if isinstance(module, nnx.BatchNorm)]
+    if not layers or n_batches < 1:
+        return 0
+    mesh = make_data_mesh() if mesh is None else mesh
+    model.train()
+    step = nnx.cached_partial(_statistics_step(loss_fn), model)
+    key = jax.random.fold_in(jax.random.key(seed), 7919 + epoch)
+    sums = [[jnp.zeros_like(layer.mean.value), jnp.zeros_like(layer.var.value)] for layer in layers]
+    used = 0
+    for i, host_batch in enumerate(batches.epoch(epoch)):
+        if i == n_batches:
+            break
+        before = [(layer.mean.value, layer.var.value) for layer in layers]
+        step(shard_batch(host_batch, mesh), jax.random.fold_in(key, i))
+        for total, layer, (mean, var) in zip(sums, layers, before):
+            # running = m * running + (1 - m) * batch, so batch = (running' - m running) / (1 - m)
+            m = layer.momentum
+            total[0] = total[0] + (layer.mean.value - m * mean) / (1 - m)
+            total[1] = total[1] + (layer.var.value - m * var) / (1 - m)
+        used += 1
+    for (mean, var), layer in zip(sums, layers):
+        layer.mean.value, layer.var.value = mean / used, var / used
+    return used
+
+
 def evaluate(
     model: nnx.Module,
     loss_fn: LossFn,
@@ -371,6 +432,9 @@ def fit(
 
             record: dict[str, float] = {"epoch": epoch,
                                         "train_loss": float(np.mean(epoch_losses or [np.nan]))}
+            if config.batch_norm_batches:
+                recalibrate_batch_norm(model, loss_fn, train, n_batches=config.batch_norm_batches,
+                                       epoch=epoch, seed=config.seed, mesh=mesh)
             if valid is not None and len(valid.indices):
                 metrics = evaluate(model, loss_fn, valid, seed=config.seed, mesh=mesh)
                 record.update({f"val_{k}": v for k, v in metrics.items()})

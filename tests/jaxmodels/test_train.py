@@ -152,7 +152,7 @@ def test_fit_learns_rings_and_keeps_the_best_model(tmp_path):
     assert result.steps == 4 * 6 and len(result.history) == 4
     losses = [h["val_loss"] for h in result.history]
     assert result.best_epoch == int(np.argmin(losses))
-    assert result.history[-1]["val_accuracy"] > 0.9
+    assert result.history[-1]["val_accuracy"] > 0.85  # two classes of rings, chance 0.5
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     assert any("loss" in line and "patterns/s" in line for line in lines)
     # The returned model carries the best epoch's weights.
@@ -214,3 +214,24 @@ def test_early_stopping_respects_patience_and_min_epochs(min_epochs, stop_after)
     assert result.best_epoch == 0
     # The returned model holds the best (first-epoch) weights, not the last ones.
     assert float(result.model.w[...]) == pytest.approx(1.0 - 0.05 * 2, abs=0.02)
+
+
+def test_batch_norm_recalibration_averages_the_batches_statistics():
+    # The input layer's batch norm sees the images themselves, so its recalibrated mean
+    # and variance must be the average of the batches' own statistics.
+    from jaxmodels.train import recalibrate_batch_norm
+
+    def plain_loss(model, batch, *, key, step, train):  # no augmentation: known inputs
+        return weighted_bce(model(batch["x"]), batch["y"], valid=batch["valid"]), {}
+
+    train, _ = _ring_batches(n_train=160)
+    model = _ResNetTiny(n_classes=2, rngs=nnx.Rngs(0))
+    assert recalibrate_batch_norm(model, plain_loss, train, n_batches=3, epoch=2) == 3
+    inputs = [np.asarray(b["x"], np.float64) for b in list(train.epoch(2))[:3]]
+    expected_mean = np.mean([x.mean(axis=(0, 1, 2)) for x in inputs], axis=0)
+    expected_var = np.mean([x.var(axis=(0, 1, 2)) for x in inputs], axis=0)
+    np.testing.assert_allclose(model.input_norm.mean.value, expected_mean, rtol=1e-4)
+    np.testing.assert_allclose(model.input_norm.var.value, expected_var, rtol=1e-3)
+    # A network without batch norm is left alone.
+    assert recalibrate_batch_norm(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), plain_loss, train,
+                                  n_batches=3, epoch=0) == 0
