@@ -228,8 +228,8 @@ def recalibrate_batch_norm(
     few dozen steps; while the learning rate is high those weights differ enough that the
     network in eval mode no longer matches itself in training mode, and the validation
     loss jumps from epoch to epoch (Wu & Johnson, "Rethinking 'Batch' in BatchNorm",
-    arXiv:2105.07576). Each batch's own statistics are recovered from the change of the
-    running average it causes, so the layers keep their momentum.
+    arXiv:2105.07576). With the layers' momentum set to 0 for the passes, each pass leaves
+    exactly its batch's statistics in the running averages, which are then averaged.
 
     Returns
     -------
@@ -240,23 +240,26 @@ def recalibrate_batch_norm(
     if not layers or n_batches < 1:
         return 0
     mesh = make_data_mesh() if mesh is None else mesh
-    model.train()
-    step = nnx.cached_partial(_statistics_step(loss_fn), model)
-    key = jax.random.fold_in(jax.random.key(seed), 7919 + epoch)
-    sums = [[jnp.zeros_like(layer.mean.value), jnp.zeros_like(layer.var.value)] for layer in layers]
+    momenta = [layer.momentum for layer in layers]
+    sums: list[tuple[jax.Array, jax.Array]] = []
     used = 0
-    for i, host_batch in enumerate(batches.epoch(epoch)):
-        if i == n_batches:
-            break
-        before = [(layer.mean.value, layer.var.value) for layer in layers]
-        step(shard_batch(host_batch, mesh), jax.random.fold_in(key, i))
-        for total, layer, (mean, var) in zip(sums, layers, before):
-            # running = m * running + (1 - m) * batch, so batch = (running' - m running) / (1 - m)
-            m = layer.momentum
-            total[0] = total[0] + (layer.mean.value - m * mean) / (1 - m)
-            total[1] = total[1] + (layer.var.value - m * var) / (1 - m)
-        used += 1
-    for (mean, var), layer in zip(sums, layers):
+    try:
+        for layer in layers:
+            layer.momentum = 0.0
+        model.train()
+        step = nnx.cached_partial(_statistics_step(loss_fn), model)
+        key = jax.random.fold_in(jax.random.key(seed), 7919 + epoch)
+        for i, host_batch in enumerate(batches.epoch(epoch)):
+            if i == n_batches:
+                break
+            step(shard_batch(host_batch, mesh), jax.random.fold_in(key, i))
+            stats = [(layer.mean.value, layer.var.value) for layer in layers]
+            sums = stats if not sums else [(m + a, v + b) for (m, v), (a, b) in zip(sums, stats)]
+            used += 1
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+    for layer, (mean, var) in zip(layers, sums):
         layer.mean.value, layer.var.value = mean / used, var / used
     return used
 

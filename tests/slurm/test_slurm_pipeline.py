@@ -261,11 +261,17 @@ def test_train_gpu_sbatch_two_tasks_train_the_cnn_like_one_process(slurm, ring_s
     # ...and followed the 1-process loss curve (logged to 4 decimals) step for step.
     expected = loss_curve(one.stderr)
     assert [name for name, _ in expected].count("validation") == 3
+    # Sums across two processes run in another order than across four local devices, so the
+    # curves drift apart at the 1e-4 level (train loss 0.63632 against 0.63605 by epoch 3). The
+    # validation loss, read after batch-norm recalibration on 16 fresh batches, moves about
+    # four times as much (0.7802 against 0.7791; without recalibration 0.66976 against 0.66962).
+    tolerance = {"validation": 2e-3}
     for log in logs:
         got = loss_curve(log)
         assert [name for name, _ in got] == [name for name, _ in expected]
-        np.testing.assert_allclose([v for _, v in got], [v for _, v in expected], rtol=1e-3, atol=2e-4)
+        for (name, value), (_, reference) in zip(got, expected):
+            assert value == pytest.approx(reference, rel=tolerance.get(name, 1e-3), abs=2e-4), name
     # The per-epoch history saved with the model, at full precision.
     history = [json.loads((tmp_path / run / "model.json").read_text())["history"] for run in ("one", "two")]
-    for key in ("train_loss", "val_loss"):
-        np.testing.assert_allclose([h[key] for h in history[1]], [h[key] for h in history[0]], rtol=1e-3)
+    for key, rtol in (("train_loss", 1e-3), ("val_loss", 2e-3)):
+        np.testing.assert_allclose([h[key] for h in history[1]], [h[key] for h in history[0]], rtol=rtol)
