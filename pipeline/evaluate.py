@@ -195,6 +195,20 @@ def clustering_scores(groups: np.ndarray, clusters: np.ndarray, *, k: int) -> di
     }
 
 
+def predicted_group_scores(truth: np.ndarray, predicted: np.ndarray) -> dict[str, Any]:
+    """A classifier's coarse groups scored like a clustering (:func:`clustering_scores`):
+    the supervised reference for the clustering table, i.e. what labels teach about the
+    groups on these patterns.
+
+    Parameters
+    ----------
+    truth, predicted : ndarray of shape (n, 11)
+        Multi-hot true and predicted labels of the same patterns.
+    """
+    predicted_groups = coarse_group(predicted)
+    return clustering_scores(coarse_group(truth), predicted_groups, k=len(np.unique(predicted_groups)))
+
+
 def evaluate_store(path: str | Path, *, truth_csv: str | Path | None = None) -> dict[str, Any]:
     """Score the store's ``predicted`` and ``cluster_*`` variables against truth.
 
@@ -213,8 +227,8 @@ def evaluate_store(path: str | Path, *, truth_csv: str | Path | None = None) -> 
         (``"label"`` or the CSV path), ``classification.scored`` (``"held_out"`` when the
         training patterns are known and excluded, else ``"all_labelled"``),
         ``classification.excluded_training``, ``classification.groups`` (the predicted
-        coarse groups scored as a clustering of the scored patterns, as in
-        :func:`clustering_scores`), ``truth_unmatched_rows`` (CSV only).
+        coarse groups scored as a clustering of the scored patterns,
+        :func:`predicted_group_scores`), ``truth_unmatched_rows`` (CSV only).
     """
     from pipeline import store
 
@@ -256,12 +270,7 @@ def evaluate_store(path: str | Path, *, truth_csv: str | Path | None = None) -> 
         predicted = np.asarray(dataset["predicted"].values)
         result["classification"] = classification_scores(truth[scored], predicted[scored])
         result["classification"]["scored"] = "all_labelled" if trained is None else "held_out"
-        # The classifier's coarse groups scored like a clustering: the supervised reference
-        # for the clustering table (what labels teach about the groups on these patterns).
-        predicted_groups = coarse_group(predicted[scored])
-        result["classification"]["groups"] = clustering_scores(
-            coarse_group(truth[scored]), predicted_groups, k=len(np.unique(predicted_groups))
-        )
+        result["classification"]["groups"] = predicted_group_scores(truth[scored], predicted[scored])
         result["classification"]["excluded_training"] = int((known & ~scored).sum())
         if trained is None and truth_csv is None:
             result["classification"]["note"] = (
