@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
 # GPU checks of issue 5 in one call: JAX on the card, ResNet-18 throughput against
-# PyTorch on the same card (benchmarks/cnn.py), then the accuracy benchmark on a
-# simulated lcls beamtime trained on the GPU (benchmarks/cnn_accuracy.py).
+# PyTorch on the same card (benchmarks/cnn.py), then the accuracy benchmark
+# (benchmarks/cnn_accuracy.py) trained on the card on the README's `lcls` beamtime
+# (4000 patterns of 512², seed 7, 20 % labelled) at each width in WIDTHS, with the
+# README's training options otherwise.
 #
-#   bash benchmarks/gpu.sh                       # N=8000 patterns, width 64
-#   N=400 EPOCHS=2 WIDTH=8 STAGES=accuracy bash benchmarks/gpu.sh  # rehearsal on a CPU
+#   bash benchmarks/gpu.sh                                   # on the GPU machine
+#   N=200 EPOCHS=1 WIDTHS=8 STAGES=accuracy bash benchmarks/gpu.sh   # rehearsal on a CPU
 #
-# On an H200 the throughput stage takes about 1 minute; simulating, ingesting and
-# preprocessing 6000 lcls frames of 512² took about 2.5 minutes on its 16 cores.
-# PYTHON picks the interpreter (default python3: on the lent GPU machines, the one
-# that holds JAX with CUDA and PyTorch). Logs go to $OUT (default ./gpu-out).
+# Stages run in order of priority and each writes its log to $OUT as it goes, so a run
+# cut off by the lease keeps what finished. PYTHON picks the interpreter (default
+# python3: on the lent GPU machines, the one that holds JAX with CUDA and PyTorch).
 set -uo pipefail
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-$PWD/gpu-out}
-N=${N:-8000}
-WIDTH=${WIDTH:-64}
-EPOCHS=${EPOCHS:-40}
-BATCH=${BATCH:-128}
+N=${N:-4000}
+WIDTHS=${WIDTHS:-64 16}
+SEEDS=${SEEDS:-0}
+EPOCHS=${EPOCHS:-25}
+PATIENCE=${PATIENCE:-6}
+FRACTION=${FRACTION:-0.2}
 WORK=${WORK:-/tmp/airysort-gpu}
 STAGES=${STAGES:-throughput accuracy}
 mkdir -p "$OUT" "$WORK"
@@ -27,7 +30,7 @@ stamp() { echo "== $(( $(date +%s) - start )) s: $*"; }
 
 stamp "devices"
 nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"
-$PYTHON -c "import jax, flax, flax.nnx, zarr, dask, xarray, numpy; print('jax', jax.__version__, jax.devices(), '| flax', flax.__version__, '| zarr', zarr.__version__, '| dask', dask.__version__, '| numpy', numpy.__version__)" || exit 1
+$PYTHON -c "import jax, flax, flax.nnx, optax, zarr, dask, xarray, numpy; print('jax', jax.__version__, jax.devices(), '| flax', flax.__version__, '| optax', optax.__version__, '| zarr', zarr.__version__, '| dask', dask.__version__, '| numpy', numpy.__version__)" || exit 1
 
 if [[ " $STAGES " == *" throughput "* ]]; then
   stamp "throughput: ResNet-18 width 64, 128x128, batch 32 and 256"
@@ -36,23 +39,29 @@ if [[ " $STAGES " == *" throughput "* ]]; then
 fi
 [[ " $STAGES " == *" accuracy "* ]] || { stamp "done"; exit 0; }
 
-stamp "simulate $N lcls patterns, ingest, preprocess (CPU workers)"
+stamp "simulate $N lcls patterns of 512², ingest, preprocess to 128² (CPU workers)"
 store=$WORK/beam.zarr
 if [ ! -d "$store" ]; then
-  JAX_PLATFORMS=cpu $PYTHON -m pipeline.cli.main simulate "$WORK/beam.cxi" --n "$N" --profile lcls --size 512 --seed 7 || exit 1
-  JAX_PLATFORMS=cpu $PYTHON -m pipeline.cli.main ingest "$store" "$WORK/beam.cxi" || exit 1
-  JAX_PLATFORMS=cpu $PYTHON -m pipeline.cli.main preprocess "$store" --size 128 || exit 1
+  export JAX_PLATFORMS=cpu
+  $PYTHON -m pipeline.cli.main simulate "$WORK/beam.cxi" --n "$N" --profile lcls --size 512 --seed 7 || exit 1
+  $PYTHON -m pipeline.cli.main ingest "$store" "$WORK/beam.cxi" || exit 1
+  $PYTHON -m pipeline.cli.main preprocess "$store" --size 128 || exit 1
+  unset JAX_PLATFORMS
 fi
 
-for fraction in 0.2 0.05; do
-  stamp "accuracy, $fraction labelled, width $WIDTH, batch $BATCH, <= $EPOCHS epochs"
-  work=$WORK/acc$fraction
-  mkdir -p "$work"
-  [ -f "$WORK/truth.csv" ] && cp "$WORK/truth.csv" "$work/truth.csv"
-  $PYTHON benchmarks/cnn_accuracy.py "$store" --fraction "$fraction" --work "$work" \
-    --cluster local-threads --train-option=--width="$WIDTH" --train-option=--epochs="$EPOCHS" \
-    --train-option=--batch-size="$BATCH" 2>&1 | grep --line-buffered -v "^\s*$" | tee "$OUT/accuracy_$fraction.txt"
-  cp "$work/truth.csv" "$WORK/truth.csv" 2>/dev/null
-  cp "$work/scores.json" "$OUT/scores_$fraction.json" 2>/dev/null
+for width in $WIDTHS; do
+  for seed in $SEEDS; do
+    stamp "accuracy: $FRACTION labelled, width $width, training seed $seed"
+    work=$WORK/w${width}s$seed
+    mkdir -p "$work"
+    [ -f "$WORK/truth.csv" ] && cp "$WORK/truth.csv" "$work/truth.csv"
+    $PYTHON benchmarks/cnn_accuracy.py "$store" --fraction "$FRACTION" --work "$work" \
+      --cluster local-threads --train-option=--depth=18 --train-option=--width="$width" \
+      --train-option=--batch-size=32 --train-option=--learning-rate=2e-3 \
+      --train-option=--epochs="$EPOCHS" --train-option=--patience="$PATIENCE" \
+      --train-option=--seed="$seed" 2>&1 | grep --line-buffered -v "^\s*$" \
+      | tee "$OUT/accuracy_w${width}_s$seed.txt"
+    cp "$work/truth.csv" "$WORK/truth.csv" 2>/dev/null
+  done
 done
 stamp "done"

@@ -89,6 +89,12 @@ class TrainConfig:
         the average over this many training batches with the epoch's final weights
         (:func:`jaxmodels.train.recalibrate_batch_norm`); 0 keeps the running averages of
         training. Models without BatchNorm (the VAE) skip it.
+    input_cache_mib : int, default=1024
+        Keep the training patterns (and, separately, the validation patterns) in host
+        memory after reading them once when they take at most this many MiB as float32
+        (:class:`jaxmodels.data.PatternBatches`); larger sets, or 0, are read from the
+        store every epoch. A labelled subset is scattered over the store, so reading it
+        again decodes every shard it touches.
     """
 
     epochs: int = 30
@@ -105,6 +111,7 @@ class TrainConfig:
     checkpoint_every: int = 200
     log_every: int = 20
     batch_norm_batches: int = 16
+    input_cache_mib: int = 1024
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -125,6 +132,8 @@ class TrainConfig:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every!r}")
         if self.batch_norm_batches < 0:
             raise ValueError(f"batch_norm_batches must be >= 0, got {self.batch_norm_batches!r}")
+        if self.input_cache_mib < 0:
+            raise ValueError(f"input_cache_mib must be >= 0, got {self.input_cache_mib!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:

@@ -3,7 +3,10 @@
 :class:`PatternBatches` never loads the store: each epoch it reads the shards
 (``chunk`` consecutive patterns, the store's ``PATTERN_CHUNK``) that hold selected
 patterns, a few shards at a time, shuffles inside that window, and yields fixed-size
-host batches. The order of an epoch depends only on ``(seed, epoch)``, so a resumed
+host batches. When the selected patterns are few enough (``cache_bytes``), their rows are
+read once, shard by shard, and kept, so later epochs read nothing: a labelled subset
+scattered over the store otherwise costs a read of every shard it touches, every epoch.
+The order of an epoch depends only on ``(seed, epoch)``, so a resumed
 run can skip straight to batch ``k`` of an epoch without reading the batches before it.
 
 Host batches are dicts of NumPy arrays:
@@ -53,6 +56,10 @@ class PatternBatches:
         Patterns per shard of the store: the unit of reading.
     window : int, default=4
         Shards read and shuffled together (memory ≈ window × chunk × H × W × 4 bytes).
+    cache_bytes : int, default=0
+        Read the rows of all ``indices`` once and keep them in memory when they take at
+        most this many bytes (n × H × W × 4); 0 reads them window by window every epoch.
+        The batches are the same either way.
     process_index, process_count : int, default=0, 1
         In multi-process training each process reads only its own
         ``batch_size / process_count`` rows of every global batch.
@@ -72,6 +79,7 @@ class PatternBatches:
         window: int = 4,
         process_index: int = 0,
         process_count: int = 1,
+        cache_bytes: int = 0,
     ) -> None:
         self.source = source
         self.indices = np.asarray(indices, dtype=np.int64)
@@ -97,6 +105,9 @@ class PatternBatches:
         self.window = window
         self.process_index = process_index
         self.process_count = process_count
+        row_bytes = 4 * math.prod(np.shape(source)[1:])
+        self.cached = len(self.indices) * row_bytes <= cache_bytes
+        self._rows: np.ndarray | None = None  # rows of all indices, once read when cached
 
     def __len__(self) -> int:
         """Number of batches per epoch."""
@@ -143,23 +154,27 @@ class PatternBatches:
         n_batches = len(self)
         local = self.batch_size // self.process_count
         cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        if self.cached and self._rows is None:
+            self._rows = self._read(np.arange(len(self.indices)))[1]
         for b in range(start_batch, n_batches):
             sel = order[b * self.batch_size : (b + 1) * self.batch_size]
             sel_windows = window_of[b * self.batch_size : (b + 1) * self.batch_size]
             # Each process assembles only its slice of the global batch.
             mine = slice(self.process_index * local, (self.process_index + 1) * local)
             sel, sel_windows = sel[mine], sel_windows[mine]
-            for w in list(cache):
-                if w < sel_windows.min(initial=np.iinfo(np.int64).max):
-                    del cache[w]  # windows are consumed in order: free memory
-            for w in np.unique(sel_windows):
-                if w not in cache:
-                    cache[w] = self._read(order[window_of == w])
             x = np.zeros((local, *np.shape(self.source)[1:]), dtype=np.float32)
-            for w in np.unique(sel_windows):
-                positions, rows = cache[w]
-                take = sel_windows == w
-                x[np.flatnonzero(take)] = rows[np.searchsorted(positions, sel[take])]
+            if self._rows is not None:
+                x[: len(sel)] = self._rows[sel]
+            else:
+                for w in list(cache):
+                    if w < sel_windows.min(initial=np.iinfo(np.int64).max):
+                        del cache[w]  # windows are consumed in order: free memory
+                for w in np.unique(sel_windows):
+                    if w not in cache:
+                        cache[w] = self._read(order[window_of == w])
+                    positions, rows = cache[w]
+                    take = sel_windows == w
+                    x[np.flatnonzero(take)] = rows[np.searchsorted(positions, sel[take])]
             batch = {"x": x[..., None], "valid": np.zeros(local, dtype=bool),
                      "index": np.full(local, -1, dtype=np.int64)}
             filled = len(sel)

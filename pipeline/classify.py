@@ -358,6 +358,7 @@ def train_classifier(
     label_of = {int(p): labels_all[p] for p in labelled}
     train_labels = np.stack([label_of[int(p)] for p in train_idx]).astype(np.float32)
     batches = dict(batch_size=global_batch, chunk=store.PATTERN_CHUNK,
+                   cache_bytes=train_config.input_cache_mib << 20,
                    process_index=jax.process_index(), process_count=jax.process_count())
     train_batches = PatternBatches(source, train_idx, extras={"y": train_labels}, shuffle=True,
                                    seed=train_config.seed, **batches)

@@ -212,12 +212,12 @@ def train_vae(
             f"of {batch_size}; ingest more patterns or lower --batch-size"
         )
     train_config = dataclasses.replace(train_config, batch_size=batch_size)
-    chunk = store.PATTERN_CHUNK
+    reading = dict(chunk=store.PATTERN_CHUNK, cache_bytes=train_config.input_cache_mib << 20)
     train_batches = PatternBatches(
-        source, train_idx, batch_size=batch_size, shuffle=True, seed=train_config.seed, chunk=chunk
+        source, train_idx, batch_size=batch_size, shuffle=True, seed=train_config.seed, **reading
     )
     valid_batches = (
-        PatternBatches(source, valid_idx, batch_size=batch_size, shuffle=False, chunk=chunk)
+        PatternBatches(source, valid_idx, batch_size=batch_size, shuffle=False, **reading)
         if n_valid
         else None
     )

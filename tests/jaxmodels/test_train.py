@@ -90,6 +90,31 @@ class TestPatternBatches:
         np.testing.assert_array_equal(np.concatenate(first[5:]), np.concatenate(tail))
         assert np.concatenate(first).tolist() != sorted(np.concatenate(first).tolist())
 
+    @pytest.mark.parametrize("process_index", [0, 1])
+    def test_cached_rows_give_the_same_batches_and_are_read_once(self, process_index):
+        data = np.random.default_rng(2).normal(size=(100, 3, 3)).astype(np.float32)
+        selected = np.random.default_rng(3).permutation(100)[:40]  # scattered, unsorted
+        options = dict(batch_size=8, extras={"y": selected * 10}, shuffle=True, chunk=16,
+                       window=2, seed=4, process_index=process_index, process_count=2)
+        fits = 40 * 3 * 3 * 4
+        streamed, cached = RecordingSource(data), RecordingSource(data)
+        plain = PatternBatches(streamed, selected, **options)
+        kept = PatternBatches(cached, selected, cache_bytes=fits, **options)
+        too_small = PatternBatches(data, selected, cache_bytes=fits - 1, **options)
+        assert kept.cached and not too_small.cached and not plain.cached
+        for epoch in range(3):
+            for a, b in zip(plain.epoch(epoch), kept.epoch(epoch), strict=True):
+                assert a.keys() == b.keys()
+                for key in a:
+                    np.testing.assert_array_equal(a[key], b[key])
+                np.testing.assert_array_equal(b["x"][..., 0], data[b["index"]])
+        resumed = list(kept.epoch(1, start_batch=2))
+        np.testing.assert_array_equal(resumed[0]["index"], list(plain.epoch(1))[2]["index"])
+        # Streaming reads every shard of the selection each epoch; the cache reads them once.
+        shards = len(np.unique(selected // 16))
+        assert len(cached.reads) == shards
+        assert len(streamed.reads) >= 3 * shards
+
 
 class TestAugment:
     def test_rotation_keeps_rings_and_moves_asymmetric_features(self):
