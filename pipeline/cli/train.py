@@ -51,7 +51,7 @@ def command(
     """Train a classifier (cnn) or a β-TCVAE (vae). Checkpoints regularly; running the same
     command again after an interruption resumes from the last checkpoint."""
     # Training runs on the JAX devices of this process (all local GPUs/CPU cores, or every
-    # node of a SLURM job); it streams shards straight from Zarr and needs no Dask cluster.
+    # node of a SLURM job); it reads shards straight from Zarr and needs no Dask cluster.
     del cluster
     options = {"batch_size": batch_size, "learning_rate": learning_rate, "seed": seed,
                "validation_fraction": validation_fraction, "patience": patience,
