@@ -105,8 +105,9 @@ class PatternBatches:
         self.window = window
         self.process_index = process_index
         self.process_count = process_count
-        row_bytes = 4 * math.prod(np.shape(source)[1:])
-        self.cached = len(self.indices) * row_bytes <= cache_bytes
+        #: Bytes of the selected rows as float32, and whether they are kept in memory.
+        self.nbytes = len(self.indices) * 4 * math.prod(np.shape(source)[1:])
+        self.cached = self.nbytes <= cache_bytes
         self._rows: np.ndarray | None = None  # rows of all indices, once read when cached
 
     def __len__(self) -> int:

@@ -236,7 +236,7 @@ def recalibrate_batch_norm(
     int
         Batches used (0 when the model has no BatchNorm).
     """
-    layers = [module for _, module in model.iter_modules() if isinstance(module, nnx.BatchNorm)]
+    layers = [module for _, module in nnx.iter_modules(model) if isinstance(module, nnx.BatchNorm)]
     if not layers or n_batches < 1:
         return 0
     mesh = make_data_mesh() if mesh is None else mesh
@@ -253,14 +253,14 @@ def recalibrate_batch_norm(
             if i == n_batches:
                 break
             step(shard_batch(host_batch, mesh), jax.random.fold_in(key, i))
-            stats = [(layer.mean.value, layer.var.value) for layer in layers]
+            stats = [(layer.mean[...], layer.var[...]) for layer in layers]
             sums = stats if not sums else [(m + a, v + b) for (m, v), (a, b) in zip(sums, stats)]
             used += 1
     finally:
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
     for layer, (mean, var) in zip(layers, sums):
-        layer.mean.value, layer.var.value = mean / used, var / used
+        layer.mean[...], layer.var[...] = mean / used, var / used
     return used
 
 
@@ -397,6 +397,11 @@ def fit(
             if meta["best_val_loss"] == math.inf:
                 meta["best_val_loss"] = None
             checkpointer.save(state["step"], model, optimizer, meta)
+
+    for name, batches in (("training", train), ("validation", valid)):
+        if batches is not None:
+            where = "kept in memory" if batches.cached else "read from the store every epoch"
+            log(f"{name} patterns: {len(batches.indices)}, {batches.nbytes / 1e6:.0f} MB, {where}")
 
     base_key = jax.random.key(config.seed)
     try:
