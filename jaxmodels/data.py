@@ -154,7 +154,7 @@ class PatternBatches:
         order, window_of = self._epoch_order(epoch)
         n_batches = len(self)
         local = self.batch_size // self.process_count
-        cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        read_windows: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # window -> (positions, rows)
         if self.cached and self._rows is None:
             self._rows = self._read(np.arange(len(self.indices)))[1]
         for b in range(start_batch, n_batches):
@@ -167,13 +167,13 @@ class PatternBatches:
             if self._rows is not None:
                 x[: len(sel)] = self._rows[sel]
             else:
-                for w in list(cache):
+                for w in list(read_windows):
                     if w < sel_windows.min(initial=np.iinfo(np.int64).max):
-                        del cache[w]  # windows are consumed in order: free memory
+                        del read_windows[w]  # windows are consumed in order: free memory
                 for w in np.unique(sel_windows):
-                    if w not in cache:
-                        cache[w] = self._read(order[window_of == w])
-                    positions, rows = cache[w]
+                    if w not in read_windows:
+                        read_windows[w] = self._read(order[window_of == w])
+                    positions, rows = read_windows[w]
                     take = sel_windows == w
                     x[np.flatnonzero(take)] = rows[np.searchsorted(positions, sel[take])]
             batch = {"x": x[..., None], "valid": np.zeros(local, dtype=bool),
