@@ -120,14 +120,17 @@ def main() -> None:
     trained = airysort("train", args.store, args.work / "model", "--model", "cnn", "--fresh",
                        "--cluster", args.cluster, *args.train_option)
     train_seconds = time.perf_counter() - start
+    start = time.perf_counter()
     airysort("predict", args.store, args.work / "model", "--cluster", args.cluster)
+    predict_seconds = time.perf_counter() - start
 
     predicted = np.asarray(store.open_store(args.store)["predicted"].values)
     rest = np.setdiff1d(np.arange(n), labelled)
     y_true, y_pred = truth[rest], predicted[rest]
     print(f"\n{len(labelled)} labelled ({args.fraction:.0%}), scored on the {len(rest)} others; "
           f"training {train_seconds:.0f} s, {trained['steps']} steps, "
-          f"best epoch {trained['best_epoch'] + 1}")
+          f"best epoch {trained['best_epoch'] + 1}; predict {predict_seconds:.0f} s for all {n} "
+          "(start-up included)")
     scores = class_scores(y_true, y_pred, min_support=args.min_support)
     print_class_table(scores["per_class"])
     micro, macro, enough = scores["micro_f1"], scores["macro_f1_supported"], scores["supported"]
@@ -150,7 +153,8 @@ def main() -> None:
         "micro_f1": float(micro), "macro_f1_supported": macro,
         "thresholds_alone": {"micro_f1": float(plain_micro), "macro_f1_supported": plain_macro},
         "per_class": scores["per_class"], "coarse_groups": groups,
-        "train": trained, "train_seconds": train_seconds}, indent=2))
+        "train": trained, "train_seconds": train_seconds, "predict_seconds": predict_seconds},
+        indent=2))
 
 
 if __name__ == "__main__":
