@@ -189,26 +189,17 @@ def _train_step(loss_fn: LossFn) -> Callable:
     return train_step
 
 
-@functools.lru_cache(maxsize=8)
-def _eval_step(loss_fn: LossFn) -> Callable:
-    """Jitted evaluation step for ``loss_fn``, cached so that every epoch reuses one trace."""
+@functools.lru_cache(maxsize=16)
+def _forward_step(loss_fn: LossFn, *, train: bool) -> Callable:
+    """Jitted ``loss_fn`` without an update, cached so that every epoch reuses one trace:
+    evaluation (``train=False``), or a training-mode pass in which batch norm's running
+    statistics move (``train=True``, :func:`recalibrate_batch_norm`)."""
 
     @nnx.jit
-    def eval_step(model, batch, key):
-        return loss_fn(model, batch, key=key, step=jnp.zeros((), jnp.int32), train=False)
+    def forward_step(model, batch, key):
+        return loss_fn(model, batch, key=key, step=jnp.zeros((), jnp.int32), train=train)
 
-    return eval_step
-
-
-@functools.lru_cache(maxsize=8)
-def _statistics_step(loss_fn: LossFn) -> Callable:
-    """Jitted forward pass in training mode (no update): batch norm's running statistics move."""
-
-    @nnx.jit
-    def statistics_step(model, batch, key):
-        return loss_fn(model, batch, key=key, step=jnp.zeros((), jnp.int32), train=True)[0]
-
-    return statistics_step
+    return forward_step
 
 
 def recalibrate_batch_norm(
@@ -247,7 +238,7 @@ def recalibrate_batch_norm(
         for layer in layers:
             layer.momentum = 0.0
         model.train()
-        step = nnx.cached_partial(_statistics_step(loss_fn), model)
+        step = nnx.cached_partial(_forward_step(loss_fn, train=True), model)
         key = jax.random.fold_in(jax.random.key(seed), 7919 + epoch)
         for i, host_batch in enumerate(batches.epoch(epoch)):
             if i == n_batches:
@@ -284,7 +275,7 @@ def evaluate(
     """
     mesh = make_data_mesh() if mesh is None else mesh
     model.eval()
-    eval_step = nnx.cached_partial(_eval_step(loss_fn), model)  # see fit
+    eval_step = nnx.cached_partial(_forward_step(loss_fn, train=False), model)  # see fit
     key = jax.random.key(seed)
     sums: dict[str, float] = {}
     count = 0.0

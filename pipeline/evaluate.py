@@ -326,15 +326,15 @@ def format_report(result: dict[str, Any]) -> str:
         lines.append(f"Clustering against coarse groups ({groups}):")
         lines.append(f"{'method':<10}{'k':>4}{'homogeneity':>13}{'completeness':>14}{'ARI':>8}{'NMI':>8}")
         for method, row in clustering.items():
-            lines.append(
-                f"{method:<10}{row['k']:>4d}{row['homogeneity']:>13.3f}{row['completeness']:>14.3f}"
-                f"{row['ari']:>8.3f}{row['nmi']:>8.3f}"
-            )
+            lines.append(_clustering_row(method, row))
         if classification:
             row = classification["groups"]
-            lines.append(
-                f"{'classifier':<10}{row['k']:>4d}{row['homogeneity']:>13.3f}{row['completeness']:>14.3f}"
-                f"{row['ari']:>8.3f}{row['nmi']:>8.3f}   (supervised reference: its predicted "
-                f"groups on the {row['n']} patterns above)"
-            )
+            lines.append(_clustering_row("classifier", row) + "   (supervised reference: its predicted "
+                         f"groups on the {row['n']} patterns above)")
     return "\n".join(lines)
+
+
+def _clustering_row(name: str, row: dict[str, Any]) -> str:
+    """One row of :func:`format_report`'s clustering table."""
+    return (f"{name:<10}{row['k']:>4d}{row['homogeneity']:>13.3f}{row['completeness']:>14.3f}"
+            f"{row['ari']:>8.3f}{row['nmi']:>8.3f}")
