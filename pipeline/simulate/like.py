@@ -5,7 +5,8 @@ shape, the detector mask (hole, gaps, dead areas) and the data type. The photon
 count range is matched by scaling the fluence so that the median over frames of
 each frame's 99.5th-percentile count equals the real file's. The forward model
 follows the geometry: MSFT when the detector reaches beyond 10 degrees, the
-projection model otherwise. Everything the file does not say (source
+projection model otherwise (MSFT keeps the base profile's slice thickness). Everything
+the file does not say (source
 fluctuations, noise model, droplet sizes) comes from the base profile.
 """
 
@@ -78,9 +79,13 @@ def profile_like(path: str | Path, *, base: Profile) -> Profile:
     det["saturation"] = float(max(frames.max(), 1.0))
     half = 0.5 * np.hypot(ny, nx) * pixel_size
     model = "msft" if np.arctan(half / distance) > WIDE_ANGLE_LIMIT else "projection"
+    # Slices only exist in MSFT: a small-angle file turns the default (MSFT) profile into a
+    # projection one, without them.
+    slice_thickness = base.slice_thickness if model == "msft" else None
     profile = dataclasses.replace(
         base, name=f"like-{Path(path).stem}", description=f"geometry of {Path(path).name}",
         model=model, wavelength=float(wavelength), detector=det, bad_pixels=source.mask,
+        slice_thickness=slice_thickness,
     )
     real_level = _percentile_level(frames, source.mask)
     simulated_level = _simulated_level(profile)

@@ -328,6 +328,34 @@ class TestCommandLine:
         assert data.max() <= frames.max()  # saturates where the real detector did
 
 
+    @pytest.mark.parametrize("half_angle_degrees", [2.0, 20.0])
+    def test_like_follows_the_geometry_from_the_default_profile(self, tmp_path, half_angle_degrees):
+        """A file with only frames (CXIDB 94 style) or a wide-angle one, from the default
+        (MSFT with slices) profile: projection without slices, or MSFT with them."""
+        from pipeline.simulate.beamtime import resolve_profile
+
+        real = tmp_path / "real.cxi"
+        frames = np.random.default_rng(1).poisson(3.0, (4, 48, 48)).astype(np.float32)
+        with h5py.File(real, "w") as h5:
+            for k, frame in enumerate(frames, start=1):
+                h5[f"entry_{k}/instrument_1/detector_1/data"] = frame
+            if half_angle_degrees > 10:
+                half_diagonal = 0.5 * np.hypot(48, 48) * 75e-6
+                h5["entry_1/instrument_1/detector_1/distance"] = half_diagonal / np.tan(np.radians(half_angle_degrees))
+                h5["entry_1/instrument_1/detector_1/x_pixel_size"] = 75e-6
+                h5["entry_1/instrument_1/detector_1/y_pixel_size"] = 75e-6
+        profile = resolve_profile(like=real)
+        if half_angle_degrees > 10:
+            assert (profile.model, profile.slice_thickness) == ("msft", load_profile("fermi").slice_thickness)
+        else:
+            assert (profile.model, profile.slice_thickness) == ("projection", None)
+        out = tmp_path / "like.cxi"
+        result = runner.invoke(app, ["simulate", str(out), "--n", "3", "--like", str(real),
+                                     "--cluster", "local-threads", "--json"])
+        assert result.exit_code == 0, result.output
+        assert _last_json(result.stdout)["frame_shape"] == [48, 48]
+
+
 class TestReadOut:
     """Photon statistics and read-out chain (Numba loops drawing from the shot's generator)."""
 
