@@ -262,22 +262,24 @@ def evaluate_store(path: str | Path, *, truth_csv: str | Path | None = None) -> 
     if "predicted" in dataset:
         trained, split_variable = training_patterns(dataset, external_truth=truth_csv is not None)
         scored = known if trained is None else known & ~trained
-        if not scored.any():
-            raise AirysortError(
-                f"every labelled pattern was used to train the classifier ({split_variable!r}); "
-                "pass --truth with labels of other patterns to score it"
-            )
-        predicted = np.asarray(dataset["predicted"].values)
-        result["classification"] = classification_scores(truth[scored], predicted[scored])
-        result["classification"]["scored"] = "all_labelled" if trained is None else "held_out"
-        result["classification"]["groups"] = predicted_group_scores(truth[scored], predicted[scored])
-        result["classification"]["excluded_training"] = int((known & ~scored).sum())
-        if trained is None and truth_csv is None:
-            result["classification"]["note"] = (
-                "the store does not record which labelled patterns trained the classifier, so "
-                "these scores include them and are optimistic; pass --truth with labels of "
-                "patterns outside the training set for an unbiased estimate"
-            )
+        if scored.any():
+            predicted = np.asarray(dataset["predicted"].values)
+            result["classification"] = classification_scores(truth[scored], predicted[scored])
+            result["classification"]["scored"] = "all_labelled" if trained is None else "held_out"
+            result["classification"]["groups"] = predicted_group_scores(truth[scored], predicted[scored])
+            result["classification"]["excluded_training"] = int((known & ~scored).sum())
+            if trained is None and truth_csv is None:
+                result["classification"]["note"] = (
+                    "the store does not record which labelled patterns trained the classifier, so "
+                    "these scores include them and are optimistic; pass --truth with labels of "
+                    "patterns outside the training set for an unbiased estimate"
+                )
+        else:
+            reason = (f"every pattern with known truth ({result['truth']}) was used to train the "
+                      f"classifier ({split_variable!r}); pass --truth with labels of other patterns to score it")
+            if not clusterings:
+                raise AirysortError(reason)
+            result["classification_not_scored"] = reason  # the clusterings are still scored
 
     if clusterings:
         groups = coarse_group(truth)
@@ -318,6 +320,8 @@ def format_report(result: dict[str, Any]) -> str:
                      f"completeness {groups['completeness']:.3f}, ARI {groups['ari']:.3f}, NMI {groups['nmi']:.3f}")
         if "note" in classification:
             lines.append(f"note: {classification['note']}")
+    if "classification_not_scored" in result:
+        lines.append(f"Classification not scored: {result['classification_not_scored']}")
     clustering = result.get("clustering")
     if clustering:
         if lines:

@@ -120,6 +120,8 @@ def section_classes(dataset) -> str | None:
 
 
 def section_metrics(dataset, evaluation: dict[str, Any] | None, truth_csv: str | os.PathLike | None = None) -> str | None:
+    if evaluation and "classification_not_scored" in evaluation:
+        return f"<h2>Classification</h2><p class='note'>Not scored: {html.escape(evaluation['classification_not_scored'])}.</p>"
     if not evaluation or "classification" not in evaluation:
         return None
     import matplotlib

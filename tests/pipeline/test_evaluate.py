@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
+import zarr
 from sklearn.metrics import adjusted_rand_score, completeness_score, homogeneity_score
 from typer.testing import CliRunner
 
@@ -183,6 +184,33 @@ class TestEvaluateCommand:
         assert result["classification"]["scored"] == "held_out"
         expected = counted_scores(truth[held_out], evaluated_store["predicted"][held_out], 0)
         assert result["classification"]["per_class"]["Spherical/Oblate"]["precision"] == pytest.approx(expected[0])
+
+    def test_classifier_trained_on_every_truth_pattern_leaves_the_clusterings_scored(self, evaluated_store, tmp_path):
+        """A store labelled throughout (simulated or CXIDB 94 files carry labels): the
+        classifier cannot be scored, the clusterings still are; with nothing else, an error."""
+        path = tmp_path / "all-labelled.zarr"
+        shutil.copytree(evaluated_store["path"], path)
+        truth = evaluated_store["truth"]
+        group = zarr.open_group(path, mode="r+")
+        group["label"][:] = truth
+        shot_ids = group["shot_id"][:].tolist()
+        csv = tmp_path / "truth.csv"
+        pd.DataFrame(truth, columns=list(CLASS_NAMES)).assign(shot_id=shot_ids)[
+            ["shot_id", *CLASS_NAMES]].to_csv(csv, index=False)
+        result = run_json("evaluate", str(path), "--truth", str(csv))
+        assert "classification" not in result
+        assert "used to train the classifier" in result["classification_not_scored"]
+        assert result["clustering"]["gmm"]["n"] == len(truth)
+        human = CliRunner().invoke(app, ["evaluate", str(path), "--truth", str(csv)])
+        assert human.exit_code == 0 and "Classification not scored" in human.stderr
+        report = CliRunner().invoke(app, ["report", str(path), str(tmp_path / "report"), "--truth", str(csv)])
+        assert report.exit_code == 0, report.output
+        assert "Not scored: every pattern with known truth" in (tmp_path / "report" / "report.html").read_text()
+        for name in ("cluster_gmm", "cluster_spectral"):
+            shutil.rmtree(path / name)
+        store.consolidate(path)
+        refused = CliRunner().invoke(app, ["evaluate", str(path), "--truth", str(csv)])
+        assert refused.exit_code == 1 and "used to train the classifier" in refused.stderr
 
     def test_human_table_lists_classes_and_methods(self, evaluated_store):
         result = CliRunner().invoke(app, ["evaluate", str(evaluated_store["path"])])
