@@ -66,8 +66,11 @@ def decide(probabilities: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     A class is predicted when its probability reaches its threshold. Where that gives
     two classes that exclude each other (:data:`EXCLUSIVE_PAIRS`, or Empty with anything
     else), only the one further above its threshold is kept, measured in log-odds, so
-    that classes with low thresholds (rare ones) are not favoured. Finally every
-    predicted sub-class adds its super-class (:data:`SUPER_CLASS`).
+    that classes with low thresholds (rare ones) are not favoured. A super-class stands
+    for its sub-classes too: Spherical/Oblate against Prolate is decided by the best of
+    each family (Spherical/Oblate, Round, Elliptical against Prolate, Streak, Bent), and
+    the losing family goes whole. Finally every predicted sub-class adds its super-class
+    (:data:`SUPER_CLASS`).
 
     Parameters
     ----------
@@ -92,10 +95,14 @@ def decide(probabilities: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     predicted = probabilities >= thresholds
     empty = CLASS_INDEX["Empty"]
     others = np.array([i for i in range(N_CLASSES) if i != empty])
-    for a, b in ((CLASS_INDEX[x], CLASS_INDEX[y]) for x, y in EXCLUSIVE_PAIRS):
-        both = predicted[:, a] & predicted[:, b]
-        loser = np.where(margin[:, a] >= margin[:, b], b, a)
-        predicted[np.flatnonzero(both), loser[both]] = False
+    for a, b in EXCLUSIVE_PAIRS:
+        family_a, family_b = _family(a), _family(b)
+        best_a = np.where(predicted[:, family_a], margin[:, family_a], -np.inf).max(axis=1)
+        best_b = np.where(predicted[:, family_b], margin[:, family_b], -np.inf).max(axis=1)
+        both = np.isfinite(best_a) & np.isfinite(best_b)
+        a_wins = best_a >= best_b
+        predicted[np.ix_(np.flatnonzero(both & a_wins), family_b)] = False
+        predicted[np.ix_(np.flatnonzero(both & ~a_wins), family_a)] = False
     with_others = predicted[:, empty] & predicted[:, others].any(axis=1)
     best_other = np.where(predicted[:, others], margin[:, others], -np.inf).max(axis=1)
     empty_wins = with_others & (margin[:, empty] >= best_other)
@@ -104,6 +111,11 @@ def decide(probabilities: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     for sub, sup in SUPER_CLASS.items():
         predicted[:, CLASS_INDEX[sup]] |= predicted[:, CLASS_INDEX[sub]]
     return predicted.astype(np.int8)
+
+
+def _family(name: str) -> list[int]:
+    """Indices of a class and its sub-classes (:data:`SUPER_CLASS`)."""
+    return [CLASS_INDEX[name]] + [CLASS_INDEX[sub] for sub, sup in SUPER_CLASS.items() if sup == name]
 
 
 def multi_hot(names: list[str] | tuple[str, ...]) -> np.ndarray:

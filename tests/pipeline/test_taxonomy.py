@@ -49,6 +49,22 @@ def test_super_classes_exclude_each_other_and_sub_classes_imply_them():
     assert names(predicted[2]) == {"Spherical/Oblate", "Round"}
 
 
+def test_a_super_class_is_decided_with_its_sub_classes():
+    # Spherical/Oblate (0.9) beats Prolate (0.6) alone, but Streak (0.99) speaks for the
+    # prolate family: the whole oblate family goes. And the other way round.
+    rows = np.stack([probabilities(Spherical_Oblate=0.9, Round=0.8, Prolate=0.6, Streak=0.99),
+                     probabilities(Spherical_Oblate=0.9, Round=0.98, Prolate=0.7, Streak=0.6, Bent=0.6)])
+    predicted = decide(rows, thresholds())
+    assert names(predicted[0]) == {"Prolate", "Streak"}
+    assert names(predicted[1]) == {"Spherical/Oblate", "Round"}
+    # Never both super-classes, whatever the probabilities.
+    random = np.random.default_rng(0).random((2000, len(CLASS_NAMES)))
+    decided = decide(random, np.random.default_rng(1).uniform(0.05, 0.95, len(CLASS_NAMES)))
+    families = decided[:, [CLASS_INDEX["Spherical/Oblate"], CLASS_INDEX["Prolate"]]]
+    assert families.any(axis=1).mean() > 0.5 and not families.all(axis=1).any()
+    assert not decided[:, [CLASS_INDEX["Round"], CLASS_INDEX["Elliptical"]]].all(axis=1).any()
+
+
 def test_empty_excludes_every_other_class():
     rows = np.stack([probabilities(Empty=0.95, Round=0.6),  # Empty far above: alone
                      probabilities(Empty=0.55, Prolate=0.9, Streak=0.9)])  # Empty barely
