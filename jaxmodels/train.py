@@ -363,6 +363,11 @@ def fit(
         state.update(checkpointer.restore(model, optimizer))
         if state["best_val_loss"] is None:  # JSON has no infinity
             state["best_val_loss"] = math.inf
+        # Finished or not under the settings of this call: a finished run goes on when
+        # ``epochs`` (or ``patience``, after an early stop) was raised.
+        stopped_early = (config.patience and state["bad_epochs"] >= config.patience
+                         and state["epoch"] >= config.min_epochs)
+        state["finished"] = bool(state["epoch"] >= config.epochs or stopped_early)
         log(f"resuming from step {resumed_from} (epoch {state['epoch'] + 1}, "
             f"batch {state['batch']}) in {checkpoint_dir}")
 

@@ -244,6 +244,30 @@ def test_early_stopping_respects_patience_and_min_epochs(min_epochs, stop_after)
     assert float(result.model.w[...]) == pytest.approx(1.0 - 0.05 * 2, abs=0.02)
 
 
+def test_a_finished_run_goes_on_only_when_its_limits_are_raised(tmp_path):
+    """``train`` again on a finished model directory: nothing more with the same settings;
+    more epochs after ``--epochs`` is raised; an early stop holds until ``--patience`` is."""
+    data = np.zeros((16, 2, 2), np.float32)
+    train = PatternBatches(data, np.arange(8), batch_size=4, shuffle=True, chunk=8)
+    valid = PatternBatches(data, np.arange(8, 16), batch_size=4, chunk=8)
+
+    def run(directory, **settings):
+        config = TrainConfig(learning_rate=0.05, warmup_epochs=0, min_epochs=1, schedule="constant", **settings)
+        return fit(Scalar(), diverging_loss, train, valid=valid, config=config,
+                   checkpoint_dir=tmp_path / directory, log=lambda line: None)
+
+    assert len(run("epochs", epochs=2, patience=0).history) == 2
+    again = run("epochs", epochs=2, patience=0)
+    assert (again.resumed_from, again.steps, len(again.history)) == (4, 4, 2)
+    raised = run("epochs", epochs=4, patience=0)
+    assert (raised.resumed_from, raised.steps, len(raised.history)) == (4, 8, 4)
+
+    assert len(run("early", epochs=20, patience=2).history) == 3  # stopped early
+    assert len(run("early", epochs=20, patience=2).history) == 3
+    patient = run("early", epochs=20, patience=4)
+    assert len(patient.history) == 5 and patient.stopped_early and patient.best_epoch == 0
+
+
 def test_batch_norm_recalibration_averages_the_batches_statistics():
     # The input layer's batch norm sees the images themselves, so its recalibrated mean
     # and variance must be the average of the batches' own statistics.
