@@ -172,7 +172,7 @@ def train_vae(
     if saved is not None and saved.get("model") != "vae":
         raise AirysortError(
             f"{str(model_dir)!r} holds a {saved.get('model')!r} model; use another MODEL_DIR "
-            "for the VAE or pass --no-resume to start over"
+            "for the VAE or pass --fresh to start over"
         )
     try:
         if saved is not None:

@@ -29,20 +29,20 @@ def command(
                                               "patterns; vae: β-TCVAE on all patterns.")] = Model.cnn,
     input: Annotated[Input, typer.Option(help="Store variable the network reads.")] = Input.image,
     epochs: Annotated[Optional[int], typer.Option(help="Maximum passes over the training patterns "
-                                                       "[default: 30]; raise it to continue a finished run.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Patterns per step, over all devices [default: 64].")] = None,
-    learning_rate: Annotated[Optional[float], typer.Option(help="Peak AdamW learning rate [default: 1e-3].")] = None,
-    width: Annotated[Optional[int], typer.Option(help="cnn: channels of the first ResNet stage [default: 32].")] = None,
+                                                       "(default: 30 for cnn, 20 for vae); raise it to continue a finished run.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Patterns per step, over all devices (default: 64).")] = None,
+    learning_rate: Annotated[Optional[float], typer.Option(help="Peak AdamW learning rate (default: 1e-3 for cnn, 2e-3 for vae).")] = None,
+    width: Annotated[Optional[int], typer.Option(help="cnn: channels of the first ResNet stage (default: 32).")] = None,
     depth: Annotated[Optional[int], typer.Option(help="cnn: ResNet depth, 18 or 34 (10 for quick trials) "
-                                                      "[default: 18].")] = None,
+                                                      "(default: 18).")] = None,
     attention: Annotated[bool, typer.Option("--attention", help="Add self-attention blocks.")] = False,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of initialisation, split and shuffling [default: 0].")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of initialisation, split and shuffling (default: 0).")] = None,
     validation_fraction: Annotated[Optional[float], typer.Option(
-        help="Fraction of the training patterns held out for early stopping and thresholds [default: 0.15].")] = None,
+        help="Fraction of the training patterns held out for early stopping and thresholds (default: 0.15 for cnn, 0.1 for vae).")] = None,
     patience: Annotated[Optional[int], typer.Option(help="Epochs without validation improvement before "
-                                                         "stopping [default: 8].")] = None,
+                                                         "stopping (default: 8 for cnn; 0, off, for vae).")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Optimiser steps between checkpoints "
-                                                                  "[default: 200].")] = None,
+                                                                  "(default: 200).")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Discard checkpoints in MODEL_DIR and start over "
                                                         "(default: resume).")] = False,
     cluster: ClusterOption = "local",

@@ -216,3 +216,19 @@ def test_train_vae_dispatches_to_the_embedding_module(monkeypatch, tmp_path):
     assert result.exit_code == 0, result.output
     (store_path, model_dir, kwargs), = calls
     assert kwargs == {"input": "image", "epochs": 3, "resume": True, "batch_size": 16}
+
+
+def test_train_help_states_the_defaults_of_both_models():
+    """The options default to None (unset on a resumed run), so the help says the defaults
+    itself; they must match the configurations."""
+    from jaxmodels.configs import CNNConfig, TrainConfig
+    from pipeline.embed import VAE_TRAIN_DEFAULTS
+
+    text = " ".join(CliRunner().invoke(app, ["train", "--help"]).stdout.replace("│", " ").split())
+    cnn, vae = TrainConfig(), VAE_TRAIN_DEFAULTS
+    assert f"(default: {cnn.epochs} for cnn, {vae['epochs']} for vae)" in text
+    assert "(default: 1e-3 for cnn, 2e-3 for vae)" in text and (cnn.learning_rate, vae["learning_rate"]) == (1e-3, 2e-3)
+    assert f"(default: {cnn.validation_fraction} for cnn, {vae['validation_fraction']} for vae)" in text
+    assert f"(default: {cnn.patience} for cnn; 0, off, for vae)" in text and vae["patience"] == 0
+    assert f"over all devices (default: {cnn.batch_size})" in text and vae["batch_size"] == cnn.batch_size
+    assert f"stage (default: {CNNConfig().width})" in text and f"(default: {CNNConfig().depth})" in text
