@@ -76,7 +76,7 @@ def import_labels(store_path: str | Path, csv_path: str | Path) -> dict[str, Any
     labels = np.asarray(dataset["label"].values).astype(np.int8)
 
     problems: list[str] = []
-    with open(csv_path, newline="") as handle:
+    with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # Excel writes a BOM
         reader = csv.reader(handle)
         header = next(reader, None)
         if not header or header[0].strip() != "shot_id":

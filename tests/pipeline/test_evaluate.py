@@ -174,7 +174,7 @@ class TestEvaluateCommand:
         table.insert(0, "shot_id", [shot_ids[i] for i in rows])
         table.loc[len(table)] = ["not-in-store", *([0] * N_CLASSES)]
         csv = evaluated_store["tmp"] / "truth.csv"
-        table.to_csv(csv, index=False)
+        table.to_csv(csv, index=False, encoding="utf-8-sig")  # with a byte-order mark, as from Excel
         result = run_json("evaluate", str(evaluated_store["path"]), "--truth", str(csv))
         assert result["truth"] == str(csv) and result["truth_unmatched_rows"] == 1
         assert "note" not in result["classification"]
