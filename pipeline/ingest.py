@@ -374,6 +374,9 @@ def ingest(
     client = client or default_client()
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     path = Path(store_path)
+    if path.is_file():
+        raise AirysortError(f"{str(path)!r} is a file, not a store; the store comes first: "
+                            "airysort ingest STORE.zarr FILES...")
     inputs = [str(p) for p in dict.fromkeys(str(p) for p in inputs)]  # drop repeats, keep order
     parameters = {"inputs": [str(Path(p).resolve()) for p in inputs], "dataset": dataset, "force": force}
 

@@ -148,6 +148,14 @@ class TestCommandLine:
         human = runner.invoke(app, ["info", store_path])
         assert "patterns   12 from 1 file(s); 1 rejected" in human.stderr
 
+    def test_input_file_in_the_store_place_is_one_error_line(self, tmp_path):
+        cxi = write_stacked_cxi(tmp_path / "a.cxi", random_frames(3))
+        before = cxi.read_bytes()
+        result = runner.invoke(app, ["ingest", str(cxi), str(tmp_path / "new.zarr"), "--cluster", "local-threads"])
+        assert result.exit_code == 1
+        assert result.stderr.startswith("ERROR: ") and "is a file, not a store" in result.stderr
+        assert cxi.read_bytes() == before and not (tmp_path / "new.zarr").exists()
+
     def test_missing_store_error_line(self, tmp_path):
         result = runner.invoke(app, ["info", str(tmp_path / "none.zarr")])
         assert result.exit_code == 1
