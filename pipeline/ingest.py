@@ -142,7 +142,7 @@ def _scan(inputs: Sequence[str], dataset: str | None) -> tuple[list[Source], lis
 
 def _lightweight(source: Source) -> Source:
     """The source without its per-frame metadata, cheap to send to every task."""
-    return dataclasses.replace(source, shot_ids=None, pulse_energy=None, labels=None, mask=None)
+    return dataclasses.replace(source, shot_ids=None, pulse_energy=None, labels=None, mask=None, warnings=[])
 
 
 def _plan(sources: list[Source], start: int) -> dict[str, Any]:
@@ -387,6 +387,9 @@ def ingest(
             _run_journal(path, *resumed, client, log)
 
         sources, rejects = _scan(inputs, dataset)
+        for source in sources:
+            for line in source.warnings:
+                log(f"WARNING: {line}")
         known = ingested_fingerprints(path)
         skipped = 0
         if not force:

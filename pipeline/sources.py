@@ -54,6 +54,7 @@ class Source:
     shot_ids: np.ndarray | None = None  # (n_frames,) str
     pulse_energy: np.ndarray | None = None  # (n_frames,) float64, J
     labels: np.ndarray | None = None  # (n_frames, 11) int8, -1 = unlabelled
+    warnings: list[str] = field(default_factory=list)  # one line each, for the user
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Frames ``start:stop`` as an array of shape (stop - start, *frame_shape).
@@ -67,7 +68,7 @@ class Source:
             return np.array(stack[start:stop])
         with h5py.File(self.path, "r") as h5:
             if self.layout == "cxi-entries":
-                frames = [h5[f"{entry}/{DETECTOR}/data"][()] for entry in self.entries[start:stop]]
+                frames = [_entry_frame(h5, entry) for entry in self.entries[start:stop]]
                 return np.stack(frames) if frames else np.zeros((0, *self.frame_shape), self.dtype)
             data = h5[self.dataset]
             if data.ndim == 2:
@@ -158,28 +159,38 @@ def _open_cxi_stacked(path: str, h5: h5py.File, data_path: str) -> Source:
 
 
 def _frame_entries(h5: h5py.File) -> list[str]:
-    """Entry groups ``entry_k`` that hold a 2-D detector frame, sorted by k."""
-    entries = []
-    for name in h5:
-        match = re.fullmatch(r"entry_(\d+)", name)
-        if match and f"{name}/{DETECTOR}/data" in h5:
-            entries.append((int(match.group(1)), name))
-    return [name for _, name in sorted(entries)]
+    """``entry_1 … entry_N``, N the largest k whose ``entry_k`` holds a detector frame;
+    empty when none does. Frame k - 1 of the file is ``entry_k``, also where an entry is
+    missing or has no frame (that frame is then rejected, not silently skipped)."""
+    numbers = [int(match.group(1)) for name in h5
+               if (match := re.fullmatch(r"entry_(\d+)", name)) and f"{name}/{DETECTOR}/data" in h5]
+    return [f"entry_{k}" for k in range(1, max(numbers) + 1)] if numbers else []
+
+
+def _entry_frame(h5: h5py.File, entry: str) -> np.ndarray:
+    if f"{entry}/{DETECTOR}/data" not in h5:
+        raise KeyError(f"no {entry}/{DETECTOR}/data")
+    return h5[f"{entry}/{DETECTOR}/data"][()]
 
 
 def _open_cxi_entries(path: str, h5: h5py.File, entries: list[str]) -> Source:
-    first = h5[f"{entries[0]}/{DETECTOR}/data"]
+    first_entry = next(entry for entry in entries if f"{entry}/{DETECTOR}/data" in h5)
+    first = h5[f"{first_entry}/{DETECTOR}/data"]
     if first.ndim != 2:
-        raise SourceError(f"{path}: {entries[0]}/{DETECTOR}/data has shape {first.shape!r}; expected (y, x)")
-    shot_ids, pulse, labels = [], [], []
-    for entry in entries:
-        group = h5[entry]
+        raise SourceError(f"{path}: {first_entry}/{DETECTOR}/data has shape {first.shape!r}; expected (y, x)")
+    shot_ids, pulse, labels, warnings = [], [], [], []
+    for frame, entry in enumerate(entries):
+        group = h5.get(entry, {})
         shot_ids.append(_as_str(group["experiment_identifier"][()]) if "experiment_identifier" in group else None)
         value = group.get(f"{SOURCE}/pulse_energy")
         pulse.append(float(np.asarray(value[()]).ravel()[0]) if value is not None else np.nan)
         note = group.get("note_1/data")
         row = np.asarray(note[()]).ravel() if note is not None else None
-        labels.append(row if row is not None and row.shape == (N_CLASSES,) else np.full(N_CLASSES, -1))
+        if row is not None and row.shape != (N_CLASSES,):
+            warnings.append(f"{path}: frame {frame} ({entry}): label has {row.size} values, not {N_CLASSES}; "
+                            "stored as unlabelled")
+            row = None
+        labels.append(row if row is not None else np.full(N_CLASSES, -1))
     has_labels = any((row >= 0).all() for row in labels)
     return Source(
         path,
@@ -188,11 +199,13 @@ def _open_cxi_entries(path: str, h5: h5py.File, entries: list[str]) -> Source:
         tuple(first.shape),
         first.dtype,
         entries=entries,
-        geometry=_geometry(h5[entries[0]].get(DETECTOR), h5[entries[0]].get(SOURCE)),
-        mask=_mask(h5[entries[0]].get(DETECTOR), tuple(first.shape)),
-        shot_ids=None if all(s is None for s in shot_ids) else np.array(shot_ids, dtype=object),
+        geometry=_geometry(h5[first_entry].get(DETECTOR), h5[first_entry].get(SOURCE)),
+        mask=_mask(h5[first_entry].get(DETECTOR), tuple(first.shape)),
+        shot_ids=None if all(s is None for s in shot_ids) else np.array(
+            [s if s is not None else f"{Path(path).name}:{frame}" for frame, s in enumerate(shot_ids)], dtype=object),
         pulse_energy=np.asarray(pulse, np.float64),
         labels=_checked_labels(np.stack(labels), path) if has_labels else None,
+        warnings=warnings,
     )
 
 

@@ -75,7 +75,11 @@ def profile_like(path: str | Path, *, base: Profile) -> Profile:
     integer = np.issubdtype(np.dtype(source.dtype), np.integer)
     det["dtype"] = "uint16" if integer else "float32"
     picks = np.unique(np.linspace(0, source.n_frames - 1, min(SAMPLE_FRAMES, source.n_frames)).astype(int))
-    frames = np.stack([source.read(int(i), int(i) + 1)[0] for i in picks]).astype(np.float64)
+    readable = [_readable_frame(source, int(i)) for i in picks]
+    frames = [frame for frame in readable if frame is not None and frame.shape == source.frame_shape]
+    if not frames:
+        raise AirysortError(f"{path}: none of the frames sampled could be read; --like needs real frames")
+    frames = np.stack(frames).astype(np.float64)
     det["saturation"] = float(max(frames.max(), 1.0))
     half = 0.5 * np.hypot(ny, nx) * pixel_size
     model = "msft" if np.arctan(half / distance) > WIDE_ANGLE_LIMIT else "projection"
@@ -95,6 +99,15 @@ def profile_like(path: str | Path, *, base: Profile) -> Profile:
         profile = dataclasses.replace(profile, source=source_section,
                                       count_range=(real_level, float(frames.max())))
     return profile
+
+
+def _readable_frame(source, index: int) -> np.ndarray | None:
+    """Frame ``index`` of ``source``, or None where it cannot be read (``ingest`` rejects
+    those, and the frames of another shape)."""
+    try:
+        return source.read(index, index + 1)[0]
+    except (KeyError, OSError, ValueError):
+        return None
 
 
 def _simulated_level(profile: Profile) -> float:

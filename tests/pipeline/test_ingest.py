@@ -124,6 +124,35 @@ class TestRejects:
         np.testing.assert_array_equal(ds.raw.values[:20], good)
         np.testing.assert_array_equal(ds.raw.values[20:23], floats[[0, 1, 3]].astype(np.uint16))
 
+    def test_entries_layout_missing_frames_are_rejected_and_frames_keep_their_entry_numbers(
+            self, tmp_path, dask_threads):
+        """entry_k is frame k - 1: an entry without its frame, or missing altogether, is a
+        rejected frame (not a silent shift of every later one); a bad label is a warning."""
+        frames, labels = random_frames(5), random_labels(5)
+        cxi = write_entries_cxi(tmp_path / "gaps.cxi", frames, labels=labels)
+        with h5py.File(cxi, "r+") as h5:
+            del h5["entry_3/instrument_1/detector_1/data"]  # label and id, but no frame
+            del h5["entry_4"]  # gone altogether
+            del h5["entry_2/note_1/data"]
+            h5["entry_2/note_1/data"] = np.ones(3, np.int8)  # a label of the wrong length
+        lines = []
+        result = ingest(tmp_path / "s.zarr", [cxi], log=lines.append)
+        assert (result["ingested"], result["rejected"]) == (3, 2)
+        ds = store.open_store(tmp_path / "s.zarr")
+        np.testing.assert_array_equal(ds.frame.values, [0, 1, 4])
+        np.testing.assert_array_equal(ds.raw.values, frames[[0, 1, 4]])
+        assert ds.shot_id.values.tolist() == ["run7-shot00001", "run7-shot00002", "run7-shot00005"]
+        np.testing.assert_array_equal(ds.label.values[[0, 2]], labels[[0, 4]])
+        assert (ds.label.values[1] == -1).all()
+        reasons = {r["frame"]: r["reason"] for r in store.read_attrs(tmp_path / "s.zarr")["rejects"]}
+        assert set(reasons) == {2, 3} and "entry_3" in reasons[2] and "entry_4" in reasons[3]
+        errors = [line for line in lines if line.startswith("ERROR: ")]
+        assert len(errors) == 2 and all("gaps.cxi" in line and "frame" in line for line in errors)
+        warning, = [line for line in lines if line.startswith("WARNING: ")]
+        assert "frame 1 (entry_2)" in warning and "3 values" in warning
+        record, = store.read_attrs(tmp_path / "s.zarr")["ingested_files"]
+        assert record["frames"] == 5 == record["stored"] + record["rejected"]
+
     def test_nothing_stored_is_lost_by_a_bad_second_ingest(self, tmp_path, dask_threads):
         path = tmp_path / "s.zarr"
         frames = random_frames(10)

@@ -338,7 +338,9 @@ class TestCommandLine:
         frames = np.random.default_rng(1).poisson(3.0, (4, 48, 48)).astype(np.float32)
         with h5py.File(real, "w") as h5:
             for k, frame in enumerate(frames, start=1):
-                h5[f"entry_{k}/instrument_1/detector_1/data"] = frame
+                if k != 2:  # entry_2 lost its frame: ingest rejects it, --like skips it
+                    h5[f"entry_{k}/instrument_1/detector_1/data"] = frame
+                h5[f"entry_{k}/experiment_identifier"] = f"shot{k}"
             if half_angle_degrees > 10:
                 half_diagonal = 0.5 * np.hypot(48, 48) * 75e-6
                 h5["entry_1/instrument_1/detector_1/distance"] = half_diagonal / np.tan(np.radians(half_angle_degrees))
