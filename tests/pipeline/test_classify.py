@@ -217,6 +217,10 @@ def test_train_vae_dispatches_to_the_embedding_module(monkeypatch, tmp_path):
     assert result.exit_code == 0, result.output
     (store_path, model_dir, kwargs), = calls
     assert kwargs == {"input": "image", "epochs": 3, "resume": True, "batch_size": 16}
+    assert "--cluster" not in result.stderr
+    # A batch cluster does not run training: say so instead of ignoring it.
+    result = run_cli("train", tmp_path / "s.zarr", tmp_path / "m", "--model", "vae", "--cluster", "slurm")
+    assert result.exit_code == 0 and "--cluster slurm is not used by train" in result.stderr
 
 
 def test_train_help_states_the_defaults_of_both_models():
