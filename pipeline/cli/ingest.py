@@ -19,7 +19,9 @@ def command(
     cluster: ClusterOption = "local",
     json: JsonOption = False,
 ) -> None:
-    """Ingest raw frames into the store (appends; resumable; bad frames go to the reject log)."""
+    """Ingest raw frames into the store (appends; resumable; bad frames go to the reject log).
+    Exits with status 1 when frames were rejected and none was stored, so that a script
+    stops there."""
     from pipeline.dask_cluster import dask_client
     from pipeline.ingest import ingest
 
@@ -31,3 +33,5 @@ def command(
         lambda r: f"ingested {r['ingested']} pattern(s), rejected {r['rejected']}, "
         f"skipped {r['skipped_files']} file(s) already stored; the store holds {r['patterns']}",
     )
+    if result["rejected"] and not result["ingested"]:
+        raise typer.Exit(1)

@@ -176,6 +176,11 @@ class TestCommandLine:
         assert summary["variables"]["raw"]["shards"] == [256, 24, 32]
         human = runner.invoke(app, ["info", store_path])
         assert "patterns   12 from 1 file(s); 1 rejected" in human.stderr
+        # Nothing stored and something rejected: exit status 1, the counts still printed.
+        failed = runner.invoke(app, ["ingest", store_path, str(tmp_path / "typo.cxi"), "--json"])
+        assert failed.exit_code == 1
+        assert json.loads(failed.stdout.strip().splitlines()[-1])["rejected"] == 1
+        assert runner.invoke(app, ["ingest", store_path, str(cxi)]).exit_code == 0  # skipped: not a failure
 
     def test_input_file_in_the_store_place_is_one_error_line(self, tmp_path):
         cxi = write_stacked_cxi(tmp_path / "a.cxi", random_frames(3))
