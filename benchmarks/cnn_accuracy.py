@@ -14,7 +14,7 @@ were NOT labelled: per-class precision, recall, F1 and support, micro F1, and ma
 F1 over the classes with at least ``--min-support`` (30) test patterns. Targets:
 macro F1 >= 0.90 and micro F1 >= 0.95 with 20 % labelled.
 
-It also scores the predictions' coarse groups (taxonomy.md) as a clustering of the same
+It also scores the predictions' coarse groups (`pipeline.taxonomy.coarse_group`) as a clustering of the same
 patterns: homogeneity, completeness and adjusted Rand score against the true groups, the
 measures of the unsupervised issue. On a ``--balanced`` beamtime that is the supervised
 reference for GMM on VAE latents: what labels can teach about the groups on these patterns.

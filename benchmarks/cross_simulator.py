@@ -14,12 +14,13 @@ the same detector geometry. This script makes such patterns and scores the model
    first Born approximation, ``F r_e² (n_e V)² P(q) ΔΩ`` with liquid helium's electron
    density; only the read-out (Poisson photons, noise, hot pixels, stray light) is
    airysort's detector model.
-2. Labels by what the shapes are, with the thresholds of taxonomy.md's classes: a sphere
+2. Labels by what the shapes are, with the thresholds of airysort's label rules (`pipeline/simulate/labels.py`): a sphere
    is Round; a spheroid flattened to 0.6-0.95 and seen so that its outline's axis ratio
    is >= 1.10 is Elliptical; a prolate spheroid or pill is Prolate, a pill within 35
    degrees of the detector plane also Streak; two spheres (the second 0.4-0.75 times
    the first's radius) are DoubleRings; no particle is Empty.
-3. ``airysort ingest``, ``preprocess --size`` (as the model was trained), ``predict``
+3. ``airysort ingest``, ``preprocess --size IMAGE_SIZE`` (``--image-size``, default 128: it must
+   match the model's training images), ``predict``
    with the model, and per-class and micro/macro F1 against those labels (macro over
    classes with at least ``--min-support`` patterns).
 

@@ -2,7 +2,7 @@
 
 Run: ``.venv/bin/python benchmarks/simulate.py [--quick] [--sizes 256] [--default-malloc]``
 
-Each row renders shots with the real label mix (taxonomy.md frequencies) in this
+Each row renders shots with the real label mix (the real set's combination frequencies, ``pipeline.taxonomy``) in this
 process on one core (finufft single-threaded, no Dask), in blocks of
 ``beamtime.BLOCK`` shots as a Dask worker does, timing CPU seconds so that other
 load on the machine does not count. Targets (issue 3): projection >= 200

@@ -29,6 +29,7 @@ import json
 import os
 import signal
 import sys
+import sysconfig
 import threading
 from pathlib import Path
 from typing import Any, Iterator
@@ -47,13 +48,18 @@ JOBQUEUE_CLASSES = {
 }
 
 
+#: The cluster-configs/ of an installed (not editable) airysort.
+INSTALLED_CONFIGS = Path(sysconfig.get_path("data")) / "share" / "airysort" / "cluster-configs"
+
+
 def config_directories() -> list[Path]:
     """Where named cluster configs are looked up, first match wins."""
     directories = []
     if os.environ.get("AIRYSORT_CLUSTER_CONFIGS"):
         directories.append(Path(os.environ["AIRYSORT_CLUSTER_CONFIGS"]))
     directories.append(Path.cwd() / "cluster-configs")
-    directories.append(Path(__file__).resolve().parents[1] / "cluster-configs")
+    directories.append(Path(__file__).resolve().parents[1] / "cluster-configs")  # a source checkout
+    directories.append(INSTALLED_CONFIGS)  # where `pip install` puts them (pyproject's data-files)
     return directories
 
 

@@ -189,7 +189,7 @@ def section_clustering(evaluation: dict[str, Any] | None) -> str | None:
     note = ", ".join(f"{g}: {n}" for g, n in groups.items())
     return (
         "<h2>Unsupervised sorting</h2><p>Scored against each pattern's coarse group "
-        f"(taxonomy.md){': ' + html.escape(note) if note else ''}.</p>"
+        f"(empty, double, prolate, elliptical, round, other){': ' + html.escape(note) if note else ''}.</p>"
         + _table(["method", "k", "homogeneity", "completeness", "adjusted Rand", "NMI"], rows)
     )
 

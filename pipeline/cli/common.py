@@ -13,8 +13,8 @@ ClusterOption = Annotated[
     str,
     typer.Option(
         "--cluster",
-        help="Where Dask runs: 'local' (embedded LocalCluster), 'slurm', 'pbs', 'lsf' "
-        "(cluster-configs/*.yaml), a path to a cluster YAML, or a scheduler address.",
+        help="Where Dask runs: 'local' (embedded LocalCluster), 'local-threads' (one process), 'slurm', "
+        "'slurm-gpu', 'pbs', 'lsf' (cluster-configs/*.yaml), a path to a cluster YAML, or a scheduler address.",
     ),
 ]
 JsonOption = Annotated[
@@ -25,6 +25,12 @@ JsonOption = Annotated[
 def say(message: str) -> None:
     """Human-readable output goes to stderr so that stdout stays machine-readable."""
     print(message, file=sys.stderr, flush=True)
+
+
+def note_unused_cluster(cluster: str, command: str, runs_where: str) -> None:
+    """Say that ``--cluster`` does not apply to ``command`` rather than ignore it silently."""
+    if cluster != "local":
+        say(f"note: --cluster {cluster} is not used by {command}, which {runs_where}")
 
 
 def emit(result: dict[str, Any], as_json: bool, human: Callable[[dict], str] | None = None) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli.common import ClusterOption, JsonOption, emit, user_errors
+from pipeline.cli.common import ClusterOption, JsonOption, emit, note_unused_cluster, user_errors
 
 
 @user_errors
@@ -23,6 +23,6 @@ def command(
     of the input with the regions that drove the prediction highlighted."""
     from pipeline.classify import explain_patterns
 
-    del cluster  # a handful of patterns: computed in this process
+    note_unused_cluster(cluster, "explain", "computes its handful of patterns in this process")
     result = explain_patterns(store, model_dir, indices=list(index), out_dir=out)
     emit(result, json, lambda r: f"wrote {len(r['files'])} overlay(s) to {out}")

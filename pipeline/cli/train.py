@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.cli.common import ClusterOption, JsonOption, emit, say, user_errors
+from pipeline.cli.common import ClusterOption, JsonOption, emit, note_unused_cluster, say, user_errors
 
 
 class Model(str, Enum):
@@ -52,9 +52,8 @@ def command(
     command again after an interruption resumes from the last checkpoint."""
     # Training runs on the JAX devices of this process (all local GPUs/CPU cores, or every
     # node of a SLURM job); it reads shards straight from Zarr and needs no Dask cluster.
-    if cluster != "local":
-        say(f"note: --cluster {cluster} is not used by train, which runs on this process's JAX devices; "
-            "for several nodes start it under srun (docs/hpc.md)")
+    note_unused_cluster(cluster, "train", "runs on this process's JAX devices; for several nodes start "
+                        "it under srun (docs/hpc.md)")
     options = {"batch_size": batch_size, "learning_rate": learning_rate, "seed": seed,
                "validation_fraction": validation_fraction, "patience": patience,
                "checkpoint_every": checkpoint_every}

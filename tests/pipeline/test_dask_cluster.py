@@ -76,3 +76,36 @@ def test_local_yaml_starts_a_working_cluster(tmp_path):
     with dask_client(str(config), reuse=False) as client:
         assert len(client.scheduler_info()["workers"]) == 1
         assert client.submit(sum, [1, 2, 3]).result() == 6
+
+
+def test_named_configs_are_installed_with_the_package_and_found_there(tmp_path, monkeypatch):
+    """`pip install .` (not editable) puts cluster-configs/ under the environment's data
+    directory, where --cluster NAME finds it without a source checkout."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    pytest.importorskip("setuptools")
+    root = Path(__file__).resolve().parents[2]
+    source = tmp_path / "source"  # a copy: building writes build/ next to pyproject.toml
+    for name in ("pipeline", "jaxmodels", "cluster-configs"):
+        shutil.copytree(root / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            str(source), "-w", str(tmp_path / "wheel")], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    wheel, = (tmp_path / "wheel").glob("airysort-*.whl")
+    shipped = {Path(name).name for name in zipfile.ZipFile(wheel).namelist()
+               if "/data/share/airysort/cluster-configs/" in name}
+    assert shipped == {p.name for p in (root / "cluster-configs").iterdir() if p.suffix in (".yaml", ".sbatch")}
+
+    import pipeline.dask_cluster as dask_cluster
+
+    installed = tmp_path / "share" / "airysort" / "cluster-configs"
+    installed.mkdir(parents=True)
+    (installed / "site-only.yaml").write_text("type: local\n")
+    monkeypatch.setattr(dask_cluster, "INSTALLED_CONFIGS", installed)
+    monkeypatch.chdir(tmp_path)
+    assert load_cluster_config("site-only")["_path"] == str(installed / "site-only.yaml")
