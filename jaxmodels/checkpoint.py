@@ -103,8 +103,10 @@ class TrainingCheckpointer:
 
 def save_model(directory: str | Path, model: nnx.Module) -> None:
     """Save the state of ``model`` (parameters, batch statistics) to ``directory``,
-    replacing what is there."""
-    save_state(directory, nnx.state(model))
+    replacing what is there. The arrays are fetched to the host first: arrays sharded
+    over a training mesh would record its devices, which a loader without that mesh
+    (``predict`` in a Dask worker) cannot restore."""
+    save_state(directory, jax.device_get(nnx.state(model)))
 
 
 def save_state(directory: str | Path, state: Any) -> None:

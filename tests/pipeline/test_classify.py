@@ -237,3 +237,25 @@ def test_train_help_states_the_defaults_of_both_models():
     assert f"(default: {cnn.patience} for cnn; 0, off, for vae)" in text and vae["patience"] == 0
     assert f"over all devices (default: {cnn.batch_size})" in text and vae["batch_size"] == cnn.batch_size
     assert f"stage (default: {CNNConfig().width})" in text and f"(default: {CNNConfig().depth})" in text
+
+
+def test_a_model_trained_without_validation_predicts(ring_store, tmp_path):
+    """With no validation patterns the last weights are the model; they are saved from the
+    host, not with the training mesh's devices (a Dask worker could not load them)."""
+    path, truth = ring_store
+    shots = store.open_store(path)["shot_id"].values.astype(object)
+    csv = write_label_csv(tmp_path / "labels.csv", shots[:48], truth[:48])
+    assert run_cli("label", path, csv).exit_code == 0
+    model_dir = tmp_path / "model"
+    # A process of its own, as a user runs it: JAX starts there with one device per core
+    # (here forced to 2), so training replicates the model over a mesh.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    train = subprocess.run([sys.executable, "-m", "pipeline.cli.main", "train", str(path), str(model_dir),
+                            "--model", "cnn", "--depth", "10", "--width", "4", "--batch-size", "16",
+                            "--epochs", "1", "--validation-fraction", "0", "--json"],
+                           cwd=REPO, env=env, capture_output=True, text=True)
+    assert train.returncode == 0, train.stderr
+    assert json.loads(train.stdout.strip().splitlines()[-1])["n_valid"] == 0
+    result = run_cli("predict", path, model_dir, "--cluster", "local-threads", "--json")
+    assert result.exit_code == 0, result.output
+    assert np.isfinite(store.open_store(path)["prob"].values).all()
