@@ -120,6 +120,10 @@ def import_labels(store_path: str | Path, csv_path: str | Path) -> dict[str, Any
                         problem = f"value {text!r} for class {CLASS_NAMES[c]!r} is not 0 or 1"
                         break
                     values[c] = int(text)
+                if problem is None and not values.any():
+                    # Every pattern has a class (Empty when nothing was hit): an all-zero
+                    # row is a row not filled in yet, e.g. of an untouched label sheet.
+                    problem = "no class set (a pattern with no hit is Empty); not filled in?"
             if problem is not None:
                 bad_rows += 1
                 problems.append(f"line {line_number}: {problem}")

@@ -81,6 +81,12 @@ def make_label_sheet(
     """
     if n < 1:
         raise AirysortError(f"--n must be at least 1, got {n!r}")
+    csv_path = Path(out_dir) / "labels_to_fill.csv"
+    if csv_path.exists():
+        raise AirysortError(
+            f"{str(csv_path)!r} exists and may hold labels filled in already; import it with "
+            f"'airysort label {path} {csv_path}', or choose another directory"
+        )
     dataset = store.open_store(path)
     labels = np.asarray(dataset["label"].values)
     unlabelled = np.flatnonzero((labels < 0).any(axis=1))
@@ -109,6 +115,5 @@ def make_label_sheet(
             display_images(dataset, page), out / f"sheet_{number + 1:02d}.png",
             captions=[f"#{p} {shot_ids[p]}" for p in page], title=f"airysort label sheet {number + 1}", columns=8,
         ))
-    csv_path = out / "labels_to_fill.csv"
     write_label_csv(csv_path, shot_ids[chosen_array], np.zeros((len(chosen_array), N_CLASSES), np.int8))
     return {"patterns": chosen_array.tolist(), "sheets": sheets, "csv": str(csv_path), "grouping": grouping}

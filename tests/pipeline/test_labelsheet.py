@@ -33,12 +33,20 @@ def test_sheet_spreads_over_clusters_and_round_trips(tmp_path, dask_threads):
     with open(summary["csv"]) as stream:
         rows = list(csv.reader(stream))
     assert rows[0] == ["shot_id", *CLASS_NAMES] and len(rows) == 13
-    # the researcher marks one class and imports the sheet
+    # Asking for a sheet again must not overwrite one that may be filled in already.
+    again = runner.invoke(app, ["label", "--sheet", str(path), str(tmp_path / "sheet"), "--n", "12"])
+    assert again.exit_code == 1 and "may hold labels filled in already" in again.stderr
+    # the researcher fills in all rows but the last and imports the sheet
     rows[1][1 + CLASS_NAMES.index("Round")] = "1"
+    for row in rows[2:-1]:
+        row[1 + CLASS_NAMES.index("Empty")] = "1"
     with open(summary["csv"], "w", newline="") as stream:
         csv.writer(stream).writerows(rows)
     imported = runner.invoke(app, ["label", str(path), summary["csv"], "--json"])
     assert imported.exit_code == 0, imported.output
+    counts = json.loads(imported.stdout.strip().splitlines()[-1])
+    assert (counts["imported"], counts["bad_rows"]) == (11, 1)
+    assert "line 13: no class set" in imported.stderr  # the row left as the sheet wrote it
     labels = store.open_store(path).label.values
-    assert (labels >= 0).all(axis=1).sum() == 12
-    assert labels[chosen[0], CLASS_NAMES.index("Round")] == 1
+    assert (labels >= 0).all(axis=1).sum() == 11
+    assert labels[chosen[0], CLASS_NAMES.index("Round")] == 1 and (labels[chosen[-1]] == -1).all()
