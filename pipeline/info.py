@@ -19,7 +19,9 @@ def store_info(path: str | os.PathLike, *, max_rejects: int = 20) -> dict[str, A
     dict
         ``patterns``, ``labelled``, ``hit_rate`` (when hit finding ran), ``variables``
         (dims, shape, dtype, chunks, shards, compressor per variable), ``files``,
-        ``rejected`` and the first ``max_rejects`` rejects, ``geometry`` and ``provenance``.
+        ``rejected`` and the first ``max_rejects`` rejects, ``geometry``, ``provenance``,
+        ``pending_ingest`` and ``incomplete`` (variables an interrupted command left
+        half-written, not shown under ``variables``).
     """
     dataset = store.open_store(path)
     attrs = store.read_attrs(path)
@@ -45,6 +47,7 @@ def store_info(path: str | os.PathLike, *, max_rejects: int = 20) -> dict[str, A
         "variables": variables,
         "provenance": attrs.get("provenance", []),
         "pending_ingest": store.n_committed(path) < group["pattern"].shape[0],
+        "incomplete": store.incomplete_variables(attrs),
     }
     if "label" in dataset and info["patterns"]:
         labels = dataset["label"].values
@@ -84,4 +87,7 @@ def format_info(info: dict[str, Any]) -> str:
             lines.append(f"  {p['time']}  {p['command']:<11} airysort {p['version']}{written}")
     if info["pending_ingest"]:
         lines.append("NOTE: an interrupted ingest is pending; run 'airysort ingest' again to complete it")
+    for name, mark in info["incomplete"].items():
+        lines.append(f"NOTE: {name!r} was left incomplete by '{mark['command']}' (started {mark['since']}); "
+                     f"run 'airysort {mark['command']}' again")
     return "\n".join(lines)

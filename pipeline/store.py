@@ -27,6 +27,7 @@ import fcntl
 import json
 import os
 import socket
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -241,7 +242,9 @@ def n_committed(path: str | os.PathLike) -> int:
 def open_store(path: str | os.PathLike) -> xr.Dataset:
     """Open the store lazily: every variable dask-backed, one chunk per shard.
 
-    Patterns of an interrupted ingest are hidden until ``airysort ingest`` completes it.
+    Patterns of an interrupted ingest are hidden until ``airysort ingest`` completes it,
+    and variables that an interrupted or failed command left half-written
+    (:func:`incomplete_variables`) until that command runs again.
     """
     path = _check_store(path)
     dataset = xr.open_zarr(path, consolidated=False, chunks={})
@@ -260,7 +263,12 @@ def open_store(path: str | os.PathLike) -> xr.Dataset:
     committed = n_committed(path)
     if committed < dataset.sizes.get("pattern", 0):
         dataset = dataset.isel(pattern=slice(0, committed))
-    return dataset
+    incomplete = {k: v for k, v in incomplete_variables(dataset.attrs).items() if k in dataset}
+    for name, mark in incomplete.items():
+        print(f"WARNING: {name!r} in {str(path)!r} was left incomplete by an interrupted or failed "
+              f"'{mark['command']}' (started {mark['since']}) and is not used; run that command again",
+              file=sys.stderr, flush=True)
+    return dataset.drop_vars(list(incomplete))
 
 
 def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
@@ -408,6 +416,7 @@ def write_variables(
             }
             if name in group:  # replaced, possibly with another shape
                 del group[name]
+        _mark_incomplete(group, variables, command)
         # xarray rewrites the group's attributes on every to_zarr: hand it the existing ones
         # (file list, reject log, provenance, geometry) so nothing is dropped.
         dataset = xr.Dataset(arrays, attrs=dict(group.attrs))
@@ -421,7 +430,31 @@ def write_variables(
         )
         compute_with_progress(writes, description or f"{command}: writing {', '.join(variables)}")
         append_provenance(path, command, parameters, extra={"patterns": [0, n_patterns]})
+        _mark_complete(path, variables)
         consolidate(path)
+
+
+#: Store attribute: variables a command has started to write and not finished, with the
+#: command and when it started. An interrupted or failed write leaves its variables there.
+INCOMPLETE = "incomplete"
+
+
+def _mark_incomplete(group: zarr.Group, names, command: str) -> None:
+    marks = dict(group.attrs.get(INCOMPLETE, {}))
+    marks.update({name: {"command": command, "since": now()} for name in names})
+    group.attrs[INCOMPLETE] = marks
+
+
+def _mark_complete(path: Path, names) -> None:
+    group = zarr.open_group(path, mode="r+", use_consolidated=False)
+    marks = {k: v for k, v in dict(group.attrs.get(INCOMPLETE, {})).items() if k not in names}
+    group.attrs[INCOMPLETE] = marks
+
+
+def incomplete_variables(attrs: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """Variables left incomplete by an interrupted or failed command: name → ``command``
+    and ``since`` (when it started writing)."""
+    return dict(attrs.get(INCOMPLETE) or {})
 
 
 def region_chunks(start: int, stop: int, shard: int = PATTERN_CHUNK) -> tuple[int, ...]:
@@ -453,6 +486,7 @@ def _write_region(path: Path, variables: Mapping[str, xr.DataArray], *, start: i
             array = array.drop_vars(list(array.coords)).chunk(
                 {"pattern": region_chunks(start, n_patterns), **{d: -1 for d in array.dims[1:]}})
             arrays[name] = array
+        _mark_incomplete(group, variables, command)
         # safe_chunks=False: xarray flags the first chunk, which shares its shard with
         # patterns before ``start``; but that shard is written by this one task only.
         writes = xr.Dataset(arrays).to_zarr(
@@ -461,6 +495,7 @@ def _write_region(path: Path, variables: Mapping[str, xr.DataArray], *, start: i
         )
         compute_with_progress(writes, description or f"{command}: writing {', '.join(variables)}")
         append_provenance(path, command, parameters, extra={"patterns": [start, n_patterns]})
+        _mark_complete(path, variables)
         consolidate(path)
 
 

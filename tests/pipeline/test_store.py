@@ -99,6 +99,49 @@ def test_read_pattern_values_from_a_start_or_at_chosen_patterns(filled_store):
         store.read_pattern_values(path.parent / "missing.zarr", "label")
 
 
+class Interrupted(Exception):
+    pass
+
+
+def test_a_failed_write_leaves_its_variables_marked_and_unused(filled_store, dask_threads, capsys):
+    """A command that fails (or is interrupted) half-way through writing leaves its
+    variables marked incomplete: readers drop them with a warning, ``info`` names them,
+    and the next complete write of them clears the mark. Also for region writes."""
+    from pipeline.info import format_info, store_info
+
+    path, raw = filled_store
+    good = (store.open_store(path).raw.astype("float32") / 2).rename(y="iy", x="ix")
+    store.write_variables(path, {"image": good}, command="preprocess", parameters={})
+
+    def fail_on_the_second_shard(block, block_info=None):
+        if block_info[0]["chunk-location"][0] == 1:
+            raise Interrupted
+        return block
+
+    failing = good.copy(data=good.data.map_blocks(fail_on_the_second_shard, dtype=np.float32))
+    with pytest.raises(Interrupted):
+        store.write_variables(path, {"image": failing}, command="preprocess", parameters={})
+    capsys.readouterr()  # what the failed write printed
+    ds = store.open_store(path)
+    warning = capsys.readouterr().err
+    assert "image" not in ds and "raw" in ds
+    assert warning.startswith("WARNING: 'image' in") and "interrupted or failed 'preprocess'" in warning
+    info = store_info(path)
+    assert set(info["incomplete"]) == {"image"} and "image" not in info["variables"]
+    assert "'image' was left incomplete by 'preprocess'" in format_info(info)
+
+    store.write_variables(path, {"image": good}, command="preprocess", parameters={})  # run again
+    np.testing.assert_array_equal(store.open_store(path).image.values, raw.astype("float32") / 2)
+    assert store.incomplete_variables(store.read_attrs(path)) == {}
+
+    store.resize_patterns(path, 700)  # a file arrives (watch): a region write fails
+    tail = xr.DataArray(np.ones((300, 6, 5), np.float32), dims=("pattern", "iy", "ix")).chunk({"pattern": 100})
+    tail = tail.copy(data=tail.data.map_blocks(fail_on_the_second_shard, dtype=np.float32))
+    with pytest.raises(Interrupted):
+        store.write_variables(path, {"image": tail}, command="preprocess", parameters={}, start=400)
+    assert "image" not in store.open_store(path)
+
+
 def test_write_variables_rejects_wrong_length(filled_store, dask_threads):
     path, _ = filled_store
     bad = xr.DataArray(np.ones((10, 2), np.float32), dims=("pattern", "z"))
