@@ -55,13 +55,18 @@ def read_truth_csv(path: str | Path, shot_ids: np.ndarray) -> tuple[np.ndarray, 
     path = Path(path)
     if not path.is_file():
         raise AirysortError(f"truth file {str(path)!r} does not exist")
-    table = pd.read_csv(path, dtype={"shot_id": str})
+    try:
+        table = pd.read_csv(path, dtype={"shot_id": str})
+    except pd.errors.EmptyDataError:
+        raise AirysortError(f"truth file {str(path)!r} is empty") from None
     missing = [name for name in ("shot_id", *CLASS_NAMES) if name not in table.columns]
     if missing:
         raise AirysortError(
             f"truth file {str(path)!r} lacks the column(s) {missing!r}; the header must be "
             f"'shot_id,' followed by the class names {', '.join(CLASS_NAMES)}"
         )
+    if table.empty:
+        raise AirysortError(f"truth file {str(path)!r} has a header but no rows")
     values = table[list(CLASS_NAMES)].to_numpy()
     if not np.isin(values, (0, 1)).all():
         raise AirysortError(f"truth file {str(path)!r} holds values other than 0 and 1 in class columns")

@@ -187,6 +187,15 @@ def resolve_saturation(saturation: float | str | None, *, dtype: np.dtype, attrs
     return None
 
 
+def _check_positive(*, zero_allowed: bool = False, **values: float) -> None:
+    """One error line for an option that is not a finite positive (or non-negative) number,
+    checked here rather than deep in the workers."""
+    for name, value in values.items():
+        if not (np.isfinite(value) and (value >= 0 if zero_allowed else value > 0)):
+            wanted = "a finite number >= 0" if zero_allowed else "a finite number > 0"
+            raise AirysortError(f"--{name.replace('_', '-')} {value!r} must be {wanted}")
+
+
 def load_dark(dark: str | os.PathLike | np.ndarray | None, shape: tuple[int, int]) -> np.ndarray | None:
     """A dark frame from a ``.npy`` file (or an array), checked against the frame shape."""
     if dark is None:
@@ -279,6 +288,10 @@ def preprocess_store(
         raise AirysortError(f"--size {size!r} must be between 4 and 2048 pixels")
     if not 0.05 <= crop <= 1.0:
         raise AirysortError(f"--crop {crop!r} must be between 0.05 and 1 (a fraction of the inscribed square's side)")
+    _check_positive(asinh_scale=asinh_scale, hot_sigma=hot_sigma, hit_sigma=hit_sigma)
+    _check_positive(min_photons=min_photons, search_radius=search_radius, zero_allowed=True)
+    if isinstance(saturation, (int, float)) and not isinstance(saturation, bool):
+        _check_positive(saturation=saturation)
     dataset = store.open_store(path)
     n_patterns = dataset.sizes["pattern"]
     if n_patterns == 0:

@@ -154,6 +154,8 @@ def export_patterns(path: str | os.PathLike, class_name: str, out_cxi: str | os.
         raise AirysortError("the store has no 'predicted' variable; run 'airysort predict' first")
     predicted = np.asarray(dataset["predicted"].values)
     members = np.flatnonzero(predicted[:, CLASS_INDEX[class_name]] == 1)
+    if len(members) == 0:
+        raise AirysortError(f"no pattern is predicted as {class_name!r}; nothing to export")
     frame_shape = dataset["raw"].shape[1:]
     with h5py.File(out_cxi, "w") as h5:
         data = h5.create_dataset("entry_1/data_1/data", shape=(len(members), *frame_shape),

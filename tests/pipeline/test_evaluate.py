@@ -226,6 +226,10 @@ class TestEvaluateCommand:
         result = CliRunner().invoke(app, ["evaluate", str(evaluated_store["path"]), "--truth", str(csv)])
         assert result.exit_code == 1
         assert result.stderr.startswith("ERROR: ") and "Spherical/Oblate" in result.stderr
+        for text, message in [("", "is empty"), ("shot_id," + ",".join(CLASS_NAMES) + "\n", "header but no rows")]:
+            csv.write_text(text)
+            result = CliRunner().invoke(app, ["evaluate", str(evaluated_store["path"]), "--truth", str(csv)])
+            assert result.exit_code == 1 and result.stderr.startswith("ERROR: ") and message in result.stderr
 
     def test_store_without_results_says_what_to_run(self, tmp_path, dask_threads):
         np.save(tmp_path / "f.npy", np.zeros((3, 4, 4), np.uint16))

@@ -267,3 +267,11 @@ class TestCommand:
         assert "ERROR: dark frame has shape (3, 3) but frames are (256, 256)" in outcome.output
         outcome = runner.invoke(app, ["preprocess", str(tmp_path / "nothing.zarr"), "--cluster", "local-threads"])
         assert outcome.exit_code == 1 and "does not exist" in outcome.output
+        # Numbers that would give empty or NaN images are refused before any work.
+        for option, value, wanted in [("--saturation", "0", "> 0"), ("--asinh-scale", "nan", "> 0"),
+                                      ("--asinh-scale", "inf", "> 0"), ("--hit-sigma", "nan", "> 0"),
+                                      ("--search-radius", "-1", ">= 0")]:
+            outcome = runner.invoke(app, ["preprocess", str(path), option, value, "--cluster", "local-threads"])
+            assert outcome.exit_code == 1, option
+            assert outcome.output.strip() == f"ERROR: {option} {float(value)!r} must be a finite number {wanted}"
+        assert "image" not in store.open_store(path)

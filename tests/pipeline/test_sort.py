@@ -7,11 +7,14 @@ import json
 
 import h5py
 import numpy as np
+import pytest
 import xarray as xr
+import zarr
 from typer.testing import CliRunner
 
 from pipeline import store
 from pipeline.cli.main import app
+from pipeline.errors import AirysortError
 from pipeline.ingest import ingest
 from pipeline.sort import export_patterns, sort_store
 from pipeline.taxonomy import CLASS_NAMES, N_CLASSES
@@ -70,6 +73,12 @@ def test_export_class_to_cxi_round_trips(tmp_path, dask_threads):
         np.testing.assert_array_equal(h5["entry_1/result_1/labels"][()], predicted[members])
     # and it can be ingested again
     assert ingest(tmp_path / "again.zarr", [out], log=lambda line: None)["ingested"] == count
+    # A class nobody belongs to: one error, and no file.
+    group = zarr.open_group(path, mode="r+")
+    group["predicted"][:, CLASS_NAMES.index("Layered")] = 0
+    with pytest.raises(AirysortError, match="no pattern is predicted as 'Layered'"):
+        export_patterns(path, "Layered", tmp_path / "layered.cxi")
+    assert not (tmp_path / "layered.cxi").exists()
 
 
 def test_sort_command_and_clear_error(tmp_path, dask_threads):
