@@ -131,6 +131,9 @@ def import_labels(store_path: str | Path, csv_path: str | Path) -> dict[str, Any
             seen[shot] = line_number
             labels[patterns_of[shot]] = values
             imported += 1
+            if len(patterns_of[shot]) > 1:
+                problems.append(f"line {line_number}: shot_id {shot!r} is shared by {len(patterns_of[shot])} "
+                                "patterns; all of them labelled")
 
     with store.write_lock(store_path, "label"):
         store.write_pattern_variable_direct(store_path, "label", labels)

@@ -259,6 +259,19 @@ def _write_frames(path: Path, journal: dict, plan: dict, sources: list[Source], 
     return sorted(p for found in wait_with_progress(tasks, "ingest: reading, checking and writing frames") for p in found)
 
 
+def _warn_repeated_shot_ids(new_ids: np.ndarray, stored_ids, log) -> None:
+    """One WARNING line when shot ids repeat, within the new frames or against the store:
+    label CSVs and ``evaluate --truth`` match patterns by shot id."""
+    # tolist(): the store's strings come back as NumPy StringDType, which .astype(str) rejects.
+    new = np.array([str(i) for i in np.asarray(new_ids).tolist()], dtype=object)
+    stored = {str(i) for i in np.asarray(stored_ids).tolist()}
+    unique, counts = np.unique(new, return_counts=True)
+    repeated = [i for i, c in zip(unique.tolist(), counts.tolist()) if c > 1 or i in stored]
+    if repeated:
+        log(f"WARNING: {len(repeated)} shot id(s) of these frames are repeated or already in the store "
+            f"(e.g. {repeated[0]!r}); a label row for such an id labels every pattern that has it")
+
+
 def _drop_bad_frames(journal: dict, plan: dict, problems: list) -> tuple[dict, dict, int]:
     """The journal and plan without the bad frames, and the first pattern that moved."""
     bad = {(src, frame) for src, frame, _ in problems}
@@ -418,6 +431,7 @@ def ingest(
         for reject in rejects:
             log(f"ERROR: {reject.line()}")
         plan = _plan(sources, start)
+        _warn_repeated_shot_ids(plan["shot_id"], group["shot_id"][:start] if start else [], log)
         plan["mask"] = None
         masks = [s.mask for s in sources if s.mask is not None and s.mask.shape == frame_shape]
         if masks:

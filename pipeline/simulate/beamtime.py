@@ -292,7 +292,7 @@ class _Writer:
     """Writes frames, labels and metadata into an open HDF5 file in either CXI layout."""
 
     def __init__(self, h5: h5py.File, profile: Profile, n: int, layout: str, seed: int):
-        self.h5, self.profile, self.layout = h5, profile, layout
+        self.h5, self.profile, self.layout, self.seed = h5, profile, layout, seed
         det = profile.detector
         ny, nx = profile.frame_shape
         self.dtype = np.dtype(det["dtype"])
@@ -337,7 +337,8 @@ class _Writer:
 
     def write(self, start: int, frames: np.ndarray, labels: np.ndarray, energies: np.ndarray) -> None:
         stop = start + len(frames)
-        ids = [f"sim-{self.profile.name}-{i:07d}" for i in range(start, stop)]
+        # The seed is part of the id, so that beamtimes simulated apart never share one.
+        ids = [f"sim-{self.profile.name}-s{self.seed}-{i:07d}" for i in range(start, stop)]
         if self.layout == "stacked":
             self.data[start:stop] = frames.astype(self.dtype, copy=False)
             self.labels[start:stop] = labels

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from pipeline import store
 from pipeline.cli.main import app
 from pipeline.ingest import ingest
+from pipeline.taxonomy import CLASS_NAMES
 from tests.factories import random_frames, random_labels, write_entries_cxi, write_stacked_cxi
 
 runner = CliRunner()
@@ -152,6 +153,24 @@ class TestRejects:
         assert "frame 1 (entry_2)" in warning and "3 values" in warning
         record, = store.read_attrs(tmp_path / "s.zarr")["ingested_files"]
         assert record["frames"] == 5 == record["stored"] + record["rejected"]
+
+    def test_repeated_shot_ids_are_warned_about_and_labelled_together(self, tmp_path, dask_threads):
+        """Shot ids match label rows to patterns: when they repeat (the same file forced in
+        twice), ingest warns, and a label row says how many patterns it labelled."""
+        cxi = write_stacked_cxi(tmp_path / "a.cxi", random_frames(4))
+        path = tmp_path / "s.zarr"
+        lines = []
+        ingest(path, [cxi], log=lines.append)
+        assert not any(line.startswith("WARNING") for line in lines)
+        ingest(path, [cxi], force=True, log=lines.append)
+        warning, = [line for line in lines if line.startswith("WARNING")]
+        assert "4 shot id(s)" in warning and "already in the store" in warning
+        shot = str(store.open_store(path).shot_id.values[0])
+        csv = tmp_path / "labels.csv"
+        csv.write_text("shot_id," + ",".join(CLASS_NAMES) + "\n" + shot + "," + ",".join(["0"] * 10 + ["1"]) + "\n")
+        result = runner.invoke(app, ["label", str(path), str(csv), "--json"])
+        assert result.exit_code == 0 and json.loads(result.stdout.strip().splitlines()[-1])["labelled"] == 2
+        assert f"shot_id {shot!r} is shared by 2 patterns" in result.stderr
 
     def test_nothing_stored_is_lost_by_a_bad_second_ingest(self, tmp_path, dask_threads):
         path = tmp_path / "s.zarr"

@@ -266,6 +266,13 @@ class TestCommandLine:
         with h5py.File(out) as h5:
             np.testing.assert_array_equal(ds["label"].values, h5["entry_1/result_1/labels"][()])
         assert ds.attrs["wavelength"] == pytest.approx(13.5e-9)
+        # Another beamtime (another seed) has other shot ids: both fit in one store.
+        other = tmp_path / "other.cxi"
+        assert runner.invoke(app, ["simulate", str(other), "--n", "24", "--size", "48", "--seed", "3",
+                                   "--cluster", "local-threads"]).exit_code == 0
+        result = runner.invoke(app, ["ingest", str(store), str(other), "--cluster", "local-threads"])
+        assert result.exit_code == 0 and "WARNING" not in result.output
+        assert len(set(open_store(store)["shot_id"].values.tolist())) == 48
 
     def test_slice_thickness_option(self, tmp_path):
         out = tmp_path / "wave.cxi"
