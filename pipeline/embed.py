@@ -377,7 +377,7 @@ def embed_store(
         }
         store.write_variables(
             store_path, variables, command="embed",
-            parameters={"model_dir": model_dir, "batch_size": batch_size},
+            parameters={"model_dir": model_dir, "batch_size": batch_size, "input": config.input},
             description="embed: encoding patterns",
         )
         # Activity of each factor (Burda et al.'s criterion, on the posterior means).

@@ -20,8 +20,9 @@ def store_info(path: str | os.PathLike, *, max_rejects: int = 20) -> dict[str, A
         ``patterns``, ``labelled``, ``hit_rate`` (when hit finding ran), ``variables``
         (dims, shape, dtype, chunks, shards, compressor per variable), ``files``,
         ``rejected`` and the first ``max_rejects`` rejects, ``geometry``, ``provenance``,
-        ``pending_ingest`` and ``incomplete`` (variables an interrupted command left
-        half-written, not shown under ``variables``).
+        ``pending_ingest``, ``incomplete`` (variables an interrupted command left
+        half-written, not shown under ``variables``) and ``stale`` (variables computed from
+        one that has been rewritten since, :func:`pipeline.store.stale_variables`).
     """
     dataset = store.open_store(path)
     attrs = store.read_attrs(path)
@@ -48,6 +49,7 @@ def store_info(path: str | os.PathLike, *, max_rejects: int = 20) -> dict[str, A
         "provenance": attrs.get("provenance", []),
         "pending_ingest": store.n_committed(path) < group["pattern"].shape[0],
         "incomplete": store.incomplete_variables(attrs),
+        "stale": store.stale_variables(attrs),
     }
     if "label" in dataset and info["patterns"]:
         labels = dataset["label"].values
@@ -87,6 +89,9 @@ def format_info(info: dict[str, Any]) -> str:
             lines.append(f"  {p['time']}  {p['command']:<11} airysort {p['version']}{written}")
     if info["pending_ingest"]:
         lines.append("NOTE: an interrupted ingest is pending; run 'airysort ingest' again to complete it")
+    for name, mark in info["stale"].items():
+        lines.append(f"NOTE: {name!r} came from {mark['input']!r} before '{mark['command']}' rewrote it "
+                     f"({mark['since']}); compute it again")
     for name, mark in info["incomplete"].items():
         lines.append(f"NOTE: {name!r} was left incomplete by '{mark['command']}' (started {mark['since']}); "
                      f"run 'airysort {mark['command']}' again")

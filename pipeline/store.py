@@ -268,6 +268,12 @@ def open_store(path: str | os.PathLike) -> xr.Dataset:
         print(f"WARNING: {name!r} in {str(path)!r} was left incomplete by an interrupted or failed "
               f"'{mark['command']}' (started {mark['since']}) and is not used; run that command again",
               file=sys.stderr, flush=True)
+    stale = stale_variables(dataset.attrs)
+    if stale:
+        names = ", ".join(repr(n) for n in sorted(stale) if n not in incomplete)
+        first = stale[min(stale)]
+        print(f"WARNING: {names} in {str(path)!r} came from {first['input']!r} before '{first['command']}' "
+              f"rewrote it ({first['since']}); run the commands that made them again", file=sys.stderr, flush=True)
     return dataset.drop_vars(list(incomplete))
 
 
@@ -429,7 +435,7 @@ def write_variables(
             path, mode="a", zarr_format=3, encoding=encoding, consolidated=False, compute=False, safe_chunks=True
         )
         compute_with_progress(writes, description or f"{command}: writing {', '.join(variables)}")
-        append_provenance(path, command, parameters, extra={"patterns": [0, n_patterns]})
+        append_provenance(path, command, parameters, extra={"patterns": [0, n_patterns], "variables": list(variables)})
         _mark_complete(path, variables)
         consolidate(path)
 
@@ -455,6 +461,34 @@ def incomplete_variables(attrs: Mapping[str, Any]) -> dict[str, dict[str, str]]:
     """Variables left incomplete by an interrupted or failed command: name → ``command``
     and ``since`` (when it started writing)."""
     return dict(attrs.get(INCOMPLETE) or {})
+
+
+def stale_variables(attrs: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """Variables computed from another one that has been written again since: name →
+    ``input``, and the ``command`` that rewrote it and when (``since``).
+
+    The provenance says which command last wrote each variable, in order (an entry that
+    ``airysort watch`` extends keeps its place); a classifier's or a VAE's outputs come
+    from the model's input (``image`` or ``ccf``), a GMM clustering from ``latent``, a
+    spectral one from ``image``.
+    """
+    last: dict[str, tuple[int, Mapping[str, Any]]] = {}
+    for index, entry in enumerate(attrs.get("provenance", [])):
+        for name in entry.get("variables", []):
+            last[name] = (index, entry)
+    stale = {}
+    for name, (index, entry) in last.items():
+        parameters = entry.get("parameters", {})
+        if entry["command"] in ("predict", "embed"):
+            source = parameters.get("input", "image")
+        elif entry["command"] == "cluster":
+            source = "latent" if parameters.get("method") == "gmm" else "image"
+        else:
+            continue
+        if source in last and last[source][0] > index:
+            rewrite = last[source][1]
+            stale[name] = {"input": source, "command": rewrite["command"], "since": rewrite["time"]}
+    return stale
 
 
 def region_chunks(start: int, stop: int, shard: int = PATTERN_CHUNK) -> tuple[int, ...]:
@@ -494,7 +528,8 @@ def _write_region(path: Path, variables: Mapping[str, xr.DataArray], *, start: i
             consolidated=False, compute=False, safe_chunks=False,
         )
         compute_with_progress(writes, description or f"{command}: writing {', '.join(variables)}")
-        append_provenance(path, command, parameters, extra={"patterns": [start, n_patterns]})
+        append_provenance(path, command, parameters,
+                          extra={"patterns": [start, n_patterns], "variables": list(variables)})
         _mark_complete(path, variables)
         consolidate(path)
 

@@ -142,6 +142,35 @@ def test_a_failed_write_leaves_its_variables_marked_and_unused(filled_store, das
     assert "image" not in store.open_store(path)
 
 
+def test_results_computed_before_their_input_was_rewritten_are_flagged(filled_store, dask_threads, capsys):
+    from pipeline.info import format_info, store_info
+
+    path, _ = filled_store
+    ones = xr.DataArray(np.ones((600, 3), np.float32), dims=("pattern", "z"))
+
+    def write(command, names, **parameters):
+        store.write_variables(path, {name: ones for name in names}, command=command, parameters=parameters)
+
+    write("preprocess", ["image"])
+    write("predict", ["prob", "predicted"], input="image")
+    write("embed", ["latent"], input="image")
+    write("cluster", ["cluster_gmm"], method="gmm")
+    assert store.stale_variables(store.read_attrs(path)) == {}
+    write("preprocess", ["image"], size=64)  # images made again, another way
+    stale = store.stale_variables(store.read_attrs(path))
+    assert set(stale) == {"prob", "predicted", "latent"}  # the clustering follows latent, not image
+    assert stale["prob"]["input"] == "image" and stale["prob"]["command"] == "preprocess"
+    capsys.readouterr()
+    store.open_store(path)
+    assert "'latent', 'predicted', 'prob'" in capsys.readouterr().err
+    assert "NOTE: 'predicted' came from 'image' before 'preprocess' rewrote it" in format_info(store_info(path))
+    write("embed", ["latent"], input="image")  # embedded again: now the clustering is behind
+    assert set(store.stale_variables(store.read_attrs(path))) == {"prob", "predicted", "cluster_gmm"}
+    write("predict", ["prob", "predicted"], input="ccf")  # a model on ccf does not follow image
+    write("cluster", ["cluster_gmm"], method="gmm")
+    assert store.stale_variables(store.read_attrs(path)) == {}
+
+
 def test_write_variables_rejects_wrong_length(filled_store, dask_threads):
     path, _ = filled_store
     bad = xr.DataArray(np.ones((10, 2), np.float32), dims=("pattern", "z"))
