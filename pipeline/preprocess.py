@@ -187,6 +187,12 @@ def resolve_saturation(saturation: float | str | None, *, dtype: np.dtype, attrs
     return None
 
 
+#: Fewer frames in the statistics sample than this and no hot pixels are looked for: a
+#: bright speckle of one shot is then as bright as a hot pixel (a 1-frame run flagged
+#: twice the true number, most of them in the rings).
+MIN_HOT_PIXEL_FRAMES = 8
+
+
 def _check_positive(*, zero_allowed: bool = False, **values: float) -> None:
     """One error line for an option that is not a finite positive (or non-negative) number,
     checked here rather than deep in the workers."""
@@ -316,7 +322,10 @@ def preprocess_store(
     frame_std = np.sqrt(np.maximum(square_total / n_sample - mean_frame**2, 0.0))
     if dark_frame is not None:
         mean_frame = mean_frame - dark_frame
-    hot = kernels.hot_pixels(mean_frame, mask=file_mask, n_frames=n_sample, n_sigma=hot_sigma, frame_std=frame_std)
+    if n_sample >= MIN_HOT_PIXEL_FRAMES:
+        hot = kernels.hot_pixels(mean_frame, mask=file_mask, n_frames=n_sample, n_sigma=hot_sigma, frame_std=frame_std)
+    else:  # a bright speckle of one shot looks like a hot pixel: too few shots to tell
+        hot = np.zeros_like(file_mask)
     run_mask = file_mask | hot
     centre0 = kernels.nominal_centre(file_mask)
     hit_settings = kernels.HitSettings(
@@ -390,6 +399,7 @@ def preprocess_store(
         "hit_rate": n_hits / n_patterns,
         "background": background_source,
         "hot_pixels": int(hot.sum()),
+        "hot_pixels_searched": n_sample >= MIN_HOT_PIXEL_FRAMES,
         "nominal_centre": list(centre0),
         "centre_median": np.median(hit_centres, axis=0).tolist() if n_hits else list(centre0),
         "image_shape": [int(size), int(size)],

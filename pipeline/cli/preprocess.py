@@ -68,6 +68,8 @@ def _summary(result: dict) -> str:
     return (
         f"preprocessed {result['patterns']} patterns into {result['image_shape'][0]}×{result['image_shape'][1]} "
         f"images; {result['hits']} hits ({result['hit_rate']:.1%}); background: {result['background']}; "
-        f"{result['hot_pixels']} hot pixels; median centre "
+        + (f"{result['hot_pixels']} hot pixels; " if result.get("hot_pixels_searched", True)
+           else "too few frames to tell hot pixels from speckle, none masked; ")
+        + "median centre "
         f"({result['centre_median'][0]:.2f}, {result['centre_median'][1]:.2f}) px"
     )

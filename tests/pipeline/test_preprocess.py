@@ -175,6 +175,19 @@ class TestStore:
         recorded = ds.attrs["provenance"][-1]
         assert recorded["parameters"]["size"] == 48 and recorded["parameters"]["scaling"] == "log"
 
+    def test_too_few_frames_to_look_for_hot_pixels(self, tmp_path, dask_threads):
+        """Three frames cannot tell a hot pixel from one shot's bright speckle: none is
+        masked, and the summary says why."""
+        frames, _, _ = beamtime(2, 1)
+        path = make_store(tmp_path, frames)
+        outcome = runner.invoke(app, ["preprocess", str(path), "--size", "32", "--cluster", "local-threads", "--json"])
+        assert outcome.exit_code == 0, outcome.output
+        result = json.loads(outcome.stdout.strip().splitlines()[-1])
+        assert (result["hot_pixels"], result["hot_pixels_searched"]) == (0, False)
+        assert not (store.open_store(path).preprocess_mask.values & ~store.open_store(path).mask.values).any()
+        human = runner.invoke(app, ["preprocess", str(path), "--size", "32", "--cluster", "local-threads"])
+        assert "too few frames to tell hot pixels from speckle" in human.output
+
     def test_crop_keeps_the_inner_part_at_a_finer_sampling(self, tmp_path, dask_threads):
         """--crop 0.5 maps the same pixels of the frame onto twice the image radius: the
         Airy pattern's first dark ring (20 px from the centre on the detector) moves
