@@ -144,8 +144,9 @@ def export_patterns(path: str | os.PathLike, class_name: str, out_cxi: str | os.
     """Copy the raw frames predicted as ``class_name`` into a new stacked CXI file.
 
     Frames are copied one shard at a time (bounded memory). The file carries the store's
-    geometry and mask, shot ids, pulse energies, and the predicted labels at
-    ``/entry_1/result_1/labels``, so ``airysort ingest`` reads it back. Returns the count.
+    geometry and mask, shot ids, pulse energies, and the predicted classes at
+    ``/entry_1/result_1/predicted`` (not at ``labels``: ``airysort ingest`` reads the file
+    back as unlabelled patterns). Returns the count.
     """
     if class_name not in CLASS_INDEX:
         raise AirysortError(f"unknown class {class_name!r}; choose one of: {', '.join(CLASS_NAMES)}")
@@ -174,5 +175,8 @@ def export_patterns(path: str | os.PathLike, class_name: str, out_cxi: str | os.
         detector["mask"] = np.asarray(dataset["mask"].values).astype(np.uint32)
         source["pulse_energy"] = np.asarray(dataset["pulse_energy"].values)[members]
         h5["entry_1/experiment_identifier"] = np.asarray(dataset["shot_id"].values).astype(object)[members].astype(str).astype(h5py.string_dtype())
-        h5["entry_1/result_1/labels"] = predicted[members].astype(np.int8)
+        # Predictions, not labels: under result_1/labels, ingest would read them back as
+        # ground truth (and a model trained on them would learn its own mistakes).
+        h5["entry_1/result_1/predicted"] = predicted[members].astype(np.int8)
+        h5["entry_1/result_1"].attrs["class_names"] = list(CLASS_NAMES)
     return int(len(members))

@@ -70,9 +70,10 @@ def test_export_class_to_cxi_round_trips(tmp_path, dask_threads):
     raw = store.open_store(path).raw.values
     with h5py.File(out, "r") as h5:
         np.testing.assert_array_equal(h5["entry_1/data_1/data"][()], raw[members])
-        np.testing.assert_array_equal(h5["entry_1/result_1/labels"][()], predicted[members])
-    # and it can be ingested again
+        np.testing.assert_array_equal(h5["entry_1/result_1/predicted"][()], predicted[members])
+    # and it can be ingested again, as unlabelled patterns: predictions are not ground truth
     assert ingest(tmp_path / "again.zarr", [out], log=lambda line: None)["ingested"] == count
+    assert (store.open_store(tmp_path / "again.zarr").label.values == -1).all()
     # A class nobody belongs to: one error, and no file.
     group = zarr.open_group(path, mode="r+")
     group["predicted"][:, CLASS_NAMES.index("Layered")] = 0
