@@ -34,7 +34,7 @@ from pipeline.model_dir import (
     read_model_info,
     write_model_info,
 )
-from pipeline.taxonomy import CLASS_NAMES, N_CLASSES, coarse_group, decide
+from pipeline.taxonomy import CLASS_NAMES, N_CLASSES, coarse_group, decide, taxonomy_problem
 
 
 
@@ -85,6 +85,9 @@ def import_labels(store_path: str | Path, csv_path: str | Path) -> dict[str, Any
                 f"got {header!r}"
             )
         columns = [name.strip() for name in header[1:]]
+        repeated = sorted({name for name in columns if columns.count(name) > 1})
+        if repeated:
+            raise AirysortError(f"{str(csv_path)!r} has the column(s) {repeated!r} more than once; keep one of each")
         missing = [name for name in CLASS_NAMES if name not in columns]
         if missing:
             raise AirysortError(
@@ -124,6 +127,8 @@ def import_labels(store_path: str | Path, csv_path: str | Path) -> dict[str, Any
                     # Every pattern has a class (Empty when nothing was hit): an all-zero
                     # row is a row not filled in yet, e.g. of an untouched label sheet.
                     problem = "no class set (a pattern with no hit is Empty); not filled in?"
+                elif problem is None and taxonomy_problem(values):
+                    problem = f"{taxonomy_problem(values)}; fix the row"
             if problem is not None:
                 bad_rows += 1
                 problems.append(f"line {line_number}: {problem}")

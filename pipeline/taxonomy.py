@@ -113,6 +113,23 @@ def decide(probabilities: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     return predicted.astype(np.int8)
 
 
+def taxonomy_problem(labels: np.ndarray) -> str | None:
+    """What makes one multi-hot label vector break the taxonomy, or None: a sub-class
+    without its super-class, two classes that exclude each other, Empty with another class.
+    """
+    labels = np.asarray(labels)
+    names = [name for name, value in zip(CLASS_NAMES, labels) if value == 1]
+    for sub, sup in SUPER_CLASS.items():
+        if sub in names and sup not in names:
+            return f"{sub} without its super-class {sup}"
+    for a, b in EXCLUSIVE_PAIRS:
+        if a in names and b in names:
+            return f"{a} and {b} exclude each other"
+    if "Empty" in names and len(names) > 1:
+        return "Empty (no hit) with other classes"
+    return None
+
+
 def _family(name: str) -> list[int]:
     """Indices of a class and its sub-classes (:data:`SUPER_CLASS`)."""
     return [CLASS_INDEX[name]] + [CLASS_INDEX[sub] for sub, sup in SUPER_CLASS.items() if sup == name]

@@ -81,11 +81,15 @@ class TestLabel:
             f"{shots[5]}," + ",".join(["0"] * 10 + ["2"]),
             f"{shots[0]}," + ",".join(["1"] * 11),
             f"{shots[6]},1,0",
+            f"{shots[8]}," + ",".join(str(v) for v in multi_hot(["Round"])),  # without Spherical/Oblate
+            f"{shots[9]}," + ",".join(str(v) for v in multi_hot(["Empty", "Prolate"])),
         ])
         result = run_cli("label", path, csv, "--json")
         assert result.exit_code == 0, result.output
         counts = json.loads(result.stdout.strip().splitlines()[-1])
-        assert (counts["rows"], counts["imported"], counts["bad_rows"]) == (8, 4, 4)
+        assert (counts["rows"], counts["imported"], counts["bad_rows"]) == (10, 4, 6)
+        assert "Round without its super-class Spherical/Oblate" in result.stderr
+        assert "Empty (no hit) with other classes" in result.stderr
         assert counts["labelled"] == 4
         assert "unknown shot_id 'no-such-shot'" in result.stderr
         assert "value '2' for class 'Empty' is not 0 or 1" in result.stderr
@@ -114,6 +118,9 @@ class TestLabel:
         result = run_cli("label", path, csv)
         assert result.exit_code == 1
         assert result.stderr.startswith("ERROR:") and "Spherical/Oblate" in result.stderr
+        csv.write_text("shot_id," + ",".join(CLASS_NAMES) + ",Round\n")  # which Round counts?
+        result = run_cli("label", path, csv)
+        assert result.exit_code == 1 and "has the column(s) ['Round'] more than once" in result.stderr
 
 
 def test_label_train_killed_resume_predict_explain(ring_store, tmp_path):

@@ -37,7 +37,7 @@ def test_sheet_spreads_over_clusters_and_round_trips(tmp_path, dask_threads):
     again = runner.invoke(app, ["label", "--sheet", str(path), str(tmp_path / "sheet"), "--n", "12"])
     assert again.exit_code == 1 and "may hold labels filled in already" in again.stderr
     # the researcher fills in all rows but the last and imports the sheet
-    rows[1][1 + CLASS_NAMES.index("Round")] = "1"
+    rows[1][1 + CLASS_NAMES.index("Spherical/Oblate")] = rows[1][1 + CLASS_NAMES.index("Round")] = "1"
     for row in rows[2:-1]:
         row[1 + CLASS_NAMES.index("Empty")] = "1"
     with open(summary["csv"], "w", newline="") as stream:

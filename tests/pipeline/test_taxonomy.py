@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.taxonomy import CLASS_INDEX, CLASS_NAMES, decide, multi_hot
+from pipeline.taxonomy import CLASS_INDEX, CLASS_NAMES, decide, multi_hot, taxonomy_problem
 
 
 def probabilities(**values: float) -> np.ndarray:
@@ -88,3 +88,15 @@ def test_shapes_are_checked():
         decide(np.zeros((2, 10)), np.full(11, 0.5))
     with pytest.raises(ValueError, match="must have shape"):
         decide(np.zeros((2, 11)), np.full(10, 0.5))
+
+
+def test_taxonomy_problem_names_what_a_label_breaks():
+    assert taxonomy_problem(multi_hot(["Spherical/Oblate", "Round", "NewtonRings"])) is None
+    assert taxonomy_problem(multi_hot(["Prolate", "Streak", "Bent", "Asymmetric"])) is None
+    assert taxonomy_problem(multi_hot(["Streak"])) == "Streak without its super-class Prolate"
+    assert taxonomy_problem(multi_hot(["Spherical/Oblate", "Round", "Elliptical"])) == (
+        "Round and Elliptical exclude each other")
+    assert taxonomy_problem(multi_hot(["Empty", "Layered"])) == "Empty (no hit) with other classes"
+    # Every label combination of the real set is consistent.
+    from pipeline.taxonomy import REAL_COMBINATIONS
+    assert all(taxonomy_problem(multi_hot(names)) is None for _, names in REAL_COMBINATIONS)
