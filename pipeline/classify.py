@@ -586,6 +586,7 @@ def explain_patterns(
             f"pattern indices must be in 0..{n - 1}, got {bad or indices!r}; choose them with "
             "'airysort info' or from a 'sort' index list"
         )
+    indices = list(dict.fromkeys(int(i) for i in indices))  # a repeated index once
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     thresholds = np.asarray(info["thresholds"])

@@ -67,6 +67,7 @@ def read_truth_csv(path: str | Path, shot_ids: np.ndarray) -> tuple[np.ndarray, 
         )
     if table.empty:
         raise AirysortError(f"truth file {str(path)!r} has a header but no rows")
+    table["shot_id"] = table["shot_id"].str.strip()  # as `airysort label` reads them
     values = table[list(CLASS_NAMES)].to_numpy()
     if not np.isin(values, (0, 1)).all():
         raise AirysortError(f"truth file {str(path)!r} holds values other than 0 and 1 in class columns")

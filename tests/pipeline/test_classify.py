@@ -178,10 +178,11 @@ def test_label_train_killed_resume_predict_explain(ring_store, tmp_path):
     assert set(provenance["parameters"]["thresholds"]) == set(CLASS_NAMES)
 
     out = tmp_path / "explain"
-    result = run_cli("explain", path, model_dir, "--index", "1", "--index", "4", "--out", out, "--json")
+    result = run_cli("explain", path, model_dir, "--index", "1", "--index", "4", "--index", "1", "--out", out, "--json")
     assert result.exit_code == 0, result.output
     files = json.loads(result.stdout.strip().splitlines()[-1])["files"]
     assert files and all(Path(f).stat().st_size > 1000 for f in files)
+    assert len(files) == len(set(files)) == len(list(out.glob("*.png")))  # index 1 once
     assert {Path(f).name.split("_")[0] for f in files} == {"pattern000001", "pattern000004"}
 
     result = run_cli("explain", path, model_dir, "--index", "99999", "--out", out)

@@ -171,7 +171,7 @@ class TestEvaluateCommand:
         shot_ids = store.open_store(evaluated_store["path"])["shot_id"].values.tolist()
         rows = np.arange(0, 300, 2)
         table = pd.DataFrame(truth[rows], columns=list(CLASS_NAMES))
-        table.insert(0, "shot_id", [shot_ids[i] for i in rows])
+        table.insert(0, "shot_id", [f" {shot_ids[i]} " for i in rows])  # spaces around, as hand-edited
         table.loc[len(table)] = ["not-in-store", *([0] * N_CLASSES)]
         csv = evaluated_store["tmp"] / "truth.csv"
         table.to_csv(csv, index=False, encoding="utf-8-sig")  # with a byte-order mark, as from Excel
