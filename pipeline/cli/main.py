@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import typer
 
 from pipeline.cli import demo, info, ingest, report, sort
@@ -34,6 +36,16 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
 ) -> None:
     """Classify and sort single-shot diffraction patterns from FEL beamtimes."""
+    # Library warnings on stderr, one line each, and nothing below. Without a handler of
+    # our own, the first absl log call (orbax, when a checkpoint is loaded) gives the root
+    # logger one that prints everything, and the INFO messages of distributed's start-up
+    # and shutdown (its loggers are at INFO) bury the command's output.
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setLevel(logging.WARNING)
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(name)s: %(message)s"))
+        root.addHandler(handler)
 
 
 # One line per command; each module holds only argument parsing for that command.

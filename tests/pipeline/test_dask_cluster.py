@@ -109,3 +109,27 @@ def test_named_configs_are_installed_with_the_package_and_found_there(tmp_path, 
     monkeypatch.setattr(dask_cluster, "INSTALLED_CONFIGS", installed)
     monkeypatch.chdir(tmp_path)
     assert load_cluster_config("site-only")["_path"] == str(installed / "site-only.yaml")
+
+
+def test_command_line_shows_library_warnings_but_not_their_info_messages(tmp_path):
+    """distributed logs its start-up at INFO; once absl (orbax) has touched the logging
+    system those lines reached the terminal and buried the command's own output."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    script = (
+        "import logging, sys\n"
+        "from pipeline.cli.main import app\n"
+        f"sys.argv = ['airysort', 'info', {str(tmp_path / 'none.zarr')!r}]\n"
+        "try:\n    app()\nexcept SystemExit:\n    pass\n"
+        "import absl.logging\n"
+        "absl.logging.info('absl touched logging')\n"
+        "logging.getLogger('distributed.scheduler').setLevel(logging.INFO)\n"
+        "logging.getLogger('distributed.scheduler').info('State start')\n"
+        "logging.getLogger('distributed.scheduler').warning('Port 8787 is already in use')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "WARNING: distributed.scheduler: Port 8787 is already in use" in run.stderr
+    assert "State start" not in run.stderr and "absl touched" not in run.stderr
