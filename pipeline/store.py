@@ -265,16 +265,24 @@ def open_store(path: str | os.PathLike) -> xr.Dataset:
         dataset = dataset.isel(pattern=slice(0, committed))
     incomplete = {k: v for k, v in incomplete_variables(dataset.attrs).items() if k in dataset}
     for name, mark in incomplete.items():
-        print(f"WARNING: {name!r} in {str(path)!r} was left incomplete by an interrupted or failed "
-              f"'{mark['command']}' (started {mark['since']}) and is not used; run that command again",
-              file=sys.stderr, flush=True)
-    stale = stale_variables(dataset.attrs)
+        _warn_once(f"WARNING: {name!r} in {str(path)!r} was left incomplete by an interrupted or failed "
+                   f"'{mark['command']}' (started {mark['since']}) and is not used; run that command again")
+    stale = {k: v for k, v in stale_variables(dataset.attrs).items() if k in dataset and k not in incomplete}
     if stale:
-        names = ", ".join(repr(n) for n in sorted(stale) if n not in incomplete)
         first = stale[min(stale)]
-        print(f"WARNING: {names} in {str(path)!r} came from {first['input']!r} before '{first['command']}' "
-              f"rewrote it ({first['since']}); run the commands that made them again", file=sys.stderr, flush=True)
+        _warn_once(f"WARNING: {', '.join(map(repr, sorted(stale)))} in {str(path)!r} came from {first['input']!r} "
+                   f"before '{first['command']}' rewrote it ({first['since']}); run the commands that made them again")
     return dataset.drop_vars(list(incomplete))
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(line: str) -> None:
+    """Print a warning line on stderr, once per process (commands open the store often)."""
+    if line not in _WARNED:
+        _WARNED.add(line)
+        print(line, file=sys.stderr, flush=True)
 
 
 def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
