@@ -50,6 +50,7 @@ def store_info(path: str | os.PathLike, *, max_rejects: int = 20) -> dict[str, A
         "pending_ingest": store.n_committed(path) < group["pattern"].shape[0],
         "incomplete": store.incomplete_variables(attrs),
         "stale": store.stale_variables(attrs),
+        "partial": store.partial_variables(attrs, store.n_committed(path)),
     }
     if "label" in dataset and info["patterns"]:
         labels = dataset["label"].values
@@ -89,6 +90,8 @@ def format_info(info: dict[str, Any]) -> str:
             lines.append(f"  {p['time']}  {p['command']:<11} airysort {p['version']}{written}")
     if info["pending_ingest"]:
         lines.append("NOTE: an interrupted ingest is pending; run 'airysort ingest' again to complete it")
+    for name, stop in info["partial"].items():
+        lines.append(f"NOTE: {name!r} covers patterns 0..{stop - 1} of {info['patterns']}; compute it again")
     for name, mark in info["stale"].items():
         lines.append(f"NOTE: {name!r} came from {mark['input']!r} before '{mark['command']}' rewrote it "
                      f"({mark['since']}); compute it again")

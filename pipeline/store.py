@@ -264,14 +264,20 @@ def open_store(path: str | os.PathLike) -> xr.Dataset:
     if committed < dataset.sizes.get("pattern", 0):
         dataset = dataset.isel(pattern=slice(0, committed))
     incomplete = {k: v for k, v in incomplete_variables(dataset.attrs).items() if k in dataset}
-    for name, mark in incomplete.items():
-        _warn_once(f"WARNING: {name!r} in {str(path)!r} was left incomplete by an interrupted or failed "
-                   f"'{mark['command']}' (started {mark['since']}) and is not used; run that command again")
+    if incomplete:
+        first = incomplete[min(incomplete)]
+        _warn_once(f"WARNING: {', '.join(map(repr, sorted(incomplete)))} in {str(path)!r} were left incomplete by "
+                   f"an interrupted or failed '{first['command']}' (started {first['since']}) and are not used; "
+                   "run that command again")
     stale = {k: v for k, v in stale_variables(dataset.attrs).items() if k in dataset and k not in incomplete}
     if stale:
         first = stale[min(stale)]
         _warn_once(f"WARNING: {', '.join(map(repr, sorted(stale)))} in {str(path)!r} came from {first['input']!r} "
                    f"before '{first['command']}' rewrote it ({first['since']}); run the commands that made them again")
+    partial = {k: v for k, v in partial_variables(dataset.attrs, committed).items() if k in dataset}
+    if partial:
+        _warn_once(f"WARNING: {', '.join(f'{k!r} (patterns 0..{v - 1})' for k, v in sorted(partial.items()))} "
+                   f"in {str(path)!r} do not cover all {committed} patterns; run the commands that made them again")
     return dataset.drop_vars(list(incomplete))
 
 
@@ -478,25 +484,49 @@ def stale_variables(attrs: Mapping[str, Any]) -> dict[str, dict[str, str]]:
     The provenance says which command last wrote each variable, in order (an entry that
     ``airysort watch`` extends keeps its place); a classifier's or a VAE's outputs come
     from the model's input (``image`` or ``ccf``), a GMM clustering from ``latent``, a
-    spectral one from ``image``.
+    spectral one from ``image``, the cross-correlations from the refined centres. What
+    comes from an out-of-date variable is out of date too.
     """
     last: dict[str, tuple[int, Mapping[str, Any]]] = {}
     for index, entry in enumerate(attrs.get("provenance", [])):
         for name in entry.get("variables", []):
             last[name] = (index, entry)
-    stale = {}
-    for name, (index, entry) in last.items():
-        parameters = entry.get("parameters", {})
-        if entry["command"] in ("predict", "embed"):
-            source = parameters.get("input", "image")
-        elif entry["command"] == "cluster":
-            source = "latent" if parameters.get("method") == "gmm" else "image"
-        else:
-            continue
-        if source in last and last[source][0] > index:
-            rewrite = last[source][1]
-            stale[name] = {"input": source, "command": rewrite["command"], "since": rewrite["time"]}
+    sources = {name: _source_of(entry) for name, (_, entry) in last.items()}
+    stale: dict[str, dict[str, str]] = {}
+    changed = True
+    while changed:  # until what follows from out-of-date variables is marked too
+        changed = False
+        for name, (index, entry) in last.items():
+            source = sources[name]
+            if name in stale or source not in last:
+                continue
+            if last[source][0] > index or source in stale:
+                rewrite = stale.get(source) or {"command": last[source][1]["command"], "since": last[source][1]["time"]}
+                stale[name] = {"input": source, "command": rewrite["command"], "since": rewrite["since"]}
+                changed = True
     return stale
+
+
+def _source_of(entry: Mapping[str, Any]) -> str | None:
+    """The store variable a command computed its output from (None: from ``raw``)."""
+    parameters = entry.get("parameters", {})
+    if entry["command"] in ("predict", "embed"):
+        return parameters.get("input", "image")
+    if entry["command"] == "cluster":
+        return "latent" if parameters.get("method") == "gmm" else "image"
+    if entry["command"] == "correlate":
+        return "centre_y"  # polar resampling around the refined centres
+    return None
+
+
+def partial_variables(attrs: Mapping[str, Any], n_patterns: int) -> dict[str, int]:
+    """Variables written for fewer patterns than the store holds (e.g. latents and
+    clusterings after ``airysort watch`` added files): name → patterns covered, from 0."""
+    covered: dict[str, int] = {}
+    for entry in attrs.get("provenance", []):
+        for name in entry.get("variables", []):
+            covered[name] = max(covered.get(name, 0), int(entry.get("patterns", [0, n_patterns])[1]))
+    return {name: stop for name, stop in covered.items() if stop < n_patterns}
 
 
 def region_chunks(start: int, stop: int, shard: int = PATTERN_CHUNK) -> tuple[int, ...]:

@@ -22,7 +22,8 @@ def command(
     json: JsonOption = False,
 ) -> None:
     """Import a researcher's labels for a subset of patterns into 'label'. Rows that cannot
-    be used are reported one per line and counted. With --sheet, prepare the labelling."""
+    be used are reported one per line and counted (exit status 1 when no row could be).
+    With --sheet, prepare the labelling."""
     if sheet:
         from pipeline.labelsheet import make_label_sheet
 
@@ -39,3 +40,5 @@ def command(
     emit(result, json, lambda r: (
         f"imported {r['imported']} of {r['rows']} row(s) ({r['bad_rows']} bad row(s), "
         f"{r['bad_columns']} unknown column(s)); {r['labelled']} pattern(s) labelled in the store"))
+    if result["bad_rows"] and not result["imported"]:
+        raise typer.Exit(1)  # nothing usable: a script should stop here

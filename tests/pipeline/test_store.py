@@ -156,19 +156,34 @@ def test_results_computed_before_their_input_was_rewritten_are_flagged(filled_st
     write("embed", ["latent"], input="image")
     write("cluster", ["cluster_gmm"], method="gmm")
     assert store.stale_variables(store.read_attrs(path)) == {}
-    write("preprocess", ["image"], size=64)  # images made again, another way
+    write("correlate", ["ccf"])
+    write("preprocess", ["image", "centre_y"], size=64)  # images and centres made again
     stale = store.stale_variables(store.read_attrs(path))
-    assert set(stale) == {"prob", "predicted", "latent"}  # the clustering follows latent, not image
+    # ... and what follows from them: the clustering of the now out-of-date latents too
+    assert set(stale) == {"prob", "predicted", "latent", "cluster_gmm", "ccf"}
     assert stale["prob"]["input"] == "image" and stale["prob"]["command"] == "preprocess"
+    assert stale["cluster_gmm"]["input"] == "latent" and stale["ccf"]["input"] == "centre_y"
     capsys.readouterr()
     store.open_store(path)
-    assert "'latent', 'predicted', 'prob'" in capsys.readouterr().err
+    assert "'ccf', 'cluster_gmm', 'latent', 'predicted', 'prob'" in capsys.readouterr().err
     assert "NOTE: 'predicted' came from 'image' before 'preprocess' rewrote it" in format_info(store_info(path))
-    write("embed", ["latent"], input="image")  # embedded again: now the clustering is behind
+    write("embed", ["latent"], input="image")  # embedded again: now only the clustering is behind
+    write("correlate", ["ccf"])
     assert set(store.stale_variables(store.read_attrs(path))) == {"prob", "predicted", "cluster_gmm"}
     write("predict", ["prob", "predicted"], input="ccf")  # a model on ccf does not follow image
     write("cluster", ["cluster_gmm"], method="gmm")
     assert store.stale_variables(store.read_attrs(path)) == {}
+
+    # A file arrives (watch): what was not written for it covers only the earlier patterns.
+    store.resize_patterns(path, 700)
+    tail = xr.DataArray(np.ones((100, 3), np.float32), dims=("pattern", "z"))
+    for command, names in (("preprocess", ["image", "centre_y"]), ("predict", ["prob", "predicted"])):
+        store.write_variables(path, {name: tail for name in names}, command=command, parameters={}, start=600)
+    assert store.partial_variables(store.read_attrs(path), 700) == {"latent": 600, "cluster_gmm": 600, "ccf": 600}
+    capsys.readouterr()
+    store.open_store(path)
+    assert "'ccf' (patterns 0..599), 'cluster_gmm' (patterns 0..599)" in capsys.readouterr().err
+    assert "NOTE: 'latent' covers patterns 0..599 of 700" in format_info(store_info(path))
 
 
 def test_write_variables_rejects_wrong_length(filled_store, dask_threads):
