@@ -79,7 +79,7 @@ def import_labels(store_path: str | Path, csv_path: str | Path) -> dict[str, Any
     with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # Excel writes a BOM
         reader = csv.reader(handle)
         header = next(reader, None)
-        if not header or header[0].strip() != "shot_id":
+        if not header or header[0].strip().lower() != "shot_id":
             raise AirysortError(
                 f"{str(csv_path)!r} must start with a header 'shot_id,{','.join(CLASS_NAMES)}', "
                 f"got {header!r}"

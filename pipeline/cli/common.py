@@ -55,7 +55,8 @@ def _json_default(value: Any) -> Any:
 
 def user_errors(function: Callable) -> Callable:
     """Turn :class:`~pipeline.errors.AirysortError` (and bad files) into one ``ERROR:`` line
-    on stderr and exit status 1, instead of a traceback."""
+    on stderr and exit status 1, instead of a traceback; Ctrl-C into one line and the
+    shell's status for it, 130."""
     from pipeline.errors import AirysortError
 
     @functools.wraps(function)
@@ -65,5 +66,9 @@ def user_errors(function: Callable) -> Callable:
         except (AirysortError, FileNotFoundError) as error:
             say(f"ERROR: {error}")
             raise typer.Exit(code=1) from None
+        except KeyboardInterrupt:
+            say("ERROR: interrupted; the store keeps what was complete ('airysort info' names anything "
+                "left incomplete): run the command again to finish")
+            raise typer.Exit(code=130) from None
 
     return wrapper

@@ -100,9 +100,9 @@ class TestLabel:
         assert (label[4:] == -1).all()
 
         # A second CSV adds labels and keeps the earlier ones; unknown columns are reported.
-        # Written as Excel's "CSV UTF-8" writes it, with a byte-order mark.
+        # Written as Excel's "CSV UTF-8" writes it, with a byte-order mark, and a header typed by hand.
         csv2 = tmp_path / "more.csv"
-        csv2.write_text("shot_id," + ",".join(CLASS_NAMES) + ",Comment\n"
+        csv2.write_text("Shot_ID," + ",".join(CLASS_NAMES) + ",Comment\n"
                         f"{shots[7]}," + ",".join(str(v) for v in truth[7]) + ",nice\n", encoding="utf-8-sig")
         result = run_cli("label", path, csv2, "--json")
         assert result.exit_code == 0, result.output

@@ -133,3 +133,18 @@ def test_command_line_shows_library_warnings_but_not_their_info_messages(tmp_pat
     assert run.returncode == 0, run.stderr
     assert "WARNING: distributed.scheduler: Port 8787 is already in use" in run.stderr
     assert "State start" not in run.stderr and "absl touched" not in run.stderr
+
+
+def test_ctrl_c_in_a_command_is_one_line_and_status_130(capsys):
+    import typer
+
+    from pipeline.cli.common import user_errors
+
+    @user_errors
+    def command():
+        raise KeyboardInterrupt
+
+    with pytest.raises(typer.Exit) as stopped:
+        command()
+    assert stopped.value.exit_code == 130
+    assert capsys.readouterr().err.startswith("ERROR: interrupted; the store keeps what was complete")
