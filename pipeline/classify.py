@@ -127,8 +127,8 @@ def import_labels(store_path: str | Path, csv_path: str | Path) -> dict[str, Any
                     # Every pattern has a class (Empty when nothing was hit): an all-zero
                     # row is a row not filled in yet, e.g. of an untouched label sheet.
                     problem = "no class set (a pattern with no hit is Empty); not filled in?"
-                elif problem is None and taxonomy_problem(values):
-                    problem = f"{taxonomy_problem(values)}; fix the row"
+                elif problem is None and (broken := taxonomy_problem(values)):
+                    problem = f"{broken}; fix the row"
             if problem is not None:
                 bad_rows += 1
                 problems.append(f"line {line_number}: {problem}")

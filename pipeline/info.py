@@ -24,8 +24,9 @@ def store_info(path: str | os.PathLike, *, max_rejects: int = 20) -> dict[str, A
         half-written, not shown under ``variables``) and ``stale`` (variables computed from
         one that has been rewritten since, :func:`pipeline.store.stale_variables`).
     """
-    dataset = store.open_store(path)
+    dataset = store.open_store(path, warn=False)  # the notes below say it instead
     attrs = store.read_attrs(path)
+    committed = store.n_committed(path)
     group = zarr.open_group(path, mode="r", use_consolidated=False)
     variables = {}
     for name in sorted(dataset.variables):
@@ -47,10 +48,10 @@ def store_info(path: str | os.PathLike, *, max_rejects: int = 20) -> dict[str, A
         "geometry": {k: attrs.get(k) for k in ("wavelength", "detector_distance", "pixel_size")},
         "variables": variables,
         "provenance": attrs.get("provenance", []),
-        "pending_ingest": store.n_committed(path) < group["pattern"].shape[0],
+        "pending_ingest": committed < group["pattern"].shape[0],
         "incomplete": store.incomplete_variables(attrs),
         "stale": store.stale_variables(attrs),
-        "partial": store.partial_variables(attrs, store.n_committed(path)),
+        "partial": store.partial_variables(attrs, committed),
     }
     if "label" in dataset and info["patterns"]:
         labels = dataset["label"].values

@@ -239,12 +239,15 @@ def n_committed(path: str | os.PathLike) -> int:
     return int(group["pattern"].shape[0])
 
 
-def open_store(path: str | os.PathLike) -> xr.Dataset:
+def open_store(path: str | os.PathLike, *, warn: bool = True) -> xr.Dataset:
     """Open the store lazily: every variable dask-backed, one chunk per shard.
 
     Patterns of an interrupted ingest are hidden until ``airysort ingest`` completes it,
     and variables that an interrupted or failed command left half-written
-    (:func:`incomplete_variables`) until that command runs again.
+    (:func:`incomplete_variables`) until that command runs again. With ``warn``, those,
+    and variables out of date (:func:`stale_variables`) or covering fewer patterns than
+    the store (:func:`partial_variables`), get a warning line on stderr (``info`` lists
+    them itself).
     """
     path = _check_store(path)
     dataset = xr.open_zarr(path, consolidated=False, chunks={})
@@ -264,6 +267,13 @@ def open_store(path: str | os.PathLike) -> xr.Dataset:
     if committed < dataset.sizes.get("pattern", 0):
         dataset = dataset.isel(pattern=slice(0, committed))
     incomplete = {k: v for k, v in incomplete_variables(dataset.attrs).items() if k in dataset}
+    if warn:
+        _warn_about_variables(path, dataset, incomplete, committed)
+    return dataset.drop_vars(list(incomplete))
+
+
+def _warn_about_variables(path: Path, dataset: xr.Dataset, incomplete: dict, committed: int) -> None:
+    """:func:`open_store`'s warning lines: incomplete, out-of-date and partial variables."""
     if incomplete:
         first = incomplete[min(incomplete)]
         _warn_once(f"WARNING: {', '.join(map(repr, sorted(incomplete)))} in {str(path)!r} were left incomplete by "
@@ -278,7 +288,6 @@ def open_store(path: str | os.PathLike) -> xr.Dataset:
     if partial:
         _warn_once(f"WARNING: {', '.join(f'{k!r} (patterns 0..{v - 1})' for k, v in sorted(partial.items()))} "
                    f"in {str(path)!r} do not cover all {committed} patterns; run the commands that made them again")
-    return dataset.drop_vars(list(incomplete))
 
 
 _WARNED: set[str] = set()
