@@ -9,6 +9,7 @@ import numpy as np
 import zarr
 
 from pipeline import store
+from pipeline.ingest import reject_lines
 
 
 def store_info(path: str | os.PathLike, *, max_rejects: int = 20) -> dict[str, Any]:
@@ -19,7 +20,8 @@ def store_info(path: str | os.PathLike, *, max_rejects: int = 20) -> dict[str, A
     dict
         ``patterns``, ``labelled``, ``hit_rate`` (when hit finding ran), ``variables``
         (dims, shape, dtype, chunks, shards, compressor per variable), ``files``,
-        ``rejected`` and the first ``max_rejects`` rejects, ``geometry``, ``provenance``,
+        ``rejected`` and the first ``max_rejects`` rejects (``rejects``, and ``reject_lines``
+        with consecutive frames of one file and reason on one line), ``geometry``, ``provenance``,
         ``pending_ingest``, ``incomplete`` (variables an interrupted command left
         half-written, not shown under ``variables``) and ``stale`` (variables computed from
         one that has been rewritten since, :func:`pipeline.store.stale_variables`).
@@ -45,6 +47,8 @@ def store_info(path: str | os.PathLike, *, max_rejects: int = 20) -> dict[str, A
         "files": len(attrs.get("ingested_files", [])),
         "rejected": len(attrs.get("rejects", [])),
         "rejects": attrs.get("rejects", [])[:max_rejects],
+        # Consecutive frames rejected for one reason (a file from another detector) share a line.
+        "reject_lines": reject_lines(attrs.get("rejects", []))[:max_rejects],
         "geometry": {k: attrs.get(k) for k in ("wavelength", "detector_distance", "pixel_size")},
         "variables": variables,
         "provenance": attrs.get("provenance", []),
@@ -81,9 +85,7 @@ def format_info(info: dict[str, Any]) -> str:
         lines.append(f"  {name:<16} {str(tuple(v['dims'])):<26} {str(tuple(v['shape'])):<20} {v['dtype']:<8} chunks {tuple(v['chunks'])}{shards}")
     if info["rejects"]:
         lines.append("rejects (first shown)")
-        for r in info["rejects"]:
-            where = "whole file" if r["frame"] is None else f"frame {r['frame']}"
-            lines.append(f"  {r['file']}: {where}: {r['reason']}")
+        lines += [f"  {line}" for line in info["reject_lines"]]
     if info["provenance"]:
         lines.append("provenance")
         for p in info["provenance"]:

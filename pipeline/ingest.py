@@ -50,6 +50,36 @@ class Reject:
         return f"{self.file}: {where}: {self.reason}"
 
 
+def reject_lines(rejects: Sequence[Reject | dict]) -> list[str]:
+    """One line per run of rejects that share file and reason over consecutive frames.
+
+    A file from another detector has every frame rejected for the same reason; the user
+    needs one line saying so, not one per frame (the store's reject log keeps each frame).
+    """
+    lines: list[str] = []
+    run: list[Reject] = []
+
+    def close() -> None:
+        if len(run) == 1:
+            lines.append(run[0].line())
+        elif run:
+            first, last = run[0].frame, run[-1].frame
+            lines.append(f"{run[0].file}: frames {first}-{last} ({len(run)} frames): {run[0].reason}")
+
+    for reject in rejects:
+        reject = reject if isinstance(reject, Reject) else Reject(reject["file"], reject["frame"], reject["reason"])
+        previous = run[-1] if run else None
+        if (previous is not None and reject.frame is not None and previous.frame is not None
+                and (reject.file, reject.reason) == (previous.file, previous.reason)
+                and reject.frame == previous.frame + 1):
+            run.append(reject)
+            continue
+        close()
+        run = [reject]
+    close()
+    return lines
+
+
 # --------------------------------------------------------------------------- kernels (workers)
 
 
@@ -61,11 +91,20 @@ def _frame_problem(frame: np.ndarray, frame_shape: tuple, dtype: np.dtype) -> st
         return f"dtype {frame.dtype} is not numeric"
     if frame.dtype.kind == "f" and not np.isfinite(frame).all():
         return f"{int((~np.isfinite(frame)).sum())} NaN/inf pixel values"
-    if not np.can_cast(frame.dtype, dtype, "safe"):
-        converted = frame.astype(dtype)
-        if not np.array_equal(converted.astype(frame.dtype), frame):
-            return f"values of dtype {frame.dtype} do not fit the store's dtype {dtype} losslessly"
+    if not _converts(frame, dtype):
+        return f"values of dtype {frame.dtype} do not fit the store's dtype {dtype} losslessly"
     return None
+
+
+def _converts(values: np.ndarray, dtype: np.dtype) -> bool:
+    """Whether finite ``values`` can be stored as ``dtype``: exactly, or, between float
+    types, rounded to the store's precision (float32 keeps 7 digits, far below any photon
+    noise) when within its range."""
+    if np.can_cast(values.dtype, dtype, "safe"):
+        return True
+    if values.dtype.kind == "f" and dtype.kind == "f":
+        return values.size == 0 or float(np.abs(values).max()) <= float(np.finfo(dtype).max)
+    return bool(np.array_equal(values.astype(dtype).astype(values.dtype), values))
 
 
 def _block_is_clean(block: np.ndarray, frame_shape: tuple, dtype: np.dtype) -> bool:
@@ -74,9 +113,7 @@ def _block_is_clean(block: np.ndarray, frame_shape: tuple, dtype: np.dtype) -> b
         return False
     if block.dtype.kind == "f" and not np.isfinite(block).all():
         return False
-    if np.can_cast(block.dtype, dtype, "safe"):
-        return True
-    return bool(np.array_equal(block.astype(dtype).astype(block.dtype), block))
+    return _converts(block, dtype)
 
 
 def read_checked(source: Source, start: int, stop: int, frame_shape: tuple, dtype: str) -> tuple[np.ndarray, list[tuple[int, str]]]:
@@ -136,7 +173,7 @@ def _scan(inputs: Sequence[str], dataset: str | None) -> tuple[list[Source], lis
         try:
             sources.append(open_source(path, dataset=dataset))
         except SourceError as error:
-            rejects.append(Reject(str(path), None, str(error).split(": ", 1)[-1]))
+            rejects.append(Reject(str(Path(path).resolve()), None, str(error).split(": ", 1)[-1]))
     return sources, rejects
 
 
@@ -145,13 +182,20 @@ def _lightweight(source: Source) -> Source:
     return dataclasses.replace(source, shot_ids=None, pulse_energy=None, labels=None, mask=None, warnings=[])
 
 
-def _plan(sources: list[Source], start: int) -> dict[str, Any]:
-    """Which frame of which file becomes which pattern (every frame, assumed good), with the
-    per-pattern metadata."""
-    source_index, frame_index, shot_ids, pulse, labels, files = [], [], [], [], [], []
+def _plan(sources: list[Source], start: int, frame_shape: tuple[int, ...]) -> dict[str, Any]:
+    """Which frame of which file becomes which pattern, with the per-pattern metadata.
+
+    Every frame is assumed good, except those of a file whose frames have another shape
+    than the store's: they are rejected here (``rejects``), without a pass that reads them.
+    """
+    source_index, frame_index, shot_ids, pulse, labels, files, rejects = [], [], [], [], [], [], []
     next_pattern = start
     for index, source in enumerate(sources):
         good = np.arange(source.n_frames, dtype=np.int64)
+        if tuple(source.frame_shape) != tuple(frame_shape):
+            reason = f"shape {tuple(source.frame_shape)!r} differs from the store's {tuple(frame_shape)!r}"
+            rejects += [Reject(str(Path(source.path).resolve()), int(frame), reason) for frame in good]
+            good = good[:0]
         name = Path(source.path).name
         ids = source.shot_ids if source.shot_ids is not None else np.array([f"{name}:{f}" for f in range(source.n_frames)], dtype=object)
         energy = source.pulse_energy if source.pulse_energy is not None else np.full(source.n_frames, np.nan)
@@ -168,7 +212,7 @@ def _plan(sources: list[Source], start: int) -> dict[str, Any]:
                 "dataset": source.dataset,
                 "frames": source.n_frames,
                 "stored": int(len(good)),
-                "rejected": 0,
+                "rejected": source.n_frames - int(len(good)),
                 "first_pattern": next_pattern,
                 "geometry": source.geometry,
                 "has_labels": source.labels is not None,
@@ -183,6 +227,7 @@ def _plan(sources: list[Source], start: int) -> dict[str, Any]:
         "pulse_energy": concat(pulse, np.float64),
         "label": np.concatenate(labels) if labels else np.zeros((0, N_CLASSES), np.int8),
         "files": files,
+        "rejects": rejects,
     }
 
 
@@ -302,8 +347,8 @@ def _run_journal(path: Path, journal: dict, plan: dict, client, log) -> dict:
         problems = _write_frames(path, journal, plan, sources, first_pattern, client)
         if not problems:
             break
-        for src, frame, reason in problems:
-            log(f"ERROR: {Reject(journal['files'][src]['path'], frame, reason).line()}")
+        for line in reject_lines([Reject(journal["files"][src]["path"], frame, reason) for src, frame, reason in problems]):
+            log(f"ERROR: {line}")
         journal, plan, first_pattern = _drop_bad_frames(journal, plan, problems)
         _write_journal(path, journal, plan)
     start, stop = journal["start"], journal["start"] + journal["n_new"]
@@ -428,9 +473,14 @@ def ingest(
         frame_shape, dtype = tuple(group["raw"].shape[1:]), np.dtype(group["raw"].dtype)
         start = int(group["pattern"].shape[0])
 
-        for reject in rejects:
-            log(f"ERROR: {reject.line()}")
-        plan = _plan(sources, start)
+        for source in sources:
+            if source.dtype.kind == dtype.kind == "f" and source.dtype.itemsize > dtype.itemsize:
+                log(f"WARNING: {source.path}: frames are {source.dtype}, the store's raw is {dtype}: "
+                    f"values are rounded to {dtype}")
+        plan = _plan(sources, start, frame_shape)
+        rejects += plan.pop("rejects")
+        for line in reject_lines(rejects):
+            log(f"ERROR: {line}")
         _warn_repeated_shot_ids(plan["shot_id"], group["shot_id"][:start] if start else [], log)
         plan["mask"] = None
         masks = [s.mask for s in sources if s.mask is not None and s.mask.shape == frame_shape]

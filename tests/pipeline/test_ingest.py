@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from pipeline import store
 from pipeline.cli.main import app
-from pipeline.ingest import ingest
+from pipeline.ingest import Reject, ingest, reject_lines
 from pipeline.taxonomy import CLASS_NAMES
 from tests.factories import random_frames, random_labels, write_entries_cxi, write_stacked_cxi
 
@@ -73,6 +73,25 @@ class TestLayouts:
         np.testing.assert_array_equal(ds.raw.values, np.concatenate([frames, frames[:3]]))
         assert (ds.label.values == -1).all()
 
+    def test_calibrated_float64_frames_append_to_a_float32_store_rounded(self, tmp_path, dask_threads):
+        """Float frames of a later file with more precision than the store keeps are rounded
+        to it, with a warning; into an integer store they must still be exact."""
+        rng = np.random.default_rng(3)
+        photons = rng.gamma(2.0, 1.5, (4, 8, 8))
+        np.save(tmp_path / "first.npy", photons.astype(np.float32))
+        np.save(tmp_path / "second.npy", photons + 1e-9)
+        path = tmp_path / "s.zarr"
+        ingest(path, [tmp_path / "first.npy"])
+        lines = []
+        result = ingest(path, [tmp_path / "second.npy"], log=lines.append)
+        assert (result["ingested"], result["rejected"]) == (4, 0)
+        assert any(line.startswith("WARNING: ") and "rounded to float32" in line for line in lines)
+        raw = store.open_store(path).raw.values
+        assert raw.dtype == np.float32
+        np.testing.assert_array_equal(raw[4:], (photons + 1e-9).astype(np.float32))
+        np.save(tmp_path / "huge.npy", np.full((2, 8, 8), 1e300))
+        assert ingest(path, [tmp_path / "huge.npy"], log=lines.append)["rejected"] == 2
+
     def test_reingest_is_noop_unless_forced(self, tmp_path, dask_threads):
         cxi = write_stacked_cxi(tmp_path / "a.cxi", random_frames(4))
         path = tmp_path / "s.zarr"
@@ -119,11 +138,25 @@ class TestRejects:
         for record in files:
             assert record["frames"] == record["stored"] + record["rejected"]
         assert result["ingested"] == sum(f["stored"] for f in files)
-        assert result["rejected"] == len(rejects) == len(lines)
+        assert result["rejected"] == len(rejects)
+        # One line per file and reason over consecutive frames: the wrong-shape file's
+        # three frames share one; the float file's frames 2 and 4 (NaN) do not.
         assert all(line.startswith("ERROR: ") and "\n" not in line for line in lines)
+        assert len(lines) == len(reject_lines(rejects)) < len(rejects)
+        assert sum("shape.cxi: frames 0-2 (3 frames): shape (8, 8)" in line for line in lines) == 1
+        assert sum("floats.cxi: frame " in line for line in lines) == 3
         ds = store.open_store(path)
         np.testing.assert_array_equal(ds.raw.values[:20], good)
         np.testing.assert_array_equal(ds.raw.values[20:23], floats[[0, 1, 3]].astype(np.uint16))
+
+    def test_reject_lines_join_consecutive_frames_of_one_file_and_reason(self):
+        rejects = [Reject("a.cxi", 0, "shape"), Reject("a.cxi", 1, "shape"), Reject("a.cxi", 2, "shape"),
+                   Reject("a.cxi", 4, "shape"), Reject("a.cxi", 5, "NaN"), Reject("b.cxi", 6, "NaN"),
+                   Reject("c.cxi", None, "no such file"), {"file": "d.cxi", "frame": 0, "reason": "x"},
+                   {"file": "d.cxi", "frame": 1, "reason": "x"}]
+        assert reject_lines(rejects) == [
+            "a.cxi: frames 0-2 (3 frames): shape", "a.cxi: frame 4: shape", "a.cxi: frame 5: NaN",
+            "b.cxi: frame 6: NaN", "c.cxi: whole file: no such file", "d.cxi: frames 0-1 (2 frames): x"]
 
     def test_entries_layout_missing_frames_are_rejected_and_frames_keep_their_entry_numbers(
             self, tmp_path, dask_threads):
