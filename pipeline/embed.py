@@ -450,6 +450,7 @@ def latent_figures(
         )
     if method not in ("pca", "tsne"):
         raise AirysortError(f"method must be 'pca' or 'tsne', got {method!r}")
+    read_model_info(model_dir, kind="vae")  # a wrong model dir first: embedding with it would fail too
     dataset = store.open_store(store_path)
     if "latent" not in dataset:
         raise AirysortError(

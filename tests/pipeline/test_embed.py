@@ -168,6 +168,12 @@ def test_user_errors(vae_store, tmp_path):
     path, _, _ = vae_store
     result = CliRunner().invoke(app, ["embed", str(path), str(tmp_path / "nothing")])
     assert result.exit_code == 1 and "holds no trained model" in result.output
+    # A classifier's directory given to `latent` is named as such, whether or not the
+    # store has latents (embedding with it would fail too).
+    (tmp_path / "cnn").mkdir()
+    (tmp_path / "cnn" / "model.json").write_text(json.dumps({"model": "cnn"}))
+    result = CliRunner().invoke(app, ["latent", str(path), str(tmp_path / "cnn"), str(tmp_path / "figs")])
+    assert result.exit_code == 1 and "holds a 'cnn' model" in result.output, result.output
     with pytest.raises(AirysortError, match="unknown VAE training option 'betta'"):
         train_vae(path, tmp_path / "m", epochs=1, betta=3.0)
     with pytest.raises(AirysortError, match="latent_dim"):
