@@ -31,6 +31,7 @@ import signal
 import sys
 import sysconfig
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -134,7 +135,10 @@ def make_cluster(config: dict[str, Any]):
         # Ctrl-C to the whole process group: the workers would die mid-task with
         # tracebacks of their own, while the client should decide (``airysort watch``
         # finishes the batch in hand; other commands stop the cluster).
-        with ctrl_c_handled_by(signal.SIG_IGN):
+        with ctrl_c_handled_by(signal.SIG_IGN), warnings.catch_warnings():
+            # Another command's dashboard on the port: Dask takes a free one and says so
+            # in a multi-line warning; the link printed below names the port taken.
+            warnings.filterwarnings("ignore", message="Port .* is already in use")
             return LocalCluster(**options)
     if kind not in JOBQUEUE_CLASSES:
         raise AirysortError(
@@ -205,4 +209,21 @@ def dask_client(spec: str = "local", *, reuse: bool = True) -> Iterator[Any]:
         with Client(cluster) as client:
             # The port is only known now (8787 may be taken); docs/hpc.md shows the tunnel.
             print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr, flush=True)
-            yield client
+            try:
+                yield client
+            except KeyboardInterrupt:
+                _quiet_cancelled_tasks(client)
+                raise
+
+
+def _quiet_cancelled_tasks(client) -> None:
+    """Ctrl-C: closing the cluster cancels the running tasks, and each worker would log a
+    warning per task it was running. The command says it was interrupted; the workers need
+    not (only their state machine's warnings are silenced, and only now)."""
+    import logging
+
+    def quiet() -> None:
+        logging.getLogger("distributed.worker.state_machine").setLevel(logging.ERROR)
+
+    with contextlib.suppress(Exception):
+        client.run(quiet)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import dask
@@ -148,3 +151,40 @@ def test_ctrl_c_in_a_command_is_one_line_and_status_130(capsys):
         command()
     assert stopped.value.exit_code == 130
     assert capsys.readouterr().err.startswith("ERROR: interrupted; the store keeps what was complete")
+
+
+def test_ctrl_c_leaves_no_worker_warnings_about_cancelled_tasks(tmp_path):
+    """Interrupted while workers run tasks: the command's one line is all the user sees,
+    not one distributed warning per cancelled task."""
+    root = Path(__file__).resolve().parents[2]
+    script = tmp_path / "interrupted.py"
+    script.write_text(
+        "import time\n"
+        "from pipeline.dask_cluster import dask_client\n"
+        "if __name__ == '__main__':\n"
+        "    with dask_client('local') as client:\n"
+        "        tasks = [client.submit(time.sleep, 60, pure=False) for _ in range(4)]\n"
+        "        while sum(len(v) for v in client.processing().values()) < 2:\n"
+        "            time.sleep(0.1)\n"
+        "        time.sleep(1.0)  # the tasks are executing now\n"
+        "        raise KeyboardInterrupt\n"
+    )
+    run = subprocess.run([sys.executable, str(script)], cwd=root, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert "KeyboardInterrupt" in run.stderr, run.stderr[-2000:]
+    assert "CancelledError" not in run.stderr, run.stderr[-3000:]
+
+
+def test_a_taken_dashboard_port_is_no_warning(recwarn):
+    """local.yaml asks for port 8787; a second command running meanwhile gets another port
+    (printed by dask_client) without Dask's multi-line warning."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        options = {"n_workers": 1, "processes": False, "dashboard_address": f"127.0.0.1:{port}"}
+        with make_cluster({"type": "local", "cluster": options}) as cluster:
+            assert cluster.dashboard_link and str(port) not in cluster.dashboard_link
+    assert not [w for w in recwarn if "already in use" in str(w.message)]
