@@ -106,9 +106,13 @@ def import_labels(store_path: str | Path, csv_path: str | Path) -> dict[str, Any
         for line_number, row in enumerate(reader, start=2):
             if not row or all(not field.strip() for field in row):
                 continue
+            shot = row[0].strip()
+            if [field.strip().lower() for field in row] == [field.strip().lower() for field in header]:
+                # Sheets joined with `cat` repeat the header: not a row, nothing lost.
+                problems.append(f"line {line_number}: the header again (sheets joined?); skipped")
+                continue
             n_rows += 1
             problem = None
-            shot = row[0].strip()
             if len(row) != len(header):
                 problem = f"has {len(row)} fields, the header has {len(header)}"
             elif shot not in patterns_of:

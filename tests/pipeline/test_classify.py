@@ -102,14 +102,19 @@ class TestLabel:
         # A second CSV adds labels and keeps the earlier ones; unknown columns are reported.
         # Written as Excel's "CSV UTF-8" writes it, with a byte-order mark, and a header typed by hand.
         csv2 = tmp_path / "more.csv"
-        csv2.write_text("Shot_ID," + ",".join(CLASS_NAMES) + ",Comment\n"
-                        f"{shots[7]}," + ",".join(str(v) for v in truth[7]) + ",nice\n", encoding="utf-8-sig")
+        # Two sheets joined with `cat`: the second header is skipped, not a bad row.
+        header = "Shot_ID," + ",".join(CLASS_NAMES) + ",Comment\n"
+        csv2.write_text(header + f"{shots[7]}," + ",".join(str(v) for v in truth[7]) + ",nice\n"
+                        + header.lower() + f"{shots[10]}," + ",".join(str(v) for v in truth[10]) + ",\n",
+                        encoding="utf-8-sig")
         result = run_cli("label", path, csv2, "--json")
         assert result.exit_code == 0, result.output
-        assert json.loads(result.stdout.strip().splitlines()[-1])["labelled"] == 5
+        counts = json.loads(result.stdout.strip().splitlines()[-1])
+        assert (counts["rows"], counts["imported"], counts["bad_rows"], counts["labelled"]) == (2, 2, 0, 6)
         assert "column 'Comment' is not a class" in result.stderr
+        assert "line 3: the header again" in result.stderr
         label = store.open_store(path)["label"].values
-        np.testing.assert_array_equal(label[[0, 1, 2, 3, 7]], truth[[0, 1, 2, 3, 7]])
+        np.testing.assert_array_equal(label[[0, 1, 2, 3, 7, 10]], truth[[0, 1, 2, 3, 7, 10]])
 
     def test_missing_class_column_is_one_error_line(self, ring_store, tmp_path):
         path, _ = ring_store
