@@ -56,9 +56,17 @@ def read_truth_csv(path: str | Path, shot_ids: np.ndarray) -> tuple[np.ndarray, 
     if not path.is_file():
         raise AirysortError(f"truth file {str(path)!r} does not exist")
     try:
-        table = pd.read_csv(path, dtype={"shot_id": str})
+        table = pd.read_csv(path, dtype=str, encoding="utf-8-sig")  # Excel writes a BOM
     except pd.errors.EmptyDataError:
         raise AirysortError(f"truth file {str(path)!r} is empty") from None
+    # Read as `airysort label` reads a sheet: names stripped, the shot_id header in any case,
+    # and a header repeated where sheets were joined with `cat` skipped.
+    table.columns = ["shot_id" if str(c).strip().lower() == "shot_id" else str(c).strip() for c in table.columns]
+    if "shot_id" in table.columns:
+        table = table[table["shot_id"].str.strip().str.lower() != "shot_id"].copy()
+        for name in CLASS_NAMES:
+            if name in table.columns:
+                table[name] = pd.to_numeric(table[name].str.strip(), errors="coerce")
     missing = [name for name in ("shot_id", *CLASS_NAMES) if name not in table.columns]
     if missing:
         raise AirysortError(

@@ -184,6 +184,14 @@ class TestEvaluateCommand:
         assert result["classification"]["scored"] == "held_out"
         expected = counted_scores(truth[held_out], evaluated_store["predicted"][held_out], 0)
         assert result["classification"]["per_class"]["Spherical/Oblate"]["precision"] == pytest.approx(expected[0])
+        # The same truth as two sheets joined with `cat`, the shot_id header typed by hand:
+        # read as `airysort label` reads it, the same scores.
+        lines = csv.read_text(encoding="utf-8-sig").splitlines()
+        header = "Shot_ID" + lines[0][len("shot_id"):]
+        joined = evaluated_store["tmp"] / "joined.csv"
+        joined.write_text("\n".join([header, *lines[1:60], header, *lines[60:]]) + "\n")
+        again = run_json("evaluate", str(evaluated_store["path"]), "--truth", str(joined))
+        assert again["classification"] == result["classification"]
 
     def test_classifier_trained_on_every_truth_pattern_leaves_the_clusterings_scored(self, evaluated_store, tmp_path):
         """A store labelled throughout (simulated or CXIDB 94 files carry labels): the
