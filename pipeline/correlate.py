@@ -16,6 +16,7 @@ import numpy as np
 
 from pipeline import correlate_kernels as kernels
 from pipeline import preprocess_kernels
+from pipeline.dask_cluster import on_cluster
 from pipeline.errors import AirysortError
 
 COMMAND = "correlate"
@@ -64,6 +65,7 @@ def _correlate_block(
     return kernels.correlate_block(frames, centres, settings=settings)
 
 
+@on_cluster
 def correlate_store(
     path: str | os.PathLike,
     *,
@@ -76,13 +78,16 @@ def correlate_store(
 ) -> dict[str, Any]:
     """Angular two-point cross-correlation of every pattern of a store → ``ccf``.
 
-    Must run inside :func:`pipeline.dask_cluster.dask_client`, after
-    ``airysort preprocess``.
+    Runs after ``airysort preprocess``, on the current Dask client, else on a cluster
+    started for the call.
 
     Parameters
     ----------
     path : path-like
         The store.
+    cluster : str, default="local"
+        Where Dask runs when no client is active (``--cluster``,
+        :func:`pipeline.dask_cluster.on_cluster`).
     n_q, n_phi : int, default=64, 128
         Rings and angular lags.
     variant : {"auto", "cross"}, default="auto"

@@ -25,6 +25,7 @@ Cluster YAML format (see the commented files in ``cluster-configs/``)::
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -33,7 +34,7 @@ import sysconfig
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import yaml
 
@@ -214,6 +215,20 @@ def dask_client(spec: str = "local", *, reuse: bool = True) -> Iterator[Any]:
             except KeyboardInterrupt:
                 _quiet_cancelled_tasks(client)
                 raise
+
+
+def on_cluster(function: Callable) -> Callable:
+    """Give a store function that computes with Dask a ``cluster`` keyword (default
+    ``"local"``): it runs inside :func:`dask_client` of that spec, so that it works the
+    same from the command line, from a notebook with its own client (which is used), and
+    from a script with none (a cluster is started and stopped around the call)."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, cluster: str = "local", **kwargs: Any) -> Any:
+        with dask_client(cluster):
+            return function(*args, **kwargs)
+
+    return wrapper
 
 
 def _quiet_cancelled_tasks(client) -> None:

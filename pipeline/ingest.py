@@ -401,6 +401,7 @@ def ingest(
     dataset: str | None = None,
     force: bool = False,
     client=None,
+    cluster: str = "local",
     log=None,
 ) -> dict[str, int]:
     """Ingest frames from ``inputs`` into the store at ``store_path`` (created if missing).
@@ -416,7 +417,9 @@ def ingest(
     force : bool, default=False
         Ingest files again even if the store already holds them (their frames are appended).
     client : distributed.Client, optional
-        Defaults to the current client.
+        Defaults to the current client, else one of ``cluster`` started for the call.
+    cluster : str, default="local"
+        Where Dask runs when neither ``client`` nor a current client is there (``--cluster``).
     log : callable, optional
         Receives one line per rejected frame or skipped file (default: print to stderr).
 
@@ -427,9 +430,11 @@ def ingest(
         rejected in this run), ``skipped_files`` (already ingested) and ``patterns`` (total
         in the store).
     """
-    from distributed import default_client
+    from pipeline.dask_cluster import dask_client
 
-    client = client or default_client()
+    if client is None:
+        with dask_client(cluster) as client:
+            return ingest(store_path, inputs, dataset=dataset, force=force, client=client, log=log)
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     path = Path(store_path)
     if path.is_file():

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import preprocess_kernels as kernels
+from pipeline.dask_cluster import on_cluster
 from pipeline.errors import AirysortError
 from pipeline.progress import StageClock
 
@@ -222,6 +223,7 @@ def load_dark(dark: str | os.PathLike | np.ndarray | None, shape: tuple[int, int
     return dark
 
 
+@on_cluster
 def preprocess_store(
     path: str | os.PathLike,
     *,
@@ -240,12 +242,15 @@ def preprocess_store(
 ) -> dict[str, Any]:
     """Preprocess every frame of a store into ``image``; find hits, centres, background.
 
-    Must run inside :func:`pipeline.dask_cluster.dask_client`.
+    Runs on the current Dask client, else on a cluster started for the call.
 
     Parameters
     ----------
     path : path-like
         The store.
+    cluster : str, default="local"
+        Where Dask runs when no client is active (``--cluster``,
+        :func:`pipeline.dask_cluster.on_cluster`).
     size : int, default=128
         Side of ``image`` in pixels.
     crop : float, default=1.0

@@ -419,6 +419,7 @@ def write_variables(
     from pipeline.progress import compute_with_progress
 
     path = _check_store(path)
+    _require_client()  # before anything is replaced
     n_patterns = n_committed(path)
     if start:
         _write_region(path, variables, start=start, n_patterns=n_patterns, command=command,
@@ -526,6 +527,19 @@ def _source_of(entry: Mapping[str, Any]) -> str | None:
     if entry["command"] == "correlate":
         return "centre_y"  # polar resampling around the refined centres
     return None
+
+
+def _require_client() -> None:
+    """A store write computes with Dask: without a distributed client it would fail only
+    after the variables it replaces were deleted."""
+    from distributed import default_client
+
+    try:
+        default_client()
+    except ValueError:
+        raise AirysortError(
+            "writing to the store needs a Dask client; call this inside "
+            "'with pipeline.dask_cluster.dask_client():' (nothing was changed)") from None
 
 
 def partial_variables(attrs: Mapping[str, Any], n_patterns: int) -> dict[str, int]:

@@ -25,12 +25,9 @@ def command(
 ) -> None:
     """Angular two-point cross-correlation of every pattern -> 'ccf'."""
     from pipeline.correlate import correlate_store
-    from pipeline.dask_cluster import dask_client
 
-    with dask_client(cluster):
-        result = correlate_store(
-            store, n_q=n_q, n_phi=n_phi, variant="cross" if cross_q else "auto", r_min=r_min, r_max=r_max
-        )
+    result = correlate_store(store, n_q=n_q, n_phi=n_phi, variant="cross" if cross_q else "auto",
+                             r_min=r_min, r_max=r_max, cluster=cluster)
     emit(result, json, _summary)
 
 

@@ -44,23 +44,22 @@ def command(
     json: JsonOption = False,
 ) -> None:
     """Mask, background, hit finding, centring, scaling, crop/resize -> 'image', 'hit', centres."""
-    from pipeline.dask_cluster import dask_client
     from pipeline.preprocess import preprocess_store
 
-    with dask_client(cluster):
-        result = preprocess_store(
-            store,
-            size=size,
-            crop=crop,
-            scaling=scaling.value,
-            asinh_scale=asinh_scale,
-            dark=dark,
-            saturation="auto" if saturation is None else saturation,
-            hot_sigma=hot_sigma,
-            hit_sigma=hit_sigma,
-            min_photons=min_photons,
-            search_radius=search_radius,
-        )
+    result = preprocess_store(
+        store,
+        size=size,
+        crop=crop,
+        scaling=scaling.value,
+        asinh_scale=asinh_scale,
+        dark=dark,
+        saturation="auto" if saturation is None else saturation,
+        hot_sigma=hot_sigma,
+        hit_sigma=hit_sigma,
+        min_photons=min_photons,
+        search_radius=search_radius,
+        cluster=cluster,
+    )
     emit(result, json, _summary)
 
 

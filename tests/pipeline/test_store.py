@@ -223,3 +223,54 @@ def test_other_zarr_v3_readers_open_it(filled_store):
     tensorstore = pytest.importorskip("tensorstore")
     array = tensorstore.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path / "raw")}}).result()
     np.testing.assert_array_equal(array[250:600].read().result(), raw[250:600])
+
+
+NO_CLIENT_SCRIPT = """
+import sys
+import numpy as np
+from pipeline import store
+from pipeline.correlate import correlate_store
+from pipeline.errors import AirysortError
+from pipeline.ingest import ingest
+from pipeline.preprocess import preprocess_store
+from tests.factories import random_frames, write_stacked_cxi
+
+if __name__ == "__main__":
+    tmp = sys.argv[1]
+    cxi = write_stacked_cxi(f"{tmp}/a.cxi", random_frames(20, shape=(64, 64)) * 40)
+    path = f"{tmp}/s.zarr"
+    # No client anywhere: each call runs on a cluster of its own.
+    ingest(path, [cxi], cluster="local-threads", log=lambda line: None)
+    preprocess_store(path, size=16, cluster="local-threads")
+    correlate_store(path, n_q=4, n_phi=8, cluster="local-threads")
+    image = store.open_store(path)["image"].values
+    import xarray as xr
+    try:
+        store.write_variables(path, {"image": xr.DataArray(np.zeros_like(image), dims=("pattern", "iy", "ix"))},
+                              command="test", parameters={})
+    except AirysortError as error:
+        print("refused:", error)
+    again = store.open_store(path)
+    assert set(store.incomplete_variables(store.read_attrs(path))) == set(), "marked incomplete"
+    np.testing.assert_array_equal(again["image"].values, image)
+    assert "ccf" in again
+    print("ok")
+"""
+
+
+def test_store_functions_run_without_a_client_and_writes_refuse_before_touching(tmp_path):
+    """From a plain script: ingest, preprocess_store and correlate_store start a cluster
+    of their own; a bare store write without a client changes nothing."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    script = tmp_path / "no_client.py"
+    script.write_text(NO_CLIENT_SCRIPT)
+    run = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=root, capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "PYTHONPATH": str(root)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "refused: writing to the store needs a Dask client" in run.stdout
+    assert run.stdout.strip().endswith("ok")
