@@ -203,11 +203,12 @@ def _input_array(store_path: str | Path, variable: str):
     from pipeline import store
 
     dataset = store.open_store(store_path)
+    hint = "preprocess" if variable == "image" else "correlate"
     if variable not in dataset:
-        hint = "airysort preprocess" if variable == "image" else "airysort correlate"
         raise AirysortError(
-            f"store {str(store_path)!r} has no {variable!r} variable; run '{hint} {store_path}' first"
+            f"store {str(store_path)!r} has no {variable!r} variable; run 'airysort {hint} {store_path}' first"
         )
+    store.require_every_pattern(dataset, variable, remedy=f"airysort {hint} {store_path}")
     if dataset[variable].ndim != 3:
         raise AirysortError(
             f"the classifier needs 2-D inputs per pattern but {variable!r} has dims "

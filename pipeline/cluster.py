@@ -267,12 +267,13 @@ def cluster_store(
     with dask_client(cluster) as client:
         dataset = store.open_store(path)
         source = "latent" if method == "gmm" else "image"
+        producer = "airysort embed STORE MODEL_DIR" if method == "gmm" else "airysort preprocess STORE"
         if source not in dataset:
-            producer = "airysort embed STORE MODEL_DIR" if method == "gmm" else "airysort preprocess STORE"
             raise AirysortError(
                 f"store {str(path)!r} has no {source!r} variable, which --method {method} clusters; "
                 f"run `{producer}` first (variables present: {', '.join(sorted(dataset.data_vars))})"
             )
+        store.require_every_pattern(dataset, source, remedy=producer.replace("STORE", str(path)))
         variables = {}
         if method == "gmm":
             # Latents are small (10 floats per pattern): read them once into cluster

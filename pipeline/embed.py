@@ -195,6 +195,7 @@ def train_vae(
             f"store {str(store_path)!r} has no {vae_config.input!r} variable to train on; run "
             f"'airysort preprocess {store_path}' first"
         )
+    store.require_every_pattern(dataset, vae_config.input, remedy=f"airysort preprocess {store_path}")
     if saved is not None:
         check_preprocessing(saved, dataset.attrs, input=vae_config.input, store_path=store_path, model_dir=model_dir)
     n_patterns = int(dataset.sizes["pattern"])
@@ -351,6 +352,7 @@ def embed_store(
                 f"store {str(store_path)!r} has no {config.input!r} variable to embed; run "
                 f"'airysort preprocess {store_path}' first"
             )
+        store.require_every_pattern(dataset, config.input, remedy=f"airysort preprocess {store_path}")
         check_preprocessing(read_model_info(model_dir, kind="vae"), dataset.attrs, input=config.input,
                             store_path=store_path, model_dir=model_dir)
         images = dataset[config.input].data

@@ -276,6 +276,7 @@ def evaluate_store(path: str | Path, *, truth_csv: str | Path | None = None) -> 
     if "predicted" in dataset:
         trained, split_variable = training_patterns(dataset, external_truth=truth_csv is not None)
         scored = known if trained is None else known & ~trained
+        scored &= store.covered(dataset, "predicted")  # not patterns ingested since `predict`
         if scored.any():
             predicted = np.asarray(dataset["predicted"].values)
             result["classification"] = classification_scores(truth[scored], predicted[scored])
@@ -301,8 +302,9 @@ def evaluate_store(path: str | Path, *, truth_csv: str | Path | None = None) -> 
         for name in clusterings:
             clusters = np.asarray(dataset[name].values)
             k = int(dataset[name].attrs.get("k", len(np.unique(clusters))))
+            clustered = known & (clusters >= 0)  # -1: ingested after `cluster` ran
             result["clustering"][name.removeprefix("cluster_")] = clustering_scores(
-                groups[known], clusters[known], k=k
+                groups[clustered], clusters[clustered], k=k
             )
         result["coarse_groups"] = {
             str(g): int(n) for g, n in zip(*np.unique(groups[known], return_counts=True))

@@ -26,12 +26,14 @@ FEATURE_SAMPLE = 5000  # patterns used to find the groups when no clustering is 
 
 
 def _groups(dataset, candidates: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, str]:
-    """A group number per candidate pattern, and how the groups were found."""
-    if "cluster_gmm" in dataset:
+    """A group number per candidate pattern, and how the groups were found (clusters or
+    latents only where they cover every pattern: patterns ingested since have none)."""
+    partial = store.partial_variables(dataset.attrs, int(dataset.sizes["pattern"]))
+    if "cluster_gmm" in dataset and "cluster_gmm" not in partial:
         return np.asarray(dataset["cluster_gmm"].values)[candidates], "cluster_gmm"
     from sklearn.cluster import MiniBatchKMeans
 
-    if "latent" in dataset:
+    if "latent" in dataset and "latent" not in partial:
         features, source = np.asarray(dataset["latent"].isel(pattern=candidates).values), "k-means on latent"
     else:
         images = display_images(dataset, candidates)
@@ -88,6 +90,8 @@ def make_label_sheet(
             f"'airysort label {path} {csv_path}', or choose another directory"
         )
     dataset = store.open_store(path)
+    if "image" in dataset:  # the sheet shows them
+        store.require_every_pattern(dataset, "image", remedy=f"airysort preprocess {path}")
     labels = np.asarray(dataset["label"].values)
     unlabelled = np.flatnonzero((labels < 0).any(axis=1))
     if len(unlabelled) == 0:

@@ -193,6 +193,8 @@ def create_store(
             "detector_distance": geometry.get("detector_distance"),
             "pixel_size": geometry.get("pixel_size"),
             "geometry_units": "m",
+            # The `class` coordinate again, for readers without zarr-python's string type.
+            "class_names": list(CLASS_NAMES),
             "ingested_files": [],
             "rejects": [],
             "provenance": [],
@@ -269,7 +271,13 @@ def open_store(path: str | os.PathLike, *, warn: bool = True) -> xr.Dataset:
     incomplete = {k: v for k, v in incomplete_variables(dataset.attrs).items() if k in dataset}
     if warn:
         _warn_about_variables(path, dataset, incomplete, committed)
-    return dataset.drop_vars(list(incomplete))
+    dataset = dataset.drop_vars(list(incomplete))
+    # A clustering written before more patterns were ingested: the later ones would read
+    # as cluster 0 (the fill value); -1 is "no cluster", as everywhere else.
+    for name, stop in partial_variables(dataset.attrs, committed).items():
+        if name in dataset and name.startswith("cluster_") and dataset[name].dtype.kind == "i":
+            dataset[name] = dataset[name].where(dataset["pattern"] < stop, -1)
+    return dataset
 
 
 def _warn_about_variables(path: Path, dataset: xr.Dataset, incomplete: dict, committed: int) -> None:
@@ -280,10 +288,12 @@ def _warn_about_variables(path: Path, dataset: xr.Dataset, incomplete: dict, com
                    f"an interrupted or failed '{first['command']}' (started {first['since']}) and are not used; "
                    "run that command again")
     stale = {k: v for k, v in stale_variables(dataset.attrs).items() if k in dataset and k not in incomplete}
-    if stale:
-        first = stale[min(stale)]
-        _warn_once(f"WARNING: {', '.join(map(repr, sorted(stale)))} in {str(path)!r} came from {first['input']!r} "
-                   f"before '{first['command']}' rewrote it ({first['since']}); run the commands that made them again")
+    by_input: dict[tuple[str, str, str], list[str]] = {}
+    for name, mark in sorted(stale.items()):
+        by_input.setdefault((mark["input"], mark["command"], mark["since"]), []).append(name)
+    for (source, command, since), names in by_input.items():
+        _warn_once(f"WARNING: {', '.join(map(repr, names))} in {str(path)!r} came from {source!r} "
+                   f"before '{command}' rewrote it ({since}); run the commands that made them again")
     partial = {k: v for k, v in partial_variables(dataset.attrs, committed).items() if k in dataset}
     if partial:
         _warn_once(f"WARNING: {', '.join(f'{k!r} (patterns 0..{v - 1})' for k, v in sorted(partial.items()))} "
@@ -550,6 +560,26 @@ def partial_variables(attrs: Mapping[str, Any], n_patterns: int) -> dict[str, in
         for name in entry.get("variables", []):
             covered[name] = max(covered.get(name, 0), int(entry.get("patterns", [0, n_patterns])[1]))
     return {name: stop for name, stop in covered.items() if stop < n_patterns}
+
+
+def covered(dataset: xr.Dataset, name: str) -> np.ndarray:
+    """Boolean per pattern: whether ``name`` was computed for it (False for patterns
+    ingested after the command that wrote ``name``)."""
+    n_patterns = int(dataset.sizes.get("pattern", 0))
+    stop = partial_variables(dataset.attrs, n_patterns).get(name, n_patterns)
+    return np.arange(n_patterns) < stop
+
+
+def require_every_pattern(dataset: xr.Dataset, name: str, *, remedy: str) -> None:
+    """Refuse to compute from ``name`` when it covers fewer patterns than the store (patterns
+    ingested since it was written): their values are fill values (NaN images, cluster 0),
+    not data. ``remedy`` is the command that covers them."""
+    n_patterns = int(dataset.sizes.get("pattern", 0))
+    stop = partial_variables(dataset.attrs, n_patterns).get(name)
+    if stop is not None:
+        raise AirysortError(
+            f"{name!r} covers patterns 0..{stop - 1} of the {n_patterns} in the store (the others were "
+            f"ingested since); run '{remedy}' first")
 
 
 def region_chunks(start: int, stop: int, shard: int = PATTERN_CHUNK) -> tuple[int, ...]:

@@ -207,8 +207,8 @@ def simulate_beamtime(
     Returns
     -------
     dict
-        ``{"patterns": n, "path": str, "profile": name, "model": ..., "frame_shape":
-        [ny, nx], "class_counts": {class name: count}}``.
+        ``{"patterns": n, "path": str, "profile": name, "model": ..., "slice_thickness":
+        m or None, "frame_shape": [ny, nx], "class_counts": {class name: count}}``.
     """
     if layout not in LAYOUTS:
         raise AirysortError(f"layout {layout!r} is unknown; use one of {', '.join(LAYOUTS)}")

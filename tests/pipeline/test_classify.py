@@ -215,6 +215,22 @@ def test_train_without_labels_is_one_error_line(tmp_path, dask_threads):
     assert "0 labelled pattern(s)" in result.stderr and "airysort label" in result.stderr
 
 
+def test_inputs_missing_for_patterns_ingested_since_are_refused(tmp_path, dask_threads):
+    """Frames ingested after `preprocess`: their images are NaN fill values, so training,
+    clustering, embedding and label sheets refuse and name the command that covers them."""
+    path = tmp_path / "s.zarr"
+    make_ring_store(path, n=8, client=dask_threads)
+    np.save(tmp_path / "later.npy", np.ones((3, 8, 8), np.uint16))
+    ingest(path, [tmp_path / "later.npy"], client=dask_threads, log=lambda line: None)
+    for command in (["train", path, tmp_path / "m", "--model", "vae", "--cluster", "local-threads"],
+                    ["cluster", path, "--method", "spectral", "--cluster", "local-threads"],
+                    ["label", "--sheet", path, tmp_path / "sheets"]):
+        result = run_cli(*command)
+        assert result.exit_code == 1, (command, result.output)
+        assert "'image' covers patterns 0..7 of the 11 in the store" in result.stderr, result.stderr
+        assert f"run 'airysort preprocess {path}' first" in result.stderr
+
+
 def test_train_vae_dispatches_to_the_embedding_module(monkeypatch, tmp_path):
     calls = []
 

@@ -92,3 +92,31 @@ def test_sort_command_and_clear_error(tmp_path, dask_threads):
     ingest(bare, [write_stacked_cxi(tmp_path / "b.cxi", random_frames(3))], log=lambda line: None)
     result = runner.invoke(app, ["sort", str(bare), str(tmp_path / "o2")])
     assert result.exit_code == 1 and "run 'airysort predict' or 'airysort cluster' first" in result.stderr
+
+
+def test_patterns_ingested_after_the_results_are_in_no_class_or_cluster(tmp_path, dask_threads):
+    """Results written before more frames were ingested cover the old patterns only: the
+    new ones are in no cluster (-1, not the fill value 0), evaluate scores the old ones,
+    and computing from a variable that does not cover them all is refused."""
+    from pipeline.evaluate import evaluate_store
+    from pipeline.labelsheet import write_label_csv
+    from pipeline.taxonomy import multi_hot
+
+    path, prob, predicted, clusters = classified_store(tmp_path)
+    ingest(path, [write_stacked_cxi(tmp_path / "b.cxi", random_frames(20, shape=(16, 16), seed=5),
+                                    shot_ids=[f"late{i}" for i in range(20)])], log=lambda line: None)
+    dataset = store.open_store(path)
+    assert dataset["cluster_gmm"].dtype == np.int32
+    np.testing.assert_array_equal(dataset["cluster_gmm"].values, np.r_[clusters, [-1] * 20])
+    summary = sort_store(path, tmp_path / "out")
+    assert summary["clusters"]["gmm"] == {k: int((clusters == k).sum()) for k in range(3)}
+
+    truth = np.array([multi_hot(["Spherical/Oblate", "Round"])] * 320, np.int8)
+    csv_path = write_label_csv(tmp_path / "truth.csv", np.r_[[f"shot{i}" for i in range(300)],
+                                                             [f"late{i}" for i in range(20)]], truth)
+    result = evaluate_store(path, truth_csv=csv_path)
+    assert result["classification"]["n"] == 300 and result["clustering"]["gmm"]["n"] == 300
+
+    with pytest.raises(AirysortError, match=r"'cluster_gmm' covers patterns 0..299 of the 320 .* run 'x' first"):
+        store.require_every_pattern(dataset, "cluster_gmm", remedy="x")
+    store.require_every_pattern(dataset, "raw", remedy="x")  # ingest wrote it for all

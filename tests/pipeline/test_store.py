@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -165,7 +167,10 @@ def test_results_computed_before_their_input_was_rewritten_are_flagged(filled_st
     assert stale["cluster_gmm"]["input"] == "latent" and stale["ccf"]["input"] == "centre_y"
     capsys.readouterr()
     store.open_store(path)
-    assert "'ccf', 'cluster_gmm', 'latent', 'predicted', 'prob'" in capsys.readouterr().err
+    warned = capsys.readouterr().err  # one line per input, naming it
+    assert f"'latent', 'predicted', 'prob' in {str(path)!r} came from 'image' before 'preprocess'" in warned
+    assert f"'ccf' in {str(path)!r} came from 'centre_y'" in warned
+    assert f"'cluster_gmm' in {str(path)!r} came from 'latent'" in warned
     assert "NOTE: 'predicted' came from 'image' before 'preprocess' rewrote it" in format_info(store_info(path))
     write("embed", ["latent"], input="image")  # embedded again: now only the clustering is behind
     write("correlate", ["ccf"])
@@ -223,6 +228,10 @@ def test_other_zarr_v3_readers_open_it(filled_store):
     tensorstore = pytest.importorskip("tensorstore")
     array = tensorstore.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path / "raw")}}).result()
     np.testing.assert_array_equal(array[250:600].read().result(), raw[250:600])
+    # The label columns' names without zarr-python's string type (tensorstore lacks it).
+    labels = tensorstore.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path / "label")}}).result()
+    assert labels.shape[1] == len(json.loads((path / "zarr.json").read_text())["attributes"]["class_names"])
+    assert json.loads((path / "zarr.json").read_text())["attributes"]["class_names"] == list(CLASS_NAMES)
 
 
 NO_CLIENT_SCRIPT = """
