@@ -15,6 +15,7 @@ annotation in auto mode.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import jax
@@ -36,12 +37,25 @@ def maybe_initialize_distributed() -> bool:
     bool
         True if the distributed runtime was initialised by this call.
     """
-    if "SLURM_JOB_ID" not in os.environ or _slurm_task_count() <= 1:
+    if not _in_srun_step():
+        if "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
+            # salloc -n 4, or an sbatch script without srun: one process of several tasks.
+            # JAX would fail looking for the step's node list; train here, alone, and say so.
+            print(f"NOTE: this SLURM job has {os.environ['SLURM_NTASKS']} tasks but this process was not "
+                  "started by srun: it trains alone; start it with srun to train on every task",
+                  file=sys.stderr, flush=True)
         return False
-    if jax.distributed.is_initialized():
+    if _slurm_task_count() <= 1 or jax.distributed.is_initialized():
         return False
     jax.distributed.initialize()
     return True
+
+
+def _in_srun_step() -> bool:
+    """Whether this process is a task of an ``srun`` job step: JAX's own SLURM detection
+    (:class:`jax._src.clusters.SlurmCluster`) needs exactly these variables."""
+    return all(name in os.environ for name in
+               ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"))
 
 
 def use_cpu_cores_as_devices(max_devices: int = 8) -> int:
@@ -85,8 +99,8 @@ def use_cpu_cores_as_devices(max_devices: int = 8) -> int:
 
 
 def _slurm_task_count() -> int:
-    """Tasks of the SLURM job step this process belongs to (1 outside SLURM)."""
-    return int(os.environ.get("SLURM_NTASKS", os.environ.get("SLURM_NPROCS", "1")) or 1)
+    """Tasks of the ``srun`` job step this process belongs to (1 outside one)."""
+    return int(os.environ.get("SLURM_NTASKS", "1") or 1) if _in_srun_step() else 1
 
 
 def make_data_mesh(devices: list | None = None) -> Mesh:

@@ -153,17 +153,24 @@ def train_vae(
         ``model`` ("vae"), ``model_dir``, ``n_train``, ``n_valid``, ``epochs``, ``steps``,
         ``resumed_from``, ``latent_dim``, ``final`` (last epoch's losses), ``seconds``.
     """
+    import jax
     import optax
     import zarr
 
     from jaxmodels.configs import TrainConfig, VAEConfig, to_dict
     from jaxmodels.data import PatternBatches
     from jaxmodels.losses import vae_loss_fn
-    from jaxmodels.parallel import make_data_mesh, round_batch_size, use_cpu_cores_as_devices
+    from jaxmodels.parallel import (
+        make_data_mesh,
+        maybe_initialize_distributed,
+        round_batch_size,
+        use_cpu_cores_as_devices,
+    )
     from jaxmodels.train import fit
     from pipeline import store
 
     use_cpu_cores_as_devices()  # on a CPU, one device per core (see its docstring)
+    maybe_initialize_distributed()  # one of several srun tasks: train together
     start = time.perf_counter()
     model_dir = Path(model_dir).absolute()
     vae_options, train_options = _split_options({"input": input, **options})
@@ -213,7 +220,8 @@ def train_vae(
             f"of {batch_size}; ingest more patterns or lower --batch-size"
         )
     train_config = dataclasses.replace(train_config, batch_size=batch_size)
-    reading = dict(chunk=store.PATTERN_CHUNK, cache_bytes=train_config.input_cache_mib << 20)
+    reading = dict(chunk=store.PATTERN_CHUNK, cache_bytes=train_config.input_cache_mib << 20,
+                   process_index=jax.process_index(), process_count=jax.process_count())
     train_batches = PatternBatches(
         source, train_idx, batch_size=batch_size, shuffle=True, seed=train_config.seed, **reading
     )

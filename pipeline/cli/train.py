@@ -71,7 +71,10 @@ def command(
         result = train_classifier(store, model_dir, input=input.value, epochs=epochs, width=width,
                                   depth=depth, attention=attention or None, resume=not fresh,
                                   log=say, **options)
-    emit(result, json, _summary)
+    import jax
+
+    if jax.process_index() == 0:  # under srun, one result for the job, from the task that saved the model
+        emit(result, json, _summary)
 
 
 def _summary(result: dict) -> str:

@@ -80,19 +80,31 @@ def test_mesh_and_batch_rounding():
     assert parallel.round_batch_size(10, mesh) % mesh.size == 0
 
 
-def test_distributed_initialisation_only_under_multi_task_slurm(monkeypatch):
+def test_distributed_initialisation_only_under_multi_task_slurm(monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append(1))
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
-    for name in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_NPROCS"):
+    for name in SRUN_STEP:
         monkeypatch.delenv(name, raising=False)
     assert parallel.maybe_initialize_distributed() is False
     monkeypatch.setenv("SLURM_JOB_ID", "123")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    # salloc -n 4 or an sbatch script without srun: no job step, so this process trains
+    # alone and says so (JAX would fail looking for the step's nodes).
+    assert parallel.maybe_initialize_distributed() is False
+    assert "not started by srun" in capsys.readouterr().err
+    for name, value in SRUN_STEP.items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setenv("SLURM_NTASKS", "1")
     assert parallel.maybe_initialize_distributed() is False
     monkeypatch.setenv("SLURM_NTASKS", "4")
     assert parallel.maybe_initialize_distributed() is True
     assert calls == [1]
+
+
+#: What ``srun`` sets for each task of a job step (JAX's SLURM detection reads these).
+SRUN_STEP = {"SLURM_JOB_ID": "123", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
+             "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
 
 
 CORES_SCRIPT = textwrap.dedent(
@@ -110,7 +122,7 @@ CORES_SCRIPT = textwrap.dedent(
 
 def _cores_run(**env_overrides: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", **env_overrides}
-    for name in ("XLA_FLAGS", "SLURM_NTASKS", "SLURM_NPROCS"):
+    for name in ("XLA_FLAGS", *SRUN_STEP):
         if name not in env_overrides:
             env.pop(name, None)
     run = subprocess.run([sys.executable, "-c", CORES_SCRIPT], cwd=REPO, env=env,
@@ -128,5 +140,5 @@ def test_cpu_cores_become_devices_before_jax_starts_and_never_against_the_user()
     # A device count the user chose wins; a task of a multi-task SLURM job is left alone.
     out = _cores_run(XLA_FLAGS="--xla_force_host_platform_device_count=5")
     assert (out["set"], out["devices"]) == (0, 5)
-    out = _cores_run(SLURM_NTASKS="2")
+    out = _cores_run(**SRUN_STEP)
     assert (out["set"], out["devices"]) == (0, 1)

@@ -200,3 +200,39 @@ def test_images_preprocessed_another_way_are_refused(vae_store, trained, tmp_pat
     assert f"'airysort preprocess {other} --scaling log'" in result.stderr
     with pytest.raises(AirysortError, match="preprocessed with scaling 'asinh'"):
         train_vae(other, model_dir, epochs=4)
+
+
+def test_vae_trains_as_two_srun_tasks_like_one_process(vae_store, tmp_path):
+    """Two ``airysort train --model vae`` processes with the environment ``srun`` gives two
+    tasks on this node join one ``jax.distributed`` run over two devices: the same losses as
+    one process with two devices, one model written and one JSON result printed."""
+    import os
+    import random
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path, _, _ = vae_store
+    root = Path(__file__).resolve().parents[2]
+    command = [sys.executable, "-m", "pipeline.cli.main", "train", str(path)]
+    options = ["--model", "vae", "--epochs", "1", "--batch-size", "32", "--seed", "0", "--json"]
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "XLA_FLAGS"}
+    base.update(PYTHONPATH=str(root), JAX_PLATFORMS="cpu")
+    one = subprocess.run([*command, str(tmp_path / "one"), *options], capture_output=True, text=True, timeout=600,
+                         cwd=root, env={**base, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert one.returncode == 0, one.stderr[-3000:]
+    job = str(random.randrange(10_000, 1_000_000))  # JAX's coordinator port derives from it
+    tasks = [subprocess.Popen(
+        [*command, str(tmp_path / "two"), *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=root, env={**base, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "SLURM_JOB_ID": job,
+                       "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2", "SLURM_PROCID": str(rank),
+                       "SLURM_LOCALID": str(rank)}) for rank in (0, 1)]
+    outputs = [task.communicate(timeout=600) for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], outputs[1][1][-3000:] + outputs[0][1][-3000:]
+    # One result, from task 0 (the collectives library prints its own lines on stdout too).
+    results = [[line for line in out.splitlines() if line.startswith("{")] for out, _ in outputs]
+    assert len(results[0]) == 1 and results[1] == []
+    history = [json.loads((tmp_path / run / "model.json").read_text())["history"] for run in ("one", "two")]
+    assert len(history[1]) == len(history[0]) == 1
+    for key in ("train_loss", "val_loss"):
+        np.testing.assert_allclose([h[key] for h in history[1]], [h[key] for h in history[0]], rtol=2e-3)
