@@ -28,6 +28,7 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import signal
 import sys
 import sysconfig
@@ -49,6 +50,9 @@ JOBQUEUE_CLASSES = {
     "oar": "OARCluster",
 }
 
+
+#: How long connecting to a running scheduler (``--cluster tcp://...``) may take.
+SCHEDULER_TIMEOUT = "20s"
 
 #: The cluster-configs/ of an installed (not editable) airysort.
 INSTALLED_CONFIGS = Path(sysconfig.get_path("data")) / "share" / "airysort" / "cluster-configs"
@@ -80,12 +84,30 @@ def load_cluster_config(spec: str) -> dict[str, Any]:
                 f"a YAML path, or one of: {', '.join(known) or '(no cluster-configs/ found)'}"
             )
         path = found[0]
-    with open(path) as stream:
-        config = yaml.safe_load(stream) or {}
+    try:
+        with open(path) as stream:
+            config = yaml.safe_load(stream) or {}
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise AirysortError(f"cluster config {str(path)!r} is not valid YAML{line}: "
+                            f"{getattr(error, 'problem', None) or error}") from None
     if not isinstance(config, dict) or "type" not in config:
         raise AirysortError(f"cluster config {str(path)!r} must be a mapping with a 'type' key")
+    unknown = sorted(set(config) - CONFIG_KEYS)
+    if unknown:  # e.g. `queue:` one level too high: it would be ignored silently
+        raise AirysortError(f"cluster config {str(path)!r} has unknown top-level key(s) {unknown}; the keys are "
+                            f"{sorted(CONFIG_KEYS)}, and the batch system's options go under 'cluster:'")
+    if "jobs" in config and (isinstance(config["jobs"], bool) or not isinstance(config["jobs"], int)
+                             or config["jobs"] < 1):
+        raise AirysortError(f"cluster config {str(path)!r}: 'jobs' must be a whole number >= 1, "
+                            f"got {config['jobs']!r}")
     config["_path"] = str(path)
     return config
+
+
+#: Top-level keys of a cluster YAML (see the module docstring).
+CONFIG_KEYS = {"type", "jobs", "adapt", "cluster"}
 
 
 #: Environment of every worker process (set by its nanny).
@@ -136,7 +158,7 @@ def make_cluster(config: dict[str, Any]):
         # Ctrl-C to the whole process group: the workers would die mid-task with
         # tracebacks of their own, while the client should decide (``airysort watch``
         # finishes the batch in hand; other commands stop the cluster).
-        with ctrl_c_handled_by(signal.SIG_IGN), warnings.catch_warnings():
+        with ctrl_c_handled_by(signal.SIG_IGN), warnings.catch_warnings(), _options_checked(config, "LocalCluster"):
             # Another command's dashboard on the port: Dask takes a free one and says so
             # in a multi-line warning; the link printed below names the port taken.
             warnings.filterwarnings("ignore", message="Port .* is already in use")
@@ -145,11 +167,41 @@ def make_cluster(config: dict[str, Any]):
         raise AirysortError(
             f"cluster type {kind!r} is not supported; use 'local' or one of {sorted(JOBQUEUE_CLASSES)}"
         )
+    import dask
     import dask_jobqueue
 
     cluster_class = getattr(dask_jobqueue, JOBQUEUE_CLASSES[kind])
-    options["job_script_prologue"] = [worker_environ_export(), *(options.get("job_script_prologue") or [])]
-    return cluster_class(**options)
+    # The workers' environment first, then the user's lines: this config's, else the
+    # deprecated env_extra, else the site's jobqueue.yaml (dask-jobqueue reads those only
+    # when no prologue is given, and one is always given here).
+    prologue = (options.pop("job_script_prologue", None) or options.pop("env_extra", None)
+                or dask.config.get(f"jobqueue.{kind}.job-script-prologue", None) or [])
+    options["job_script_prologue"] = [worker_environ_export(), *prologue]
+    with _options_checked(config, cluster_class.__name__):
+        return cluster_class(**options)
+
+
+def _check_submit_command(config: dict[str, Any]) -> None:
+    """Without the batch system's submit command, dask-jobqueue would log a traceback and
+    wait for workers forever."""
+    import dask_jobqueue
+
+    kind = config["type"]
+    submit = getattr(dask_jobqueue, JOBQUEUE_CLASSES[kind]).job_cls.submit_command
+    if shutil.which(submit) is None:
+        raise AirysortError(f"'{submit}' is not on this machine's PATH: --cluster {config.get('_path', kind)} submits "
+                            f"{kind} jobs, so run on the batch system's login node (or use --cluster local)")
+
+
+@contextlib.contextmanager
+def _options_checked(config: dict[str, Any], what: str) -> Iterator[None]:
+    """A ``cluster:`` option the cluster class rejects is one error line naming the file."""
+    try:
+        yield
+    except (TypeError, ValueError) as error:
+        where = config.get("_path", f"type {config.get('type')!r}")
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise AirysortError(f"cluster config {where}: {what} rejects its 'cluster:' options: {first}") from None
 
 
 @contextlib.contextmanager
@@ -185,7 +237,13 @@ def dask_client(spec: str = "local", *, reuse: bool = True) -> Iterator[Any]:
         return
 
     if spec.startswith(("tcp://", "tls://", "ucx://", "inproc://")):
-        with Client(spec) as client:
+        try:
+            client = Client(spec, timeout=SCHEDULER_TIMEOUT)
+        except (OSError, TimeoutError) as error:
+            raise AirysortError(f"cannot reach the Dask scheduler at {spec} within {SCHEDULER_TIMEOUT} "
+                                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                                "is it running, and is the address right?") from None
+        with client:
             yield client
         return
     if spec == "local-threads":
@@ -200,6 +258,8 @@ def dask_client(spec: str = "local", *, reuse: bool = True) -> Iterator[Any]:
         config = {"type": "local"}
     else:
         config = load_cluster_config(spec)
+    if config["type"] in JOBQUEUE_CLASSES:
+        _check_submit_command(config)
     with make_cluster(config) as cluster:
         if config["type"] != "local":
             # Always adapt, with fixed bounds when only ``jobs`` is given: a worker job that

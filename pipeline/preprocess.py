@@ -134,8 +134,12 @@ def sample_shards(raw, n_shards: int):
 
 
 def _sample_picks(raw, n_shards: int) -> np.ndarray:
-    n_blocks = raw.numblocks[0]
-    return np.unique(np.linspace(0, n_blocks - 1, min(n_shards, n_blocks)).round().astype(int))
+    """Blocks spread evenly over the run; a short last block (a partly filled shard) only
+    when there is no other, so that the sample's size, and the statistics drawn from it,
+    do not depend on where the run happens to end."""
+    sizes = raw.chunks[0]
+    usable = len(sizes) - 1 if len(sizes) > 1 and sizes[-1] < sizes[0] else len(sizes)
+    return np.unique(np.linspace(0, usable - 1, min(n_shards, usable)).round().astype(int))
 
 
 def background_median(sample, *, hit_settings: kernels.HitSettings) -> tuple[np.ndarray | None, int]:
@@ -279,8 +283,9 @@ def preprocess_store(
         frame's smaller side, at most 64 (the bright low-q region, where Friedel's law
         holds best and noise matters least).
     stat_shards : int, default=2
-        Shards sampled (evenly over the run) for the hot-pixel mean and the background
-        median.
+        Shards sampled (evenly over the run; whole ones, a partly filled last shard only
+        when there is no other) for the hot-pixel mean, the hit threshold and the
+        background median.
 
     Returns
     -------
@@ -299,7 +304,7 @@ def preprocess_store(
         raise AirysortError(f"--size {size!r} must be between 4 and 2048 pixels")
     if not 0.05 <= crop <= 1.0:
         raise AirysortError(f"--crop {crop!r} must be between 0.05 and 1 (a fraction of the inscribed square's side)")
-    _check_positive(asinh_scale=asinh_scale, hot_sigma=hot_sigma, hit_sigma=hit_sigma)
+    _check_positive(asinh_scale=asinh_scale, hot_sigma=hot_sigma, hit_sigma=hit_sigma, stat_shards=stat_shards)
     _check_positive(min_photons=min_photons, search_radius=search_radius, zero_allowed=True)
     if isinstance(saturation, (int, float)) and not isinstance(saturation, bool):
         _check_positive(saturation=saturation)

@@ -287,7 +287,8 @@ def frame_statistics_block(
     ndarray of float64, shape (n, 3)
         Columns: photon count over all valid pixels (inner + outer), the excess of photons
         in the inner disc over a flat background estimated from the outer annulus, and
-        the Poisson standard deviation of that excess under the flat hypothesis.
+        the Poisson standard deviation of that excess for an empty frame (``dark`` plus
+        a flat level).
     """
     frames = np.asarray(frames)
     n = frames.shape[0]
@@ -308,9 +309,13 @@ def frame_statistics_block(
     sums = raw_sums - dark_sums
     (inner, outer), (n_inner, n_outer) = sums.T, sizes.T
     n_outer = np.maximum(n_outer, 1)
-    # Shot noise follows the counts as measured, before any dark is subtracted.
-    levels = np.maximum(raw_sums[:, 1], 0.0) / n_outer
-    sigma = np.sqrt(n_inner * levels + n_inner**2 * levels / n_outer + 1.0)
+    # Shot noise follows the counts as measured, before any dark is subtracted: under the
+    # null (an empty frame: the dark plus a flat level), the inner disc holds its dark sum
+    # plus the outer annulus's flat excess spread over it. A beam-on dark is not flat (stray
+    # light peaks around the hole), so the inner disc's own dark counts must be in it.
+    (dark_inner, dark_outer), raw_outer = dark_sums.T, np.maximum(raw_sums[:, 1], 0.0)
+    null_inner = np.maximum(dark_inner + n_inner * (raw_sums[:, 1] - dark_outer) / n_outer, 0.0)
+    sigma = np.sqrt(null_inner + (n_inner / n_outer) ** 2 * raw_outer + 1.0)
     expected = n_inner * outer / n_outer
     return np.stack([inner + outer, inner - expected, sigma], axis=1)
 

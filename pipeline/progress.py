@@ -1,6 +1,6 @@
 """Progress bars that work under ``distributed`` (``dask.diagnostics.ProgressBar``
 prints nothing there): futures are counted as they complete and shown with rich on
-stderr."""
+stderr; where stderr is not a terminal (a batch job's log file), as plain lines instead."""
 
 from __future__ import annotations
 
@@ -11,11 +11,15 @@ from typing import Any, Iterable
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
-def progress_bar(description: str) -> Progress:
-    """A rich progress bar on stderr; quiet when stderr is not a terminal."""
+def progress_bar(description: str) -> Progress | LogProgress:
+    """A rich progress bar on stderr, or :class:`LogProgress` lines when stderr is not a
+    terminal (a bar's redrawing would fill a log file; silence would leave a batch job
+    without news for the whole stage)."""
     from rich.console import Console
 
     console = Console(file=sys.stderr)
+    if not console.is_terminal:
+        return LogProgress()
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -24,8 +28,51 @@ def progress_bar(description: str) -> Progress:
         TimeRemainingColumn(),
         console=console,
         transient=False,
-        disable=not console.is_terminal,
     )
+
+
+class LogProgress:
+    """The part of rich's ``Progress`` the commands use, as plain lines on stderr: one when
+    a task starts, then at most one per ``interval`` seconds, and one when it completes."""
+
+    def __init__(self, interval: float = 30.0) -> None:
+        self.interval = interval
+        self._tasks: dict[int, dict[str, Any]] = {}
+
+    def __enter__(self) -> LogProgress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def add_task(self, description: str, total: float | None = None, **_: Any) -> int:
+        task = len(self._tasks)
+        now = time.monotonic()
+        self._tasks[task] = {"description": description, "total": total, "done": 0.0, "start": now, "said": now}
+        self._say(task, now)
+        return task
+
+    def advance(self, task: int, advance: float = 1.0) -> None:
+        self.update(task, advance=advance)
+
+    def update(self, task: int, *, advance: float = 0.0, completed: float | None = None, **_: Any) -> None:
+        state = self._tasks[task]
+        state["done"] = completed if completed is not None else state["done"] + advance
+        now = time.monotonic()
+        finished = state["total"] is not None and state["done"] >= state["total"]
+        if finished or now - state["said"] >= self.interval:
+            self._say(task, now)
+
+    def _say(self, task: int, now: float) -> None:
+        state = self._tasks[task]
+        state["said"] = now
+        elapsed = now - state["start"]
+        total, done = state["total"], state["done"]
+        line = f"{state['description']}: {done:g}" + (f"/{total:g}" if total is not None else "")
+        line += f", {elapsed:.0f} s"
+        if total and 0 < done < total:
+            line += f", about {elapsed * (total - done) / done:.0f} s left"
+        print(line, file=sys.stderr, flush=True)
 
 
 def wait_with_progress(futures: Iterable[Any], description: str) -> list[Any]:
@@ -44,13 +91,32 @@ def wait_with_progress(futures: Iterable[Any], description: str) -> list[Any]:
 
 
 def compute_with_progress(collection: Any, description: str) -> Any:
-    """Compute a Dask collection on the current client with a progress bar."""
-    from distributed import default_client, futures_of
+    """Compute a Dask collection on the current client with a progress bar that counts
+    its parallel tasks (one per chunk; for the writes of ``to_zarr(compute=False)`` one per
+    shard written, not the single task that finalises them)."""
+    import dask
+    from distributed import default_client
 
     client = default_client()
-    persisted = client.persist(collection)
-    wait_with_progress(futures_of(persisted), description)
-    return client.compute(persisted).result()
+    # Optimised once (fusing each shard's read into the task that uses it), and both
+    # submissions below use this same graph: a key must not come with two definitions.
+    (collection,) = dask.optimize(collection)
+    graph = dict(collection.__dask_graph__())
+    futures = client.get(graph, parallel_keys(graph, collection.__dask_keys__()), sync=False)
+    wait_with_progress(futures, description)
+    # The finished keys are reused by the scheduler: this only runs what follows them.
+    return client.compute(collection, optimize_graph=False).result()
+
+
+def parallel_keys(graph: dict, keys: Any) -> list:
+    """The tasks a computation of ``keys`` fans out to: below the chain of single tasks
+    that finalise a result (e.g. a store's finalize → one task per chunk written)."""
+    from dask.core import flatten, get_dependencies
+
+    frontier = list(flatten(keys))
+    while len(frontier) == 1 and (below := get_dependencies(graph, frontier[0])):
+        frontier = sorted(below, key=str)
+    return frontier
 
 
 class StageClock:

@@ -40,6 +40,9 @@ def command(
     hit_sigma: Annotated[float, typer.Option(help="Hit threshold, Poisson standard deviations.")] = 5.0,
     min_photons: Annotated[float, typer.Option(help="Least inner-disc photon excess of a hit.")] = 50.0,
     search_radius: Annotated[float, typer.Option(help="Largest beam-centre offset searched, pixels.")] = 8.0,
+    stat_shards: Annotated[int, typer.Option(
+        help="Shards (256 frames each) sampled evenly over the run for hot pixels, hit threshold and "
+             "background; each is held in worker memory meanwhile.")] = 2,
     cluster: ClusterOption = "local",
     json: JsonOption = False,
 ) -> None:
@@ -58,6 +61,7 @@ def command(
         hit_sigma=hit_sigma,
         min_photons=min_photons,
         search_radius=search_radius,
+        stat_shards=stat_shards,
         cluster=cluster,
     )
     emit(result, json, _summary)

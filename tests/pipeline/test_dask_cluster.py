@@ -188,3 +188,49 @@ def test_a_taken_dashboard_port_is_no_warning(recwarn):
         with make_cluster({"type": "local", "cluster": options}) as cluster:
             assert cluster.dashboard_link and str(port) not in cluster.dashboard_link
     assert not [w for w in recwarn if "already in use" in str(w.message)]
+
+
+def test_cluster_config_mistakes_are_one_error_line(tmp_path, monkeypatch):
+    """Each mistake a user makes in a cluster YAML, or a missing batch system or scheduler,
+    is one line naming it, instead of a traceback, a silently ignored key or a hang."""
+    from pipeline import dask_cluster
+
+    def config(name: str, text: str) -> str:
+        (tmp_path / name).write_text(text)
+        return str(tmp_path / name)
+
+    cases = {
+        config("bad.yaml", "type: slurm\ncluster: [\n"): r"is not valid YAML \(line 3\)",
+        config("top.yaml", "type: slurm\nqueue: gpu\ncluster:\n  cores: 2\n  memory: 4GB\n"):
+            r"unknown top-level key\(s\) \['queue'\].*go under 'cluster:'",
+        config("jobs.yaml", "type: slurm\njobs: two\ncluster:\n  cores: 2\n  memory: 4GB\n"):
+            "'jobs' must be a whole number >= 1, got 'two'",
+    }
+    for path, message in cases.items():
+        with pytest.raises(AirysortError, match=message):
+            load_cluster_config(path)
+    unknown = load_cluster_config(config("unk.yaml", "type: slurm\ncluster:\n  cores: 2\n  memory: 4GB\n  partiton: x\n"))
+    with pytest.raises(AirysortError, match="SLURMCluster rejects its 'cluster:' options: .*'partiton'") as raised:
+        make_cluster(unknown)
+    assert "\n" not in str(raised.value)
+    # No sbatch here: refused before dask-jobqueue tries to submit and waits for ever.
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(AirysortError, match="'sbatch' is not on this machine's PATH"):
+        with dask_client(config("ok.yaml", "type: slurm\ncluster:\n  cores: 2\n  memory: 4GB\n"), reuse=False):
+            pass
+    monkeypatch.setattr(dask_cluster, "SCHEDULER_TIMEOUT", "2s")
+    with pytest.raises(AirysortError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:1 within 2s"):
+        with dask_client("tcp://127.0.0.1:1", reuse=False):
+            pass
+
+
+def test_site_and_user_prologue_lines_reach_the_job_script():
+    """The workers' environment line comes first, then the user's prologue: the config's
+    own, else the site's jobqueue.yaml (which dask-jobqueue ignores once a prologue is given)."""
+    options = {"cores": 1, "memory": "1GB"}
+    with dask.config.set({"jobqueue.slurm.job-script-prologue": ["module load hdf5"]}):
+        script = make_cluster({"type": "slurm", "cluster": dict(options)}).job_script()
+        assert "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON" in script and "module load hdf5" in script
+        assert script.index("PRE_SPAWN_ENVIRON") < script.index("module load hdf5")
+        own = make_cluster({"type": "slurm", "cluster": {**options, "job_script_prologue": ["source env.sh"]}})
+        assert "source env.sh" in own.job_script() and "module load hdf5" not in own.job_script()
