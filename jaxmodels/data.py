@@ -149,6 +149,16 @@ class PatternBatches:
             rows[take] = block[inside - lo]
         return positions, rows
 
+    def rows(self) -> np.ndarray:
+        """Every selected pattern, in the order of ``indices``, float32 (n, H, W): the kept
+        rows when cached, else read shard by shard."""
+        if self._rows is not None:
+            return self._rows
+        positions, rows = self._read(np.arange(len(self.indices)))
+        out = np.empty_like(rows)
+        out[positions] = rows
+        return out
+
     def epoch(self, epoch: int = 0, *, start_batch: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Yield the host batches of ``epoch``, beginning at batch ``start_batch``."""
         order, window_of = self._epoch_order(epoch)

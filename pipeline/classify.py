@@ -398,7 +398,7 @@ def train_classifier(
     validation: dict[str, Any] = {}
     thresholds = np.full(N_CLASSES, 0.5, np.float32)
     if len(valid_idx):
-        rows = np.stack([np.asarray(source[int(p)], np.float32) for p in valid_idx])
+        rows = valid_batches.rows()  # kept from training, or read shard by shard
         probabilities = predict_proba(result.model, rows, mesh=mesh)
         truth = valid_labels.astype(int)
         thresholds = tune_thresholds(probabilities, truth)

@@ -121,8 +121,10 @@ def correlate_store(
     n_patterns = dataset.sizes["pattern"]
     raw = dataset["raw"].data  # one read task per shard (store.open_store)
     shape = tuple(raw.shape[1:])
-    centres = np.stack([dataset["centre_y"].values, dataset["centre_x"].values], axis=1).astype(np.float64)
-    hits = dataset["hit"].values.astype(bool)
+    # Straight from Zarr: through the Dask-backed dataset these small reads took seconds.
+    centres = np.stack([store.read_pattern_values(path, f"centre_{axis}")[:n_patterns] for axis in "yx"],
+                       axis=1).astype(np.float64)
+    hits = store.read_pattern_values(path, "hit")[:n_patterns].astype(bool)
     run_mask = dataset["preprocess_mask"].values.astype(bool)
     preprocess_parameters = store.last_parameters(dataset.attrs, "preprocess")
     level = resolve_saturation(

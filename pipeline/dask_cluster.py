@@ -28,6 +28,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -79,6 +80,8 @@ def load_cluster_config(spec: str) -> dict[str, Any]:
             if spec.endswith((".yaml", ".yml")):
                 raise AirysortError(f"cluster config {spec!r} does not exist")
             known = sorted({p.stem for d in config_directories() if d.is_dir() for p in d.glob("*.yaml")})
+            if re.fullmatch(r"[\w.-]+:\d+", spec):
+                raise AirysortError(f"unknown cluster {spec!r}; a scheduler address needs its scheme: tcp://{spec}")
             raise AirysortError(
                 f"unknown cluster {spec!r}; use 'local', 'local-threads', a scheduler address, "
                 f"a YAML path, or one of: {', '.join(known) or '(no cluster-configs/ found)'}"

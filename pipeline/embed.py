@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -259,6 +260,9 @@ def train_vae(
         _clear_training_state(model_dir)
     write_model_info(model_dir, record)
 
+    say = log if log is not None else (lambda line: print(line, file=sys.stderr, flush=True))
+    say(f"training β-TCVAE ({vae_config.preset} preset, {vae_config.latent_dim} latents) on "
+        f"{len(train_idx)} patterns, validating on {n_valid}, batch {batch_size} over {mesh.size} device(s)")
     model = build_vae(vae_config, seed=train_config.seed)
     result = fit(
         model,
@@ -270,7 +274,7 @@ def train_vae(
         best_dir=model_dir / "best",
         resume=resume,
         mesh=mesh,
-        **({"log": log} if log is not None else {}),
+        log=say,
     )
     final = result.history[-1] if result.history else {}
     record.update(

@@ -115,6 +115,12 @@ class TestPatternBatches:
         shards = len(np.unique(selected // 16))
         assert len(cached.reads) == shards
         assert len(streamed.reads) >= 3 * shards
+        # All rows at once (validation after training), in the selection's order, from
+        # the cache or shard by shard.
+        reads = len(streamed.reads)
+        for batches in (kept, plain):
+            np.testing.assert_array_equal(batches.rows(), data[selected])
+        assert len(cached.reads) == shards and len(streamed.reads) == reads + shards
 
 
 class TestAugment:

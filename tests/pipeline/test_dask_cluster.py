@@ -206,6 +206,7 @@ def test_cluster_config_mistakes_are_one_error_line(tmp_path, monkeypatch):
         config("jobs.yaml", "type: slurm\njobs: two\ncluster:\n  cores: 2\n  memory: 4GB\n"):
             "'jobs' must be a whole number >= 1, got 'two'",
     }
+    cases["10.0.0.5:8786"] = "a scheduler address needs its scheme: tcp://10.0.0.5:8786"
     for path, message in cases.items():
         with pytest.raises(AirysortError, match=message):
             load_cluster_config(path)
