@@ -130,6 +130,8 @@ class TrainConfig:
             )
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every!r}")
+        if self.patience < 0:
+            raise ValueError(f"patience must be >= 0 (0: no early stopping), got {self.patience!r}")
         if self.batch_norm_batches < 0:
             raise ValueError(f"batch_norm_batches must be >= 0, got {self.batch_norm_batches!r}")
         if self.input_cache_mib < 0:

@@ -80,6 +80,32 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _ctrl_c_at_step_boundaries() -> tuple[Callable[[], bool], Callable[[], None]]:
+    """Turn the first Ctrl-C into a request that :func:`fit` honours after the current step
+    (a checkpoint, then ``KeyboardInterrupt``), so an interrupted run loses nothing; a
+    second Ctrl-C interrupts at once. Returns ``(requested, restore)``. Left alone outside
+    the main thread, where the user ignores SIGINT, and in multi-process runs (processes
+    stopping at different steps would wait for each other in the checkpoint's collectives).
+    """
+    import signal
+    import threading
+
+    previous = signal.getsignal(signal.SIGINT)
+    if (threading.current_thread() is not threading.main_thread() or jax.process_count() > 1
+            or previous in (signal.SIG_IGN, None)):
+        return (lambda: False), (lambda: None)
+    requested: list[bool] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(True)
+        print("stopping after this step (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, handler)
+    return (lambda: bool(requested)), (lambda: signal.signal(signal.SIGINT, previous))
+
+
 @dataclass
 class FitResult:
     """What :func:`fit` returns.
@@ -399,7 +425,17 @@ def fit(
             where = "kept in memory" if batches.cached else "read from the store every epoch"
             log(f"{name} patterns: {len(batches.indices)}, {batches.nbytes / 1e6:.0f} MB, {where}")
 
+    def stop_if_asked() -> None:
+        """Ctrl-C was pressed: checkpoint the step just finished, then stop."""
+        if stop_requested():
+            if checkpointer is None:
+                raise KeyboardInterrupt
+            save_checkpoint()
+            raise KeyboardInterrupt(f"training stopped at step {state['step']}, checkpointed in "
+                                    f"{checkpoint_dir}: run the same command to go on from there")
+
     base_key = jax.random.key(config.seed)
+    stop_requested, restore_ctrl_c = _ctrl_c_at_step_boundaries()
     try:
         while not state["finished"] and state["epoch"] < config.epochs:
             epoch = state["epoch"]
@@ -431,6 +467,7 @@ def fit(
                     running = []
                 if state["step"] % config.checkpoint_every == 0 and state["batch"] < steps_per_epoch:
                     save_checkpoint()
+                stop_if_asked()
             if running:
                 epoch_losses.extend(float(v[0]) for v in jax.device_get(running))
 
@@ -460,9 +497,14 @@ def fit(
             state["batch"] = 0
             if state["epoch"] >= config.epochs:
                 state["finished"] = True
-            if state["finished"] or state["step"] % config.checkpoint_every == 0:
+            # Every epoch when epochs are shorter than checkpoint_every (small labelled sets:
+            # otherwise nothing would be saved for many epochs).
+            if (state["finished"] or state["step"] % config.checkpoint_every == 0
+                    or steps_per_epoch < config.checkpoint_every):
                 save_checkpoint()
+            stop_if_asked()
     finally:
+        restore_ctrl_c()
         if checkpointer is not None:
             checkpointer.close()
 

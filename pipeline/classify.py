@@ -320,6 +320,17 @@ def train_classifier(
         )
 
     info_path = model_dir / MODEL_FILE
+    cnn_options = {"input": input, "width": width, "depth": depth,
+                   "attention_stages": (2, 3) if attention else None}
+    train_options = {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
+                     "seed": seed, "validation_fraction": validation_fraction,
+                     "patience": patience, "checkpoint_every": checkpoint_every}
+    try:  # checked before anything in MODEL_DIR is touched
+        cnn_config = CNNConfig(**{k: v for k, v in cnn_options.items() if v is not None})
+        train_config = TrainConfig(**{k: v for k, v in train_options.items() if v is not None})
+    except ValueError as error:
+        raise AirysortError(str(error)) from None
+    labels_digest = _labels_digest(labelled, labels_all[labelled])
     if not resume:
         for name in ("checkpoints", "best", MODEL_FILE):
             target = model_dir / name
@@ -329,6 +340,10 @@ def train_classifier(
                 target.unlink()
     if resume and info_path.exists():
         info = read_model_info(model_dir, kind="cnn")
+        _check_resumable(info, model_dir=model_dir, store_path=store_path, labels_digest=labels_digest,
+                         given={**{k: v for k, v in cnn_options.items() if k != "input"},
+                                **{k: train_options[k] for k in ("batch_size", "learning_rate", "seed",
+                                                                 "validation_fraction")}})
         cnn_config = CNNConfig.from_dict(info["cnn"])
         train_config = TrainConfig.from_dict(info["train"])
         # Options that do not change the model may differ from the interrupted run.
@@ -341,28 +356,15 @@ def train_classifier(
                 f"--input {cnn_config.input} or a new MODEL_DIR"
             )
     else:
-        cnn_options = {"input": input, "width": width, "depth": depth,
-                       "attention_stages": (2, 3) if attention else None}
-        train_options = {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
-                         "seed": seed, "validation_fraction": validation_fraction,
-                         "patience": patience, "checkpoint_every": checkpoint_every}
-        try:
-            cnn_config = CNNConfig(**{k: v for k, v in cnn_options.items() if v is not None})
-            train_config = TrainConfig(**{k: v for k, v in train_options.items() if v is not None})
-        except ValueError as error:
-            raise AirysortError(str(error)) from None
         model_dir.mkdir(parents=True, exist_ok=True)
         info = {"model": "cnn", "status": "training", "store": str(Path(store_path).absolute()),
                 "input": input, "input_shape": list(source.shape[1:]),
                 "preprocessing": input_preprocessing(dataset.attrs, input),
+                "labels_digest": labels_digest,
                 "class_names": list(CLASS_NAMES), "cnn": to_dict(cnn_config),
                 "train": to_dict(train_config)}
         write_model_info(model_dir, info)
-    if list(source.shape[1:]) != list(info["input_shape"]):
-        raise AirysortError(
-            f"{input!r} patterns of {str(store_path)!r} are {tuple(source.shape[1:])!r} but the "
-            f"model in {str(model_dir)!r} was built for {tuple(info['input_shape'])!r}"
-        )
+    _check_input_shape(source.shape[1:], info, store_path=store_path, model_dir=model_dir)
     check_preprocessing(info, dataset.attrs, input=input, store_path=store_path, model_dir=model_dir)
 
     train_idx, valid_idx = _split(labelled, labels_all[labelled],
@@ -409,9 +411,14 @@ def train_classifier(
             "macro_f1": macro_f1(truth, predicted)[0],
             "n": int(len(valid_idx)),
         }
+    unchanged = result.resumed_from is not None and result.steps == result.resumed_from and "model_id" in info
+    if unchanged:  # a finished run called again: the same weights keep their id
+        say(f"nothing to train: {str(model_dir)!r} finished under these settings "
+            "(raise --epochs or --patience to go on)")
     info.update({
         "status": "trained",
-        "model_id": f"cnn-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}",
+        "model_id": info["model_id"] if unchanged else
+        f"cnn-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}",
         "thresholds": [float(t) for t in thresholds],
         "train": to_dict(train_config),
         "n_train": int(len(train_idx)), "n_valid": int(len(valid_idx)),
@@ -429,6 +436,52 @@ def train_classifier(
         "thresholds": dict(zip(CLASS_NAMES, info["thresholds"])),
         "validation": validation, "seconds": round(time.perf_counter() - start, 2),
     }
+
+
+def _check_input_shape(shape, info: dict, *, store_path, model_dir) -> None:
+    """Refuse inputs of another shape than the model's, naming the command that makes them."""
+    if list(shape) == list(info["input_shape"]):
+        return
+    if info["input"] == "image":
+        remedy = f"airysort preprocess {store_path} --size {info['input_shape'][0]}"
+    else:
+        remedy = f"airysort correlate {store_path} --n-q {info['input_shape'][0]} --n-phi {info['input_shape'][-1]}"
+    raise AirysortError(
+        f"{info['input']!r} patterns of {str(store_path)!r} are {tuple(shape)!r} but the model in "
+        f"{str(model_dir)!r} was trained on {tuple(info['input_shape'])!r}; run '{remedy}' first")
+
+
+def _labels_digest(patterns: np.ndarray, labels: np.ndarray) -> str:
+    """Fingerprint of the labelled patterns and their labels (what the split is drawn from)."""
+    import hashlib
+
+    digest = hashlib.sha256(np.ascontiguousarray(patterns, np.int64).tobytes())
+    digest.update(np.ascontiguousarray(labels, np.int8).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _check_resumable(info: dict, *, model_dir: Path, store_path, labels_digest: str, given: dict) -> None:
+    """Refuse to resume a run whose architecture, optimiser or data would silently change:
+    the checkpoint keeps its own, so an option given now would be ignored, and new labels
+    would be split anew (former training patterns validating the model)."""
+    fresh = "pass --fresh to start again with them (or use a new MODEL_DIR)"
+    saved_store = info.get("store")
+    if saved_store and Path(saved_store).resolve() != Path(store_path).resolve():
+        raise AirysortError(f"{str(model_dir)!r} began training on {saved_store!r}, not {str(store_path)!r}; "
+                            f"resume it there, or {fresh}")
+    if info.get("labels_digest") not in (None, labels_digest):
+        raise AirysortError(f"the labels of {str(store_path)!r} changed since {str(model_dir)!r} began training; "
+                            f"{fresh}")
+    saved = {**info.get("cnn", {}), **info.get("train", {})}
+    if given.get("attention_stages") is not None:
+        given["attention_stages"] = list(given["attention_stages"])
+    differ = [name for name, value in given.items()
+              if value is not None and name in saved and saved[name] != value]
+    if differ:
+        names = {"attention_stages": "attention"}
+        said = ", ".join(f"--{names.get(n, n).replace('_', '-')} {given[n]!r} (saved: {saved[n]!r})" for n in differ)
+        raise AirysortError(f"{str(model_dir)!r} was trained with other settings than {said}; resuming keeps "
+                            f"the saved ones: drop these options to resume, or {fresh}")
 
 
 def _stderr(message: str) -> None:
@@ -494,12 +547,7 @@ def predict_store(
     info = finished_classifier_info(model_dir)
     dataset, _ = _input_array(store_path, info["input"])
     inputs = dataset[info["input"]].data
-    if list(inputs.shape[1:]) != list(info["input_shape"]):
-        raise AirysortError(
-            f"{info['input']!r} patterns of {str(store_path)!r} are {tuple(inputs.shape[1:])!r} "
-            f"but the model was trained on {tuple(info['input_shape'])!r}; preprocess with the "
-            "same --size"
-        )
+    _check_input_shape(inputs.shape[1:], info, store_path=store_path, model_dir=model_dir)
     check_preprocessing(info, dataset.attrs, input=info["input"], store_path=store_path, model_dir=model_dir)
     n_total = inputs.shape[0]
     if start and dataset.get("prob") is not None and dataset["prob"].attrs.get("model_id") != info["model_id"]:
@@ -583,6 +631,7 @@ def explain_patterns(
 
     model, info = load_classifier(model_dir)
     dataset, source = _input_array(store_path, info["input"])
+    _check_input_shape(source.shape[1:], info, store_path=store_path, model_dir=model_dir)
     check_preprocessing(info, dataset.attrs, input=info["input"], store_path=store_path, model_dir=model_dir)
     n = dataset.sizes["pattern"]
     bad = [i for i in indices if not 0 <= i < n]
@@ -612,8 +661,9 @@ def explain_patterns(
             name = CLASS_NAMES[c].replace("/", "-")
             path = out_dir / f"pattern{index:06d}_{name}.png"
             figure, axes = plt.subplots(figsize=(4.5, 4.5), dpi=100)
-            axes.imshow(image, cmap="gray", origin="lower")
-            overlay = axes.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1, origin="lower")
+            # Row 0 at the top, as in the label sheets and galleries.
+            axes.imshow(image, cmap="gray")
+            overlay = axes.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
             figure.colorbar(overlay, ax=axes, fraction=0.046, pad=0.04, label="Grad-CAM++")
             axes.set_title(f"pattern {index} ({shot_ids[index]})\n{CLASS_NAMES[c]}: "
                            f"p = {probabilities[c]:.2f}", fontsize=9)

@@ -25,7 +25,7 @@ import xarray as xr
 from sklearn import metrics
 
 from pipeline.errors import AirysortError
-from pipeline.taxonomy import CLASS_NAMES, N_CLASSES, coarse_group
+from pipeline.taxonomy import CLASS_NAMES, N_CLASSES, coarse_group, taxonomy_problem
 
 #: Variables that may record which labelled patterns trained the classifier.
 SPLIT_VARIABLES = ("label_role", "train_split")
@@ -33,7 +33,7 @@ SPLIT_VARIABLES = ("label_role", "train_split")
 TRAINING_ROLES = frozenset({"train", "training", "val", "valid", "validation"})
 
 
-def read_truth_csv(path: str | Path, shot_ids: np.ndarray) -> tuple[np.ndarray, int]:
+def read_truth_csv(path: str | Path, shot_ids: np.ndarray) -> tuple[np.ndarray, int, list[str]]:
     """Read a label CSV and align it with the store's patterns.
 
     Parameters
@@ -49,6 +49,9 @@ def read_truth_csv(path: str | Path, shot_ids: np.ndarray) -> tuple[np.ndarray, 
         0/1 where the CSV has a row for the pattern, −1 elsewhere.
     unmatched : int
         CSV rows whose ``shot_id`` is not in the store.
+    bad_rows : list of str
+        One line per row left out as ``airysort label`` would reject it (no class set, or
+        classes the taxonomy does not allow together), ``"line N: reason"``.
     """
     import pandas as pd
 
@@ -93,8 +96,17 @@ def read_truth_csv(path: str | Path, shot_ids: np.ndarray) -> tuple[np.ndarray, 
             f"{table['shot_id'].iloc[0]!r}, first store id {str(shot_ids[0])!r}); "
             "the ids must equal the store's shot_id coordinate (see `airysort info`)"
         )
-    truth[rows[found].astype(int).to_numpy()] = values[found]
-    return truth, int((~found).sum())
+    # Rows `label` would reject are truths no classifier can match: left out, and said.
+    bad_rows = []
+    usable = found.copy()
+    for position in np.flatnonzero(found):
+        row = values[position]
+        problem = "no class set (not filled in?)" if not row.any() else taxonomy_problem(row)
+        if problem:
+            usable[position] = False
+            bad_rows.append(f"shot_id {table['shot_id'].iloc[position]!r}: {problem}; left out")
+    truth[rows[usable].astype(int).to_numpy()] = values[usable]
+    return truth, int((~found).sum()), bad_rows
 
 
 def training_mask(dataset: xr.Dataset) -> tuple[np.ndarray | None, str | None]:
@@ -242,7 +254,8 @@ def evaluate_store(path: str | Path, *, truth_csv: str | Path | None = None) -> 
         training patterns are known and excluded, else ``"all_labelled"``),
         ``classification.excluded_training``, ``classification.groups`` (the predicted
         coarse groups scored as a clustering of the scored patterns,
-        :func:`predicted_group_scores`), ``truth_unmatched_rows`` (CSV only).
+        :func:`predicted_group_scores`), ``truth_unmatched_rows`` and ``truth_bad_rows`` (CSV
+        only: rows not in the store, and rows left out as `label` would reject them).
     """
     from pipeline import store
 
@@ -258,7 +271,8 @@ def evaluate_store(path: str | Path, *, truth_csv: str | Path | None = None) -> 
         )
     result: dict[str, Any] = {}
     if truth_csv is not None:
-        truth, unmatched = read_truth_csv(truth_csv, dataset["shot_id"].values)
+        truth, unmatched, bad_rows = read_truth_csv(truth_csv, dataset["shot_id"].values)
+        result["truth_bad_rows"] = bad_rows
         result["truth"] = str(truth_csv)
         result["truth_unmatched_rows"] = unmatched
     elif "label" in dataset:

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
+
 from pipeline.errors import AirysortError
 
 MODEL_FILE = "model.json"
@@ -49,15 +51,31 @@ def write_model_info(model_dir: Path, info: dict[str, Any]) -> None:
 IMAGE_PREPROCESSING = {"crop": 1.0, "scaling": "log", "asinh_scale": 1.0}
 
 
+#: What makes a ``ccf`` look as it does (``airysort correlate``'s options): the ring radii
+#: are compared within :data:`RING_TOLERANCE`, since their defaults follow each store's
+#: hole and refined centres.
+CCF_PREPROCESSING = {"n_q": 64, "n_phi": 128, "variant": "auto", "r_min": None, "r_max": None}
+RING_TOLERANCE = {"rtol": 0.1, "atol": 2.0}  # pixels
+
+
 def input_preprocessing(attrs: Mapping[str, Any], input: str) -> dict[str, Any]:
-    """The :data:`IMAGE_PREPROCESSING` parameters behind a store's ``input`` (store
-    attributes ``attrs``); empty for inputs other than ``image``."""
+    """The parameters behind a store's ``input`` (store attributes ``attrs``): those of
+    :data:`IMAGE_PREPROCESSING` for ``image``, of :data:`CCF_PREPROCESSING` for ``ccf``."""
     from pipeline.store import last_parameters
 
+    if input == "ccf":
+        done = last_parameters(attrs, "correlate")
+        return {name: done.get(name, default) for name, default in CCF_PREPROCESSING.items()}
     if input != "image":
         return {}
     done = last_parameters(attrs, "preprocess")
     return {name: done.get(name, default) for name, default in IMAGE_PREPROCESSING.items()}
+
+
+def _same(name: str, expected: Any, found: Any) -> bool:
+    if name in ("r_min", "r_max") and expected is not None and found is not None:
+        return bool(np.isclose(found, expected, **RING_TOLERANCE))
+    return found == expected
 
 
 def check_preprocessing(info: Mapping[str, Any], attrs: Mapping[str, Any], *, input: str, store_path, model_dir) -> None:
@@ -70,12 +88,14 @@ def check_preprocessing(info: Mapping[str, Any], attrs: Mapping[str, Any], *, in
     if not expected:
         return
     found = input_preprocessing(attrs, input)
-    differ = [name for name, value in expected.items() if found.get(name) != value]
+    differ = [name for name, value in expected.items() if not _same(name, value, found.get(name))]
     if differ:
         wanted = " ".join(f"--{name.replace('_', '-')} {expected[name]}" for name in differ)
         got = ", ".join(f"{name} {found.get(name)!r}" for name in differ)
+        command = "correlate" if input == "ccf" else "preprocess"
+        wanted = wanted.replace("--variant cross", "--cross-q").replace("--variant auto", "")
         raise AirysortError(
             f"{input!r} of {str(store_path)!r} was preprocessed with {got}, but the model in "
-            f"{str(model_dir)!r} was trained on images made with {wanted}; run "
-            f"'airysort preprocess {store_path} {wanted}' first"
+            f"{str(model_dir)!r} was trained on inputs made with {wanted.strip()}; run "
+            f"'airysort {command} {store_path} {wanted.strip()}' first"
         )

@@ -146,7 +146,7 @@ def section_metrics(dataset, evaluation: dict[str, Any] | None, truth_csv: str |
         text += f"<p class='note'>Note: {html.escape(result['note'])}</p>"
     # the same patterns evaluate scored: held-out ones when the training set is known
     if truth_csv is not None:
-        truth, _ = read_truth_csv(truth_csv, dataset["shot_id"].values)
+        truth, _, _ = read_truth_csv(truth_csv, dataset["shot_id"].values)
     else:
         truth = np.asarray(dataset["label"].values)
     trained, _ = training_patterns(dataset, external_truth=truth_csv is not None)
@@ -265,14 +265,21 @@ def write_report(
     """
     from pipeline.evaluate import evaluate_store
 
+    for name, given in (("--explain-dir", explain_dir), ("--latent-dir", latent_dir),
+                        ("--benchmark-dir", benchmark_dir)):
+        if given is not None and not Path(given).is_dir():
+            raise AirysortError(f"{name} {str(given)!r} is not a directory")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dataset = store.open_store(path)
     info = store_info(path)
-    try:
+    if truth_csv is not None:  # asked for: what keeps it from scoring is the user's to know
         evaluation = evaluate_store(path, truth_csv=truth_csv)
-    except AirysortError:
-        evaluation = None  # nothing to score yet (no predictions/clusters or no labels)
+    else:
+        try:
+            evaluation = evaluate_store(path)
+        except AirysortError:
+            evaluation = None  # nothing to score yet (no predictions/clusters or no labels)
 
     def default(given, name):
         return Path(given) if given is not None else (out / name if (out / name).is_dir() else None)

@@ -63,12 +63,15 @@ def user_errors(function: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return function(*args, **kwargs)
-        except (AirysortError, FileNotFoundError) as error:
+        except (AirysortError, OSError) as error:  # OSError: a path that is a directory, unwritable...
             say(f"ERROR: {error}")
             raise typer.Exit(code=1) from None
-        except KeyboardInterrupt:
-            say("ERROR: interrupted; the store keeps what was complete ('airysort info' names anything "
-                "left incomplete): run the command again to finish")
+        except KeyboardInterrupt as stopped:
+            if stopped.args:  # the command says what it kept (train: its checkpoint)
+                say(f"ERROR: interrupted; {stopped.args[0]}")
+            else:
+                say("ERROR: interrupted; the store keeps what was complete ('airysort info' names anything "
+                    "left incomplete): run the command again to finish")
             raise typer.Exit(code=130) from None
 
     return wrapper

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.cli.common import JsonOption, emit, user_errors
+from pipeline.cli.common import JsonOption, emit, say, user_errors
 
 
 @user_errors
@@ -23,4 +23,7 @@ def command(
     every clustering against the coarse groups."""
     from pipeline.evaluate import evaluate_store, format_report
 
-    emit(evaluate_store(store, truth_csv=truth), json, format_report)
+    result = evaluate_store(store, truth_csv=truth)
+    for line in result.get("truth_bad_rows", []):
+        say(f"WARNING: {line}")
+    emit(result, json, format_report)

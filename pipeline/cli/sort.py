@@ -19,8 +19,12 @@ def command(
     json: JsonOption = False,
 ) -> None:
     """Per-class and per-cluster index lists (CSV) and galleries (PNG)."""
+    from pipeline.errors import AirysortError
     from pipeline.sort import export_patterns, safe_name, sort_store
+    from pipeline.taxonomy import CLASS_NAMES
 
+    if export and export not in CLASS_NAMES:  # before the lists and galleries are written
+        raise AirysortError(f"unknown class {export!r}; choose one of: {', '.join(CLASS_NAMES)}")
     result = sort_store(store, out_dir)
     if export:
         target = export_to or Path(out_dir) / f"{safe_name(export)}.cxi"

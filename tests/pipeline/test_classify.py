@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from typer.testing import CliRunner
 
 from pipeline import store
 from pipeline.cli.main import app
+from pipeline.errors import AirysortError
 from pipeline.ingest import ingest
 from pipeline.taxonomy import CLASS_NAMES, decide, multi_hot
 
@@ -207,6 +209,93 @@ def test_label_train_killed_resume_predict_explain(ring_store, tmp_path):
     assert run_cli("predict", path, model_dir, "--cluster", "local-threads").exit_code == 0
 
 
+def test_resuming_refuses_what_it_would_silently_change_and_keeps_a_finished_model(tmp_path, dask_threads):
+    """A resumed run keeps the checkpoint's architecture, optimiser and data split, so an
+    option that differs, new labels or another store are refused; an invalid option never
+    costs the trained model; a finished run called again keeps its id."""
+    path = tmp_path / "s.zarr"
+    truth = make_ring_store(path, n=40, client=dask_threads)
+    shots = store.open_store(path)["shot_id"].values.astype(object)
+    assert run_cli("label", path, write_label_csv(tmp_path / "l.csv", shots[:30], truth[:30])).exit_code == 0
+    model_dir = tmp_path / "m"
+    options = ["--model", "cnn", "--depth", "10", "--width", "4", "--epochs", "1"]
+    assert run_cli("train", path, model_dir, *options).exit_code == 0
+    trained = json.loads((model_dir / "model.json").read_text())
+
+    result = run_cli("train", path, model_dir, *options, "--json")
+    assert result.exit_code == 0 and "nothing to train" in result.stderr, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["model_id"] == trained["model_id"]
+
+    refused = {
+        ("--width", "8"): "--width 8 (saved: 4)",
+        ("--learning-rate", "0.1"): "--learning-rate 0.1 (saved: 0.001)",
+    }
+    for extra, message in refused.items():
+        result = run_cli("train", path, model_dir, *options, *extra)
+        assert result.exit_code == 1 and message in result.stderr and "--fresh" in result.stderr, result.output
+    result = run_cli("train", path, model_dir, "--fresh", "--depth", "50")
+    assert result.exit_code == 1 and "depth" in result.stderr
+    assert json.loads((model_dir / "model.json").read_text())["model_id"] == trained["model_id"]  # untouched
+
+    other = tmp_path / "other.zarr"
+    other_truth = make_ring_store(other, n=40, client=dask_threads)
+    other_shots = store.open_store(other)["shot_id"].values.astype(object)
+    assert run_cli("label", other, write_label_csv(tmp_path / "o.csv", other_shots, other_truth)).exit_code == 0
+    result = run_cli("train", other, model_dir, *options)
+    assert result.exit_code == 1 and "began training on" in result.stderr
+    assert run_cli("label", path, write_label_csv(tmp_path / "more.csv", shots[30:], truth[30:])).exit_code == 0
+    result = run_cli("train", path, model_dir, *options, "--epochs", "2")
+    assert result.exit_code == 1 and "labels of" in result.stderr and "changed" in result.stderr
+    result = run_cli("train", path, tmp_path / "m2", *options, "--patience", "-1")
+    assert result.exit_code == 1 and "patience must be >= 0" in result.stderr
+
+    # Mistakes around the trained model are one ERROR line each, found before any output.
+    assert run_cli("predict", path, model_dir, "--cluster", "local-threads").exit_code == 0
+    result = run_cli("sort", path, tmp_path / "sorted", "--export", "Bogus")
+    assert result.exit_code == 1 and "unknown class 'Bogus'" in result.stderr and not (tmp_path / "sorted").exists()
+    (tmp_path / "adir").mkdir()
+    result = run_cli("sort", path, tmp_path / "sorted", "--export", "Round", "--export-to", tmp_path / "adir")
+    assert result.exit_code == 1 and result.stderr.startswith("ERROR:") and "Traceback" not in result.output
+    result = run_cli("report", path, tmp_path / "report", "--truth", tmp_path / "missing.csv")
+    assert result.exit_code == 1 and "does not exist" in result.stderr
+    # Images of another size: explain refuses as predict does, naming the command.
+    store.write_variables(path, {"image": xr.DataArray(np.zeros((40, 16, 16), np.float32),
+                                                       dims=("pattern", "iy", "ix"))}, command="test", parameters={})
+    for command in (["explain", path, model_dir, "--index", "1", "--out", tmp_path / "ex"],
+                    ["predict", path, model_dir, "--cluster", "local-threads"]):
+        result = run_cli(*command)
+        assert result.exit_code == 1 and f"run 'airysort preprocess {path} --size 32' first" in result.stderr, \
+            result.output
+
+
+def test_ctrl_c_in_training_checkpoints_the_step_it_finished(tmp_path, dask_threads):
+    """Ctrl-C during `airysort train` (a real process): the step in hand finishes and is
+    checkpointed, the run stops with status 130 and one line naming the checkpoint, and the
+    same command goes on from that step. Here an epoch is one step, fewer than
+    --checkpoint-every: without this nothing would have been saved."""
+    path = tmp_path / "s.zarr"
+    truth = make_ring_store(path, n=40, client=dask_threads)
+    shots = store.open_store(path)["shot_id"].values.astype(object)
+    assert run_cli("label", path, write_label_csv(tmp_path / "l.csv", shots, truth)).exit_code == 0
+    command = [sys.executable, "-m", "pipeline.cli.main", "train", str(path), str(tmp_path / "m"), "--model", "cnn",
+               "--depth", "10", "--width", "4", "--patience", "0"]
+    process = subprocess.Popen([*command, "--epochs", "1000"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in process.stderr:  # wait until training runs
+        lines.append(line)
+        if line.startswith("epoch 3/"):
+            process.send_signal(signal.SIGINT)
+            break
+    rest = process.communicate(timeout=300)[1]
+    assert process.returncode == 130, "".join(lines) + rest
+    stopped = re.search(r"ERROR: interrupted; training stopped at step (\d+), checkpointed in", rest)
+    assert stopped, rest
+    again = subprocess.run([*command, "--epochs", "1000", "--patience", "1"], cwd=REPO, capture_output=True,
+                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert f"resuming from step {stopped[1]} " in again.stderr, again.stderr[-2000:]
+
+
 def test_train_without_labels_is_one_error_line(tmp_path, dask_threads):
     path = tmp_path / "s.zarr"
     make_ring_store(path, n=8, client=dask_threads)
@@ -288,3 +377,22 @@ def test_a_model_trained_without_validation_predicts(ring_store, tmp_path):
     result = run_cli("predict", path, model_dir, "--cluster", "local-threads", "--json")
     assert result.exit_code == 0, result.output
     assert np.isfinite(store.open_store(path)["prob"].values).all()
+
+
+def test_a_ccf_model_refuses_correlations_made_on_other_rings():
+    """A classifier on `ccf` records how the correlations were made; other rings or
+    sampling are refused with the `correlate` command that matches, while the ring radii
+    that each store's own hole and centres set may differ a little."""
+    from pipeline.model_dir import check_preprocessing, input_preprocessing
+
+    def attrs(**parameters):
+        made = {"n_q": 64, "n_phi": 128, "variant": "auto", "r_min": 8.0, "r_max": 61.4, "min_overlap": 0.25}
+        return {"provenance": [{"command": "correlate", "parameters": {**made, **parameters}}]}
+
+    info = {"preprocessing": input_preprocessing(attrs(), "ccf")}
+    assert info["preprocessing"] == {"n_q": 64, "n_phi": 128, "variant": "auto", "r_min": 8.0, "r_max": 61.4}
+    check_preprocessing(info, attrs(r_min=8.6, r_max=60.0), input="ccf", store_path="s.zarr", model_dir="m")
+    with pytest.raises(AirysortError, match=r"run 'airysort correlate s.zarr --r-min 8.0 --r-max 61.4' first"):
+        check_preprocessing(info, attrs(r_min=14.0, r_max=30.0), input="ccf", store_path="s.zarr", model_dir="m")
+    with pytest.raises(AirysortError, match=r"'airysort correlate s.zarr --n-phi 128' first"):
+        check_preprocessing(info, attrs(n_phi=64), input="ccf", store_path="s.zarr", model_dir="m")

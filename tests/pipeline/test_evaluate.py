@@ -192,6 +192,16 @@ class TestEvaluateCommand:
         joined.write_text("\n".join([header, *lines[1:60], header, *lines[60:]]) + "\n")
         again = run_json("evaluate", str(evaluated_store["path"]), "--truth", str(joined))
         assert again["classification"] == result["classification"]
+        # Rows `label` rejects (an unfilled row, classes that exclude each other) are left
+        # out and named, not scored.
+        bad = table.copy()
+        bad.loc[0, list(CLASS_NAMES)] = 0
+        bad.loc[1, list(CLASS_NAMES)] = 1
+        bad.to_csv(evaluated_store["tmp"] / "bad.csv", index=False)
+        scored = run_json("evaluate", str(evaluated_store["path"]), "--truth", str(evaluated_store["tmp"] / "bad.csv"))
+        assert len(scored["truth_bad_rows"]) == 2 and "no class set" in scored["truth_bad_rows"][0]
+        left_out = sum(1 for row in rows[:2] if (evaluated_store["label"][row] < 0).any())
+        assert scored["classification"]["n"] == result["classification"]["n"] - left_out
 
     def test_classifier_trained_on_every_truth_pattern_leaves_the_clusterings_scored(self, evaluated_store, tmp_path):
         """A store labelled throughout (simulated or CXIDB 94 files carry labels): the

@@ -12,14 +12,18 @@ from typer.testing import CliRunner
 from pipeline import store
 from pipeline.cli.main import app
 from pipeline.ingest import ingest
-from tests.factories import random_frames, random_labels, write_stacked_cxi
+from pipeline.taxonomy import REAL_COMBINATIONS, multi_hot
+from tests.factories import random_frames, write_stacked_cxi
 
 
 @pytest.fixture
 def evaluated_store(tmp_path, dask_threads):
     n = 120
     rng = np.random.default_rng(0)
-    labels = random_labels(n)
+    # Label rows as a researcher could give them (taxonomy-consistent: evaluate leaves out
+    # rows that `label` would reject), drawn from the real set's combinations.
+    combinations = [names for _, names in REAL_COMBINATIONS]
+    labels = np.stack([multi_hot(combinations[i]) for i in rng.integers(0, len(combinations), n)]).astype(np.int8)
     path = tmp_path / "s.zarr"
     ingest(path, [write_stacked_cxi(tmp_path / "a.cxi", random_frames(n, shape=(16, 16)), labels=labels)], log=lambda line: None)
     flip = rng.uniform(size=labels.shape) < 0.1
