@@ -119,6 +119,10 @@ def section_classes(dataset) -> str | None:
     return "<h2>Class distribution</h2>" + _img(_figure_uri(figure), "class distribution") + _table(["class", *series], rows)
 
 
+#: How evaluate chose the scored patterns, in words.
+SCORED_WORDS = {"held_out": "held out from training", "all_labelled": "all labelled, training patterns included"}
+
+
 def section_metrics(dataset, evaluation: dict[str, Any] | None, truth_csv: str | os.PathLike | None = None) -> str | None:
     if evaluation and "classification_not_scored" in evaluation:
         return f"<h2>Classification</h2><p class='note'>Not scored: {html.escape(evaluation['classification_not_scored'])}.</p>"
@@ -136,7 +140,8 @@ def section_metrics(dataset, evaluation: dict[str, Any] | None, truth_csv: str |
     rows = [[name, m["precision"], m["recall"], m["f1"], m["support"]] for name, m in result["per_class"].items()]
     text = (
         f"<h2>Classification</h2><p>Scored on {result['n']} patterns "
-        f"({html.escape(str(result.get('scored', '')))}; truth: {html.escape(str(evaluation.get('truth')))}). "
+        f"({SCORED_WORDS.get(result.get('scored'), html.escape(str(result.get('scored', ''))))}; "
+        f"truth: {html.escape(str(evaluation.get('truth')))}). "
         f"Micro F1 <b>{result['micro_f1']:.3f}</b>, macro F1 <b>{result['macro_f1']:.3f}</b>"
         f" (over the {len(result['macro_classes'])} classes in the truth or "
         "the predictions).</p>"

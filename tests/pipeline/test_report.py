@@ -90,7 +90,7 @@ def test_report_with_truth_scores_only_held_out_patterns(evaluated_store, tmp_pa
     result = CliRunner().invoke(app, ["report", str(path), str(tmp_path / "out"), "--truth", str(truth_csv)])
     assert result.exit_code == 0, result.output
     document = (tmp_path / "out" / "report.html").read_text()
-    assert f"Scored on {len(labels) - 30} patterns (held_out" in document
+    assert f"Scored on {len(labels) - 30} patterns (held out from training" in document
     from sklearn.metrics import f1_score
 
     held_out = ~trained
