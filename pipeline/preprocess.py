@@ -122,7 +122,8 @@ def frame_statistics(raw, *, hit_settings: kernels.HitSettings):
 
 def _frame_statistics_block(frames, hit_settings: kernels.HitSettings) -> np.ndarray:
     return kernels.frame_statistics_block(
-        frames, regions=hit_settings.regions, dark=hit_settings.dark, saturation=hit_settings.saturation
+        frames, regions=hit_settings.regions, dark=hit_settings.dark, saturation=hit_settings.saturation,
+        read_noise=hit_settings.read_noise,
     )
 
 
@@ -243,6 +244,7 @@ def preprocess_store(
     search_radius: float = 8.0,
     centre_window: int | None = None,
     stat_shards: int = 2,
+    read_noise: float = 0.0,
 ) -> dict[str, Any]:
     """Preprocess every frame of a store into ``image``; find hits, centres, background.
 
@@ -286,6 +288,9 @@ def preprocess_store(
         Shards sampled (evenly over the run; whole ones, a partly filled last shard only
         when there is no other) for the hot-pixel mean, the hit threshold and the
         background median.
+    read_noise : float, default=0.0
+        Detector read noise, photons rms per pixel, for hit finding (calibrated detectors
+        writing float photons; 0 for photon counts).
 
     Returns
     -------
@@ -305,7 +310,7 @@ def preprocess_store(
     if not 0.05 <= crop <= 1.0:
         raise AirysortError(f"--crop {crop!r} must be between 0.05 and 1 (a fraction of the inscribed square's side)")
     _check_positive(asinh_scale=asinh_scale, hot_sigma=hot_sigma, hit_sigma=hit_sigma, stat_shards=stat_shards)
-    _check_positive(min_photons=min_photons, search_radius=search_radius, zero_allowed=True)
+    _check_positive(min_photons=min_photons, search_radius=search_radius, read_noise=read_noise, zero_allowed=True)
     if isinstance(saturation, (int, float)) and not isinstance(saturation, bool):
         _check_positive(saturation=saturation)
     dataset = store.open_store(path)
@@ -344,6 +349,7 @@ def preprocess_store(
         saturation=level,
         n_sigma=hit_sigma,
         min_photons=min_photons,
+        read_noise=read_noise,
     )
     clock.lap("hot_pixels")
 
@@ -380,6 +386,7 @@ def preprocess_store(
         "hot_sigma": hot_sigma,
         "hit_sigma": hit_sigma,
         "min_photons": min_photons,
+        "read_noise": read_noise,
         "hit_threshold": threshold,
         "search_radius": search_radius,
         "centre_window": centre_window,
@@ -435,6 +442,7 @@ def run_settings(
         n_sigma=parameters["hit_sigma"],
         min_photons=parameters["min_photons"],
         threshold=parameters["hit_threshold"],
+        read_noise=parameters.get("read_noise", 0.0),  # not recorded before it existed
     )
     settings = kernels.PreprocessSettings(
         mask=run_mask,

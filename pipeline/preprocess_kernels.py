@@ -268,6 +268,7 @@ def frame_statistics_block(
     regions: HitRegions,
     dark: np.ndarray | None = None,
     saturation: float | None = None,
+    read_noise: float = 0.0,
 ) -> np.ndarray:
     """Per-frame photon statistics for hit finding.
 
@@ -281,6 +282,10 @@ def frame_statistics_block(
         Subtracted before counting.
     saturation : float, optional
         Pixels at or above this count are left out.
+    read_noise : float, default=0.0
+        Read noise per pixel, photons rms (calibrated detectors): added to the shot noise
+        of every pixel summed. Without it, an empty frame's read noise summed over the
+        inner disc looks like an excess (10 % of empty 1024² frames at 0.15 photons rms).
 
     Returns
     -------
@@ -315,7 +320,8 @@ def frame_statistics_block(
     # light peaks around the hole), so the inner disc's own dark counts must be in it.
     (dark_inner, dark_outer), raw_outer = dark_sums.T, np.maximum(raw_sums[:, 1], 0.0)
     null_inner = np.maximum(dark_inner + n_inner * (raw_sums[:, 1] - dark_outer) / n_outer, 0.0)
-    sigma = np.sqrt(null_inner + (n_inner / n_outer) ** 2 * raw_outer + 1.0)
+    reads = read_noise**2 * n_inner * (1.0 + n_inner / n_outer)  # inner sum, and the scaled outer one
+    sigma = np.sqrt(null_inner + (n_inner / n_outer) ** 2 * raw_outer + reads + 1.0)
     expected = n_inner * outer / n_outer
     return np.stack([inner + outer, inner - expected, sigma], axis=1)
 
@@ -457,6 +463,8 @@ class HitSettings:
         Counts at or above which a pixel is left out.
     n_sigma, min_photons, threshold : float
         Thresholds of :func:`is_hit`.
+    read_noise : float
+        Detector read noise, photons rms per pixel (:func:`frame_statistics_block`).
     """
 
     regions: HitRegions
@@ -465,6 +473,7 @@ class HitSettings:
     n_sigma: float = 5.0
     min_photons: float = 50.0
     threshold: float = 0.0
+    read_noise: float = 0.0
 
 
 def find_hits_block(frames: np.ndarray, *, hit_settings: HitSettings) -> tuple[np.ndarray, np.ndarray]:
@@ -477,7 +486,8 @@ def find_hits_block(frames: np.ndarray, *, hit_settings: HitSettings) -> tuple[n
     hits : ndarray of bool, shape (n,)
     """
     statistics = frame_statistics_block(
-        frames, regions=hit_settings.regions, dark=hit_settings.dark, saturation=hit_settings.saturation
+        frames, regions=hit_settings.regions, dark=hit_settings.dark, saturation=hit_settings.saturation,
+        read_noise=hit_settings.read_noise,
     )
     hits = is_hit(
         statistics, n_sigma=hit_settings.n_sigma, min_photons=hit_settings.min_photons, threshold=hit_settings.threshold

@@ -40,6 +40,9 @@ def command(
     hit_sigma: Annotated[float, typer.Option(help="Hit threshold, Poisson standard deviations.")] = 5.0,
     min_photons: Annotated[float, typer.Option(help="Least inner-disc photon excess of a hit.")] = 50.0,
     search_radius: Annotated[float, typer.Option(help="Largest beam-centre offset searched, pixels.")] = 8.0,
+    read_noise: Annotated[float, typer.Option(
+        help="Detector read noise, photons rms per pixel, for hit finding (calibrated detectors "
+             "writing float photons); 0 for photon counts.")] = 0.0,
     stat_shards: Annotated[int, typer.Option(
         help="Shards (256 frames each) sampled evenly over the run for hot pixels, hit threshold and "
              "background; each is held in worker memory meanwhile.")] = 2,
@@ -62,6 +65,7 @@ def command(
         min_photons=min_photons,
         search_radius=search_radius,
         stat_shards=stat_shards,
+        read_noise=read_noise,
         cluster=cluster,
     )
     emit(result, json, _summary)

@@ -266,12 +266,20 @@ class TestCommand:
         np.save(dark, np.full(SHAPE, 0.3, np.float32))
         outcome = runner.invoke(
             app, ["preprocess", str(path), "--size", "32", "--scaling", "asinh", "--dark", str(dark),
-                  "--cluster", "local-threads", "--json"],
+                  "--read-noise", "0.2", "--cluster", "local-threads", "--json"],
         )
         assert outcome.exit_code == 0, outcome.output
         result = json.loads(outcome.stdout.strip().splitlines()[-1])
         assert result["patterns"] == 8 and result["hits"] == 5 and result["background"] == "dark"
         assert result["parameters"]["scaling"] == "asinh" and result["parameters"]["dark"].endswith("dark.npy")
+        # The read noise is recorded, and patterns added later (watch) are tested with it.
+        from pipeline.preprocess import run_settings
+
+        parameters = store.last_parameters(store.read_attrs(path), "preprocess")
+        assert parameters["read_noise"] == 0.2
+        hit_settings, _ = run_settings(parameters, run_mask=np.zeros(SHAPE, bool), background=np.zeros(SHAPE),
+                                       dark=None)
+        assert hit_settings.read_noise == 0.2
         info = runner.invoke(app, ["info", str(path), "--json"])
         info_result = json.loads(info.stdout.strip().splitlines()[-1])
         assert info_result["hit_rate"] == pytest.approx(5 / 8)
@@ -289,7 +297,7 @@ class TestCommand:
         # Numbers that would give empty or NaN images are refused before any work.
         for option, value, wanted in [("--saturation", "0", "> 0"), ("--asinh-scale", "nan", "> 0"),
                                       ("--asinh-scale", "inf", "> 0"), ("--hit-sigma", "nan", "> 0"),
-                                      ("--search-radius", "-1", ">= 0")]:
+                                      ("--search-radius", "-1", ">= 0"), ("--read-noise", "-0.1", ">= 0")]:
             outcome = runner.invoke(app, ["preprocess", str(path), option, value, "--cluster", "local-threads"])
             assert outcome.exit_code == 1, option
             assert outcome.output.strip() == f"ERROR: {option} {float(value)!r} must be a finite number {wanted}"
