@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -35,8 +35,9 @@ class LogProgress:
     """The part of rich's ``Progress`` the commands use, as plain lines on stderr: one when
     a task starts, then at most one per ``interval`` seconds, and one when it completes."""
 
-    def __init__(self, interval: float = 30.0) -> None:
+    def __init__(self, interval: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.interval = interval
+        self.clock = clock
         self._tasks: dict[int, dict[str, Any]] = {}
 
     def __enter__(self) -> LogProgress:
@@ -47,7 +48,7 @@ class LogProgress:
 
     def add_task(self, description: str, total: float | None = None, **_: Any) -> int:
         task = len(self._tasks)
-        now = time.monotonic()
+        now = self.clock()
         self._tasks[task] = {"description": description, "total": total, "done": 0.0, "start": now, "said": now}
         self._say(task, now)
         return task
@@ -58,7 +59,7 @@ class LogProgress:
     def update(self, task: int, *, advance: float = 0.0, completed: float | None = None, **_: Any) -> None:
         state = self._tasks[task]
         state["done"] = completed if completed is not None else state["done"] + advance
-        now = time.monotonic()
+        now = self.clock()
         finished = state["total"] is not None and state["done"] >= state["total"]
         if finished or now - state["said"] >= self.interval:
             self._say(task, now)

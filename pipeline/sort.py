@@ -27,6 +27,7 @@ import xarray as xr
 from pipeline import store
 from pipeline.errors import AirysortError
 from pipeline.gallery import contact_sheet, display_images
+from pipeline.progress import progress_bar
 from pipeline.taxonomy import CLASS_INDEX, CLASS_NAMES
 
 N_REPRESENTATIVE = 16
@@ -101,39 +102,46 @@ def sort_store(path: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str,
         )
     summary: dict[str, Any] = {"out_dir": str(out), "classes": {}, "clusters": {}}
     columns = _index_columns(dataset)
+    assignments = {variable: np.asarray(dataset[variable].values) for variable in cluster_vars}
+    n_groups = (len(CLASS_NAMES) if "predicted" in dataset else 0) + sum(
+        len(np.unique(a[a >= 0])) for a in assignments.values())
+    # A gallery per class and per cluster: seconds each on a large store.
+    with progress_bar("sort: index lists and galleries") as bar:
+        task = bar.add_task("sort: index lists and galleries", total=n_groups)
+        if "predicted" in dataset:
+            predicted = np.asarray(dataset["predicted"].values)
+            prob = np.asarray(dataset["prob"].values) if "prob" in dataset else predicted.astype(float)
+            thresholds = class_thresholds(dataset)
+            for c, name in enumerate(CLASS_NAMES):
+                members = np.flatnonzero(predicted[:, c] == 1)
+                members = members[np.argsort(-prob[members, c], kind="stable")]
+                _write_index(out / "classes" / f"{safe_name(name)}.csv", columns, members, prob[members, c])
+                representative = [(int(p), f"#{p} p={prob[p, c]:.2f}") for p in members[:N_REPRESENTATIVE]]
+                nearest = np.argsort(np.abs(prob[:, c] - thresholds[c]), kind="stable")[:N_BORDERLINE]
+                borderline = [(int(p), f"#{p} p={prob[p, c]:.2f} border") for p in nearest]
+                _gallery(out / "classes" / f"{safe_name(name)}.png", dataset, representative + borderline,
+                         f"{name}: {len(members)} patterns (top: most confident; 'border': near threshold {thresholds[c]:.2f})")
+                summary["classes"][name] = int(len(members))
+                bar.advance(task)
 
-    if "predicted" in dataset:
-        predicted = np.asarray(dataset["predicted"].values)
-        prob = np.asarray(dataset["prob"].values) if "prob" in dataset else predicted.astype(float)
-        thresholds = class_thresholds(dataset)
-        for c, name in enumerate(CLASS_NAMES):
-            members = np.flatnonzero(predicted[:, c] == 1)
-            members = members[np.argsort(-prob[members, c], kind="stable")]
-            _write_index(out / "classes" / f"{safe_name(name)}.csv", columns, members, prob[members, c])
-            representative = [(int(p), f"#{p} p={prob[p, c]:.2f}") for p in members[:N_REPRESENTATIVE]]
-            nearest = np.argsort(np.abs(prob[:, c] - thresholds[c]), kind="stable")[:N_BORDERLINE]
-            borderline = [(int(p), f"#{p} p={prob[p, c]:.2f} border") for p in nearest]
-            _gallery(out / "classes" / f"{safe_name(name)}.png", dataset, representative + borderline,
-                     f"{name}: {len(members)} patterns (top: most confident; 'border': near threshold {thresholds[c]:.2f})")
-            summary["classes"][name] = int(len(members))
-
-    for variable in cluster_vars:
-        method = variable.removeprefix("cluster_")
-        assignment = np.asarray(dataset[variable].values)
-        posterior = np.asarray(dataset[f"{variable}_prob"].values) if f"{variable}_prob" in dataset else None
-        counts = {}
-        for k in np.unique(assignment[assignment >= 0]):
-            members = np.flatnonzero(assignment == k)
-            confidence = posterior[members, k] if posterior is not None and k < posterior.shape[1] else None
-            if confidence is not None:
-                order = np.argsort(-confidence, kind="stable")
-                members, confidence = members[order], confidence[order]
-            directory = out / "clusters" / method
-            _write_index(directory / f"cluster_{k}.csv", columns, members, confidence)
-            picks = [(int(p), f"#{p}") for p in members[:N_REPRESENTATIVE + N_BORDERLINE]]
-            _gallery(directory / f"cluster_{k}.png", dataset, picks, f"{method} cluster {k}: {len(members)} patterns")
-            counts[int(k)] = int(len(members))
-        summary["clusters"][method] = counts
+        for variable in cluster_vars:
+            method = variable.removeprefix("cluster_")
+            assignment = assignments[variable]
+            posterior = np.asarray(dataset[f"{variable}_prob"].values) if f"{variable}_prob" in dataset else None
+            counts = {}
+            for k in np.unique(assignment[assignment >= 0]):
+                members = np.flatnonzero(assignment == k)
+                confidence = posterior[members, k] if posterior is not None and k < posterior.shape[1] else None
+                if confidence is not None:
+                    order = np.argsort(-confidence, kind="stable")
+                    members, confidence = members[order], confidence[order]
+                directory = out / "clusters" / method
+                _write_index(directory / f"cluster_{k}.csv", columns, members, confidence)
+                picks = [(int(p), f"#{p}") for p in members[:N_REPRESENTATIVE + N_BORDERLINE]]
+                _gallery(directory / f"cluster_{k}.png", dataset, picks, f"{method} cluster {k}: {len(members)} patterns")
+                counts[int(k)] = int(len(members))
+                bar.advance(task)
+            summary["clusters"][method] = counts
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -88,6 +88,10 @@ def test_sort_command_and_clear_error(tmp_path, dask_threads):
     result = runner.invoke(app, ["sort", str(path), str(tmp_path / "o"), "--export", "Round", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.strip().splitlines()[-1])["exported"]["class"] == "Round"
+    # stderr is not a terminal here (as in a batch job's log): progress comes as plain lines,
+    # one at the start and one at the end (11 classes + 3 clusters).
+    progress = [line for line in result.stderr.splitlines() if line.startswith("sort: index lists")]
+    assert progress[0].startswith("sort: index lists and galleries: 0/14") and "14/14" in progress[-1]
     bare = tmp_path / "bare.zarr"
     ingest(bare, [write_stacked_cxi(tmp_path / "b.cxi", random_frames(3))], log=lambda line: None)
     result = runner.invoke(app, ["sort", str(bare), str(tmp_path / "o2")])
