@@ -392,6 +392,13 @@ def train_classifier(
     say(f"training ResNet-{cnn_config.depth} (width {cnn_config.width}) on {len(train_idx)} "
         f"labelled patterns, validating on {len(valid_idx)}, batch {global_batch} over "
         f"{n_dev} device(s)")
+    if not len(valid_idx):
+        say(f"NOTE: {len(labelled)} labelled patterns are too few to hold some out: no early stopping, "
+            "and every class threshold stays 0.5; label more patterns for both")
+    if (train_labels == train_labels[0]).all():  # one label combination throughout
+        shown = [name for name, value in zip(CLASS_NAMES, train_labels[0]) if value]
+        say(f"NOTE: every training pattern is labelled {' + '.join(shown)}; the network cannot learn "
+            "to tell patterns apart from them: label some of other kinds too")
     model = build_cnn(cnn_config, rngs=nnx.Rngs(train_config.seed))
     result = fit(model, loss_fn, train_batches, valid=valid_batches, config=train_config,
                  checkpoint_dir=model_dir / "checkpoints", best_dir=model_dir / "best",

@@ -296,6 +296,19 @@ def test_ctrl_c_in_training_checkpoints_the_step_it_finished(tmp_path, dask_thre
     assert f"resuming from step {stopped[1]} " in again.stderr, again.stderr[-2000:]
 
 
+def test_training_on_too_few_or_uniform_labels_says_so(tmp_path, dask_threads):
+    path = tmp_path / "s.zarr"
+    make_ring_store(path, n=12, client=dask_threads)
+    shots = store.open_store(path)["shot_id"].values.astype(object)
+    rows = np.stack([multi_hot(["Spherical/Oblate", "Round"])] * 3)
+    assert run_cli("label", path, write_label_csv(tmp_path / "l.csv", shots[:3], rows)).exit_code == 0
+    result = run_cli("train", path, tmp_path / "m", "--model", "cnn", "--depth", "10", "--width", "4",
+                     "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    assert "too few to hold some out" in result.stderr
+    assert "every training pattern is labelled Spherical/Oblate + Round" in result.stderr
+
+
 def test_train_without_labels_is_one_error_line(tmp_path, dask_threads):
     path = tmp_path / "s.zarr"
     make_ring_store(path, n=8, client=dask_threads)
