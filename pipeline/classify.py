@@ -144,13 +144,14 @@ def import_labels(store_path: str | Path, csv_path: str | Path) -> dict[str, Any
                 problems.append(f"line {line_number}: shot_id {shot!r} is shared by {len(patterns_of[shot])} "
                                 "patterns; all of them labelled")
 
-    with store.write_lock(store_path, "label"):
-        store.write_pattern_variable_direct(store_path, "label", labels)
-        store.append_provenance(
-            store_path, "label",
-            {"csv": str(csv_path.absolute()), "imported": imported, "bad_rows": bad_rows},
-        )
-        store.consolidate(store_path)
+    if imported:  # nothing imported: the store stays as it was, provenance included
+        with store.write_lock(store_path, "label"):
+            store.write_pattern_variable_direct(store_path, "label", labels)
+            store.append_provenance(
+                store_path, "label",
+                {"csv": str(csv_path.absolute()), "imported": imported, "bad_rows": bad_rows},
+            )
+            store.consolidate(store_path)
     labelled = int((labels >= 0).all(axis=1).sum())
     return {"rows": n_rows, "imported": imported, "bad_rows": bad_rows,
             "bad_columns": bad_columns, "labelled": labelled, "problems": problems}

@@ -37,8 +37,10 @@ def test_sheet_spreads_over_clusters_and_round_trips(tmp_path, dask_threads):
     again = runner.invoke(app, ["label", "--sheet", str(path), str(tmp_path / "sheet"), "--n", "12"])
     assert again.exit_code == 1 and "may hold labels filled in already" in again.stderr
     # The sheet as written (nothing filled in) imports nothing, and says so with its status.
+    provenance = store.read_attrs(path)["provenance"]
     untouched = runner.invoke(app, ["label", str(path), summary["csv"], "--json"])
     assert untouched.exit_code == 1 and json.loads(untouched.stdout.strip().splitlines()[-1])["imported"] == 0
+    assert store.read_attrs(path)["provenance"] == provenance  # and leaves the store as it was
     # the researcher fills in all rows but the last and imports the sheet
     rows[1][1 + CLASS_NAMES.index("Spherical/Oblate")] = rows[1][1 + CLASS_NAMES.index("Round")] = "1"
     for row in rows[2:-1]:
