@@ -197,13 +197,13 @@ def load_classifier(model_dir: str | Path):
     return _load_classifier_cached(model_dir, stamp)
 
 
-def _input_array(store_path: str | Path, variable: str):
+def _input_array(store_path: str | Path, variable: str, *, warn: bool = True):
     """The store variable a classifier reads, as a Zarr array (read shard by shard)."""
     import zarr
 
     from pipeline import store
 
-    dataset = store.open_store(store_path)
+    dataset = store.open_store(store_path, warn=warn)
     hint = "preprocess" if variable == "image" else "correlate"
     if variable not in dataset:
         raise AirysortError(
@@ -553,7 +553,8 @@ def predict_store(
     started = time.perf_counter()
     model_dir = Path(model_dir).absolute()
     info = finished_classifier_info(model_dir)
-    dataset, _ = _input_array(store_path, info["input"])
+    # Classifying new patterns (watch, start > 0) extends results that cover the old ones.
+    dataset, _ = _input_array(store_path, info["input"], warn=not start)
     inputs = dataset[info["input"]].data
     _check_input_shape(inputs.shape[1:], info, store_path=store_path, model_dir=model_dir)
     check_preprocessing(info, dataset.attrs, input=info["input"], store_path=store_path, model_dir=model_dir)

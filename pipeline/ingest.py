@@ -182,7 +182,7 @@ def _lightweight(source: Source) -> Source:
     return dataclasses.replace(source, shot_ids=None, pulse_energy=None, labels=None, mask=None, warnings=[])
 
 
-def _plan(sources: list[Source], start: int, frame_shape: tuple[int, ...]) -> dict[str, Any]:
+def _plan(sources: list[Source], start: int, frame_shape: tuple[int, ...], *, with_labels: bool = True) -> dict[str, Any]:
     """Which frame of which file becomes which pattern, with the per-pattern metadata.
 
     Every frame is assumed good, except those of a file whose frames have another shape
@@ -199,7 +199,8 @@ def _plan(sources: list[Source], start: int, frame_shape: tuple[int, ...]) -> di
         name = Path(source.path).name
         ids = source.shot_ids if source.shot_ids is not None else np.array([f"{name}:{f}" for f in range(source.n_frames)], dtype=object)
         energy = source.pulse_energy if source.pulse_energy is not None else np.full(source.n_frames, np.nan)
-        rows = source.labels if source.labels is not None else np.full((source.n_frames, N_CLASSES), -1, np.int8)
+        rows = (source.labels if source.labels is not None and with_labels
+                else np.full((source.n_frames, N_CLASSES), -1, np.int8))
         source_index.append(np.full(len(good), index, np.int64))
         frame_index.append(good)
         shot_ids.append(np.asarray(ids, dtype=object)[good])
@@ -215,7 +216,7 @@ def _plan(sources: list[Source], start: int, frame_shape: tuple[int, ...]) -> di
                 "rejected": source.n_frames - int(len(good)),
                 "first_pattern": next_pattern,
                 "geometry": source.geometry,
-                "has_labels": source.labels is not None,
+                "has_labels": source.labels is not None and with_labels,
             }
         )
         next_pattern += len(good)
@@ -400,6 +401,7 @@ def ingest(
     *,
     dataset: str | None = None,
     force: bool = False,
+    labels: bool = True,
     client=None,
     cluster: str = "local",
     log=None,
@@ -416,6 +418,9 @@ def ingest(
         HDF5 path of the frame stack in plain HDF5 files.
     force : bool, default=False
         Ingest files again even if the store already holds them (their frames are appended).
+    labels : bool, default=True
+        Store the labels found in the files (False: every pattern unlabelled, e.g. a
+        simulated beamtime to be labelled by hand as a rehearsal).
     client : distributed.Client, optional
         Defaults to the current client, else one of ``cluster`` started for the call.
     cluster : str, default="local"
@@ -434,14 +439,15 @@ def ingest(
 
     if client is None:
         with dask_client(cluster) as client:
-            return ingest(store_path, inputs, dataset=dataset, force=force, client=client, log=log)
+            return ingest(store_path, inputs, dataset=dataset, force=force, labels=labels, client=client, log=log)
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     path = Path(store_path)
     if path.is_file():
         raise AirysortError(f"{str(path)!r} is a file, not a store; the store comes first: "
                             "airysort ingest STORE.zarr FILES...")
     inputs = [str(p) for p in dict.fromkeys(str(p) for p in inputs)]  # drop repeats, keep order
-    parameters = {"inputs": [str(Path(p).resolve()) for p in inputs], "dataset": dataset, "force": force}
+    parameters = {"inputs": [str(Path(p).resolve()) for p in inputs], "dataset": dataset, "force": force,
+                  "labels": labels}
 
     with store.write_lock(path, "ingest"):
         resumed = _read_journal(path) if store.is_store(path) else None
@@ -482,7 +488,7 @@ def ingest(
             if source.dtype.kind == dtype.kind == "f" and source.dtype.itemsize > dtype.itemsize:
                 log(f"WARNING: {source.path}: frames are {source.dtype}, the store's raw is {dtype}: "
                     f"values are rounded to {dtype}")
-        plan = _plan(sources, start, frame_shape)
+        plan = _plan(sources, start, frame_shape, with_labels=labels)
         rejects += plan.pop("rejects")
         for line in reject_lines(rejects):
             log(f"ERROR: {line}")

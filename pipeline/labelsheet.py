@@ -95,7 +95,10 @@ def make_label_sheet(
     labels = np.asarray(dataset["label"].values)
     unlabelled = np.flatnonzero((labels < 0).any(axis=1))
     if len(unlabelled) == 0:
-        raise AirysortError("every pattern of the store is labelled already")
+        raise AirysortError(
+            f"every pattern of {str(path)!r} is labelled already (files that carry labels, such as "
+            "simulated ones, bring them along); to label by hand, ingest them into a new store with "
+            "'airysort ingest STORE FILES --no-labels'")
     rng = np.random.default_rng(seed)
     candidates = np.sort(rng.choice(unlabelled, min(len(unlabelled), FEATURE_SAMPLE), replace=False))
     groups, grouping = _groups(dataset, candidates, k=max(2, min(12, n // 4)), seed=seed)

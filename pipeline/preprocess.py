@@ -476,7 +476,9 @@ def preprocess_new(path: str | os.PathLike, *, start: int) -> dict[str, Any]:
     from pipeline import store
 
     started = time.perf_counter()
-    dataset = store.open_store(path)
+    # The preprocess outputs cover only the old patterns until this call extends them: no
+    # warning telling the user to run preprocess again.
+    dataset = store.open_store(path, warn=False)
     parameters = store.last_parameters(dataset.attrs, COMMAND)
     if not parameters or "preprocess_mask" not in dataset or "image" not in dataset:
         raise AirysortError(f"store {str(path)!r} has not been preprocessed yet; run 'airysort preprocess {path}' first")

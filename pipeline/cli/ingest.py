@@ -16,6 +16,9 @@ def command(
     inputs: Annotated[list[Path], typer.Argument(help="CXI, HDF5 or .npy files.")],
     dataset: Annotated[Optional[str], typer.Option(help="HDF5 path of the frame stack in plain HDF5 files.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Ingest files already in the store again.")] = False,
+    labels: Annotated[bool, typer.Option(
+        "--labels/--no-labels", help="Store the labels found in the files (--no-labels: leave every pattern "
+                                     "unlabelled, e.g. to label a simulated beamtime by hand).")] = True,
     cluster: ClusterOption = "local",
     json: JsonOption = False,
 ) -> None:
@@ -26,7 +29,7 @@ def command(
     from pipeline.ingest import ingest
 
     with dask_client(cluster) as client:
-        result = ingest(store, inputs, dataset=dataset, force=force, client=client)
+        result = ingest(store, inputs, dataset=dataset, force=force, labels=labels, client=client)
     emit(
         result,
         json,

@@ -47,6 +47,13 @@ class TestLayouts:
         np.testing.assert_allclose(ds.pulse_energy.values, np.linspace(1e-3, 2e-3, 300))
         assert ds.attrs["detector_distance"] == 0.37 and ds.attrs["pixel_size"] == 75e-6
         np.testing.assert_array_equal(ds.frame.values, np.arange(300))
+        # --no-labels: the same frames, every pattern unlabelled (to label them by hand).
+        result = CliRunner().invoke(app, ["ingest", str(tmp_path / "u.zarr"), str(cxi), "--no-labels",
+                                          "--cluster", "local-threads"])
+        assert result.exit_code == 0, result.output
+        unlabelled = store.open_store(tmp_path / "u.zarr")
+        assert (unlabelled.label.values == -1).all()
+        np.testing.assert_array_equal(unlabelled.raw.values, ds.raw.values)
 
     def test_entries_layout_bit_exact(self, tmp_path, dask_threads):
         frames, labels = random_frames(7, dtype=np.float32), random_labels(7)

@@ -59,7 +59,7 @@ def test_landed_means_unchanged_between_two_looks(tmp_path):
     assert landed(second, third) == [str(path.resolve())]
 
 
-def test_once_twice_processes_only_the_new_file(beamtime, tmp_path, dask_threads):
+def test_once_twice_processes_only_the_new_file(beamtime, tmp_path, dask_threads, capsys):
     root, files, model_dir = beamtime
     daq, run = tmp_path / "daq", tmp_path / "run.zarr"
     daq.mkdir()
@@ -75,8 +75,12 @@ def test_once_twice_processes_only_the_new_file(beamtime, tmp_path, dask_threads
     before = store.open_store(run)[["image", "prob"]].load()
 
     shutil.copy(files["run_b"], daq)
+    capsys.readouterr()
     second = watch(daq, run, model_dir, **quiet)
     assert second["files"] == 1 and second["ingested"] == second["predicted"] == 20
+    # Mid-batch the results cover only the first file until watch extends them: no
+    # warning telling the user to run the commands again.
+    assert "do not cover all" not in capsys.readouterr().err
     assert second["patterns"] == 40 and sum(second["counts"].values()) > 0
     after = store.open_store(run)[["image", "prob", "predicted", "hit"]].load()
     # The first file's results are left as they were, bit for bit; the new ones are filled.
