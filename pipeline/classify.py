@@ -154,7 +154,27 @@ def import_labels(store_path: str | Path, csv_path: str | Path) -> dict[str, Any
             store.consolidate(store_path)
     labelled = int((labels >= 0).all(axis=1).sum())
     return {"rows": n_rows, "imported": imported, "bad_rows": bad_rows,
-            "bad_columns": bad_columns, "labelled": labelled, "problems": problems}
+            "bad_columns": bad_columns, "labelled": labelled, "problems": _join_line_runs(problems)}
+
+
+def _join_line_runs(problems: list[str]) -> list[str]:
+    """Consecutive ``line N: reason`` messages with one reason as one message: a sheet of
+    200 rows with 10 filled in says so in one line, not 190."""
+    import re
+
+    joined: list[list] = []  # [first line, last line, reason] or [None, None, message]
+    for message in problems:
+        match = re.fullmatch(r"line (\d+): (.*)", message)
+        if match and joined and joined[-1][0] is not None and joined[-1][2] == match[2] \
+                and int(match[1]) == joined[-1][1] + 1:
+            joined[-1][1] = int(match[1])
+        elif match:
+            joined.append([int(match[1]), int(match[1]), match[2]])
+        else:
+            joined.append([None, None, message])
+    return [message if first is None else f"line {first}: {message}" if first == last
+            else f"lines {first}-{last} ({last - first + 1} rows): {message}"
+            for first, last, message in joined]
 
 
 # --------------------------------------------------------------------------- model dir

@@ -41,6 +41,7 @@ def test_sheet_spreads_over_clusters_and_round_trips(tmp_path, dask_threads):
     untouched = runner.invoke(app, ["label", str(path), summary["csv"], "--json"])
     assert untouched.exit_code == 1 and json.loads(untouched.stdout.strip().splitlines()[-1])["imported"] == 0
     assert store.read_attrs(path)["provenance"] == provenance  # and leaves the store as it was
+    assert "lines 2-13 (12 rows): no class set" in untouched.stderr  # one line, not twelve
     # the researcher fills in all rows but the last and imports the sheet
     rows[1][1 + CLASS_NAMES.index("Spherical/Oblate")] = rows[1][1 + CLASS_NAMES.index("Round")] = "1"
     for row in rows[2:-1]:
