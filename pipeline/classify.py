@@ -452,7 +452,8 @@ def train_classifier(
         "n_train": int(len(train_idx)), "n_valid": int(len(valid_idx)),
         "best_epoch": result.best_epoch, "history": result.history,
         "validation": validation,
-        "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "trained_at": info["trained_at"] if unchanged and "trained_at" in info else
+        dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     })
     write_model_info(model_dir, info)
     return {

@@ -78,7 +78,8 @@ def command(
 
 
 def _summary(result: dict) -> str:
-    lines = [f"trained {result.get('model')} model in {result.get('model_dir')} "
+    done = "nothing more to train for the" if result.get("steps") == result.get("resumed_from") else "trained"
+    lines = [f"{done} {result.get('model')} model in {result.get('model_dir')} "
              f"({result.get('steps')} steps, {result.get('seconds')} s)"]
     validation = result.get("validation") or {}
     if validation.get("macro_f1") is not None:

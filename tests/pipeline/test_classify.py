@@ -225,6 +225,9 @@ def test_resuming_refuses_what_it_would_silently_change_and_keeps_a_finished_mod
     result = run_cli("train", path, model_dir, *options, "--json")
     assert result.exit_code == 0 and "nothing to train" in result.stderr, result.output
     assert json.loads(result.stdout.strip().splitlines()[-1])["model_id"] == trained["model_id"]
+    assert json.loads((model_dir / "model.json").read_text())["trained_at"] == trained["trained_at"]
+    result = run_cli("train", path, model_dir, *options)
+    assert "nothing more to train for the cnn model" in result.stderr and "\ntrained" not in result.stderr
 
     refused = {
         ("--width", "8"): "--width 8 (saved: 4)",
@@ -253,8 +256,8 @@ def test_resuming_refuses_what_it_would_silently_change_and_keeps_a_finished_mod
     assert run_cli("predict", path, model_dir, "--cluster", "local-threads").exit_code == 0
     result = run_cli("sort", path, tmp_path / "sorted", "--export", "Bogus")
     assert result.exit_code == 1 and "unknown class 'Bogus'" in result.stderr and not (tmp_path / "sorted").exists()
-    (tmp_path / "adir").mkdir()
-    result = run_cli("sort", path, tmp_path / "sorted", "--export", "Round", "--export-to", tmp_path / "adir")
+    (tmp_path / "afile").write_text("")  # an output directory that is a file: an OSError
+    result = run_cli("explain", path, model_dir, "--index", "1", "--out", tmp_path / "afile")
     assert result.exit_code == 1 and result.stderr.startswith("ERROR:") and "Traceback" not in result.output
     result = run_cli("report", path, tmp_path / "report", "--truth", tmp_path / "missing.csv")
     assert result.exit_code == 1 and "does not exist" in result.stderr
