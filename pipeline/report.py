@@ -231,7 +231,11 @@ def section_benchmarks(benchmark_dir: Path | None) -> str | None:
 
 
 def section_provenance(info: dict[str, Any]) -> str:
-    rows = [[p.get("time", ""), p.get("command", ""), p.get("version", ""), json.dumps(p.get("parameters", {}))[:300]] for p in info["provenance"]]
+    def shortened(text: str, limit: int = 300) -> str:  # the full record: airysort info --json
+        return text if len(text) <= limit else text[:limit] + " …"
+
+    rows = [[p.get("time", ""), p.get("command", ""), p.get("version", ""),
+             shortened(json.dumps(p.get("parameters", {})))] for p in info["provenance"]]
     return "<h2>Provenance</h2>" + _table(["time (UTC)", "command", "version", "parameters"], rows)
 
 
