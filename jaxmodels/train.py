@@ -465,9 +465,10 @@ def fit(
                         f"loss {mean_loss:.4f}{extra} lr {float(schedule(step)):.2e} "
                         f"{rate:.0f} patterns/s")
                     running = []
-                if state["step"] % config.checkpoint_every == 0 and state["batch"] < steps_per_epoch:
-                    save_checkpoint()
-                stop_if_asked()
+                if state["batch"] < steps_per_epoch:  # the epoch's last step: after its validation
+                    if state["step"] % config.checkpoint_every == 0:
+                        save_checkpoint()
+                    stop_if_asked()
             if running:
                 epoch_losses.extend(float(v[0]) for v in jax.device_get(running))
 

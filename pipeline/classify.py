@@ -507,8 +507,13 @@ def _check_resumable(info: dict, *, model_dir: Path, store_path, labels_digest: 
     differ = [name for name, value in given.items()
               if value is not None and name in saved and saved[name] != value]
     if differ:
-        names = {"attention_stages": "attention"}
-        said = ", ".join(f"--{names.get(n, n).replace('_', '-')} {given[n]!r} (saved: {saved[n]!r})" for n in differ)
+        def option(name: str, value: Any) -> str:
+            if name == "attention_stages":
+                return "--attention" if value else "no --attention"
+            return f"--{name.replace('_', '-')} {value!r}"
+
+        said = ", ".join(f"{option(n, given[n])} (saved: "
+                         f"{option(n, saved[n]) if n == 'attention_stages' else repr(saved[n])})" for n in differ)
         raise AirysortError(f"{str(model_dir)!r} was trained with other settings than {said}; resuming keeps "
                             f"the saved ones: drop these options to resume, or {fresh}")
 

@@ -177,8 +177,11 @@ def make_cluster(config: dict[str, Any]):
     # The workers' environment first, then the user's lines: this config's, else the
     # deprecated env_extra, else the site's jobqueue.yaml (dask-jobqueue reads those only
     # when no prologue is given, and one is always given here).
-    prologue = (options.pop("job_script_prologue", None) or options.pop("env_extra", None)
-                or dask.config.get(f"jobqueue.{kind}.job-script-prologue", None) or [])
+    if "job_script_prologue" in options:  # the config's own, even empty, replaces the site's
+        prologue = options.pop("job_script_prologue") or []
+    else:
+        prologue = (options.pop("env_extra", None)
+                    or dask.config.get(f"jobqueue.{kind}.job-script-prologue", None) or [])
     options["job_script_prologue"] = [worker_environ_export(), *prologue]
     with _options_checked(config, cluster_class.__name__):
         return cluster_class(**options)

@@ -289,8 +289,8 @@ def evaluate_store(path: str | Path, *, truth_csv: str | Path | None = None) -> 
 
     if "predicted" in dataset:
         trained, split_variable = training_patterns(dataset, external_truth=truth_csv is not None)
-        scored = known if trained is None else known & ~trained
-        scored &= store.covered(dataset, "predicted")  # not patterns ingested since `predict`
+        # Not patterns ingested since `predict` (a new array: `known` scores the clusterings).
+        scored = (known if trained is None else known & ~trained) & store.covered(dataset, "predicted")
         if scored.any():
             predicted = np.asarray(dataset["predicted"].values)
             result["classification"] = classification_scores(truth[scored], predicted[scored])

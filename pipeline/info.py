@@ -61,7 +61,10 @@ def store_info(path: str | os.PathLike, *, max_rejects: int = 20) -> dict[str, A
         labels = dataset["label"].values
         info["labelled"] = int((labels >= 0).all(axis=1).sum())
     if "hit" in dataset and info["patterns"]:
-        info["hit_rate"] = float(np.asarray(dataset["hit"].values, bool).mean())
+        # Over the patterns hit finding has seen (not those ingested since).
+        covered = store.covered(dataset, "hit")
+        if covered.any():
+            info["hit_rate"] = float(np.asarray(dataset["hit"].values, bool)[covered].mean())
     return info
 
 

@@ -115,9 +115,16 @@ def parallel_keys(graph: dict, keys: Any) -> list:
     from dask.core import flatten, get_dependencies
 
     frontier = list(flatten(keys))
-    while len(frontier) == 1 and (below := get_dependencies(graph, frontier[0])):
+    while True:
+        # One finalising task, or one per variable written (``finalize-…``): go below them.
+        single = len(frontier) == 1
+        finalising = all(str(key[0] if isinstance(key, tuple) else key).startswith("finalize") for key in frontier)
+        if not (single or finalising):
+            return frontier
+        below = set().union(*(get_dependencies(graph, key) for key in frontier))
+        if not below:
+            return frontier
         frontier = sorted(below, key=str)
-    return frontier
 
 
 class StageClock:

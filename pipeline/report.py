@@ -156,8 +156,7 @@ def section_metrics(dataset, evaluation: dict[str, Any] | None, truth_csv: str |
         truth = np.asarray(dataset["label"].values)
     trained, _ = training_patterns(dataset, external_truth=truth_csv is not None)
     known = (truth >= 0).all(axis=1)
-    scored = known if trained is None else known & ~trained
-    scored &= store.covered(dataset, "predicted")
+    scored = (known if trained is None else known & ~trained) & store.covered(dataset, "predicted")
     if scored.any():
         matrices = multilabel_confusion_matrix(truth[scored], np.asarray(dataset["predicted"].values)[scored])
         figure, axes = plt.subplots(2, 6, figsize=(13, 4.6))

@@ -297,6 +297,13 @@ def test_ctrl_c_in_training_checkpoints_the_step_it_finished(tmp_path, dask_thre
     again = subprocess.run([*command, "--epochs", "1000", "--patience", "1"], cwd=REPO, capture_output=True,
                            text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert f"resuming from step {stopped[1]} " in again.stderr, again.stderr[-2000:]
+    # Stopped on an epoch's last step (an epoch is one step here): the epoch is finished on
+    # resume, so the history holds no NaN and model.json stays strict JSON.
+    def refuse(constant):
+        raise ValueError(constant)
+
+    history = json.loads((tmp_path / "m" / "model.json").read_text(), parse_constant=refuse)["history"]
+    assert all(np.isfinite(h["train_loss"]) for h in history)
 
 
 def test_training_on_too_few_or_uniform_labels_says_so(tmp_path, dask_threads):

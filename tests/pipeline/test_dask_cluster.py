@@ -235,3 +235,5 @@ def test_site_and_user_prologue_lines_reach_the_job_script():
         assert script.index("PRE_SPAWN_ENVIRON") < script.index("module load hdf5")
         own = make_cluster({"type": "slurm", "cluster": {**options, "job_script_prologue": ["source env.sh"]}})
         assert "source env.sh" in own.job_script() and "module load hdf5" not in own.job_script()
+        none = make_cluster({"type": "slurm", "cluster": {**options, "job_script_prologue": []}})
+        assert "module load hdf5" not in none.job_script()  # an empty list given replaces it too

@@ -21,6 +21,12 @@ def test_a_store_write_counts_one_step_per_chunk_written(tmp_path, dask_threads,
     lines = capsys.readouterr().err.splitlines()  # pytest's stderr is no terminal: plain lines
     assert lines[0].startswith("writing: 0/5") and lines[-1].startswith("writing: 5/5")
     np.testing.assert_array_equal(xr.open_zarr(tmp_path / "w.zarr")["a"].values, values)
+    # Several variables: each ends in a finalising task of its own; still one step per chunk.
+    dataset["b"] = dataset["a"] * 2
+    writes = dataset.to_zarr(tmp_path / "w2.zarr", mode="w", compute=False, zarr_format=3)
+    assert len(parallel_keys(dict(writes.__dask_graph__()), writes.__dask_keys__())) == 10
+    compute_with_progress(writes, "two")
+    np.testing.assert_array_equal(xr.open_zarr(tmp_path / "w2.zarr")["b"].values, values * 2)
     # A reduction and an array come back as their values.
     assert compute_with_progress(da.arange(1000, chunks=100).sum(), "sum") == 499500
     np.testing.assert_array_equal(compute_with_progress(da.arange(10, chunks=3) * 2, "double"), np.arange(10) * 2)

@@ -120,6 +120,12 @@ def test_patterns_ingested_after_the_results_are_in_no_class_or_cluster(tmp_path
                                                              [f"late{i}" for i in range(20)]], truth)
     result = evaluate_store(path, truth_csv=csv_path)
     assert result["classification"]["n"] == 300 and result["clustering"]["gmm"]["n"] == 300
+    # Clustered again over all 320 patterns: the clustering is scored on all of them, the
+    # classification still on the 300 `predict` covered.
+    store.write_variables(path, {"cluster_gmm": xr.DataArray(np.r_[clusters, [1] * 20].astype(np.int32),
+                                                             dims=("pattern",))}, command="cluster", parameters={})
+    result = evaluate_store(path, truth_csv=csv_path)
+    assert result["classification"]["n"] == 300 and result["clustering"]["gmm"]["n"] == 320
 
     with pytest.raises(AirysortError, match=r"'cluster_gmm' covers patterns 0..299 of the 320 .* run 'x' first"):
         store.require_every_pattern(dataset, "cluster_gmm", remedy="x")
