@@ -34,7 +34,7 @@ from pipeline.model_dir import (
     read_model_info,
     write_model_info,
 )
-from pipeline.taxonomy import CLASS_NAMES, N_CLASSES, coarse_group, decide, taxonomy_problem
+from pipeline.taxonomy import CLASS_NAMES, N_CLASSES, coarse_group, decide, label_row_problem
 
 
 
@@ -127,12 +127,8 @@ def import_labels(store_path: str | Path, csv_path: str | Path) -> dict[str, Any
                         problem = f"value {text!r} for class {CLASS_NAMES[c]!r} is not 0 or 1"
                         break
                     values[c] = int(text)
-                if problem is None and not values.any():
-                    # Every pattern has a class (Empty when nothing was hit): an all-zero
-                    # row is a row not filled in yet, e.g. of an untouched label sheet.
-                    problem = "no class set (a pattern with no hit is Empty); not filled in?"
-                elif problem is None and (broken := taxonomy_problem(values)):
-                    problem = f"{broken}; fix the row"
+                if problem is None and (broken := label_row_problem(values)):
+                    problem = f"{broken}; fix the row" if values.any() else broken
             if problem is not None:
                 bad_rows += 1
                 problems.append(f"line {line_number}: {problem}")

@@ -25,7 +25,7 @@ import xarray as xr
 from sklearn import metrics
 
 from pipeline.errors import AirysortError
-from pipeline.taxonomy import CLASS_NAMES, N_CLASSES, coarse_group, taxonomy_problem
+from pipeline.taxonomy import CLASS_NAMES, N_CLASSES, coarse_group, label_row_problem
 
 #: Variables that may record which labelled patterns trained the classifier.
 SPLIT_VARIABLES = ("label_role", "train_split")
@@ -50,8 +50,8 @@ def read_truth_csv(path: str | Path, shot_ids: np.ndarray) -> tuple[np.ndarray, 
     unmatched : int
         CSV rows whose ``shot_id`` is not in the store.
     bad_rows : list of str
-        One line per row left out as ``airysort label`` would reject it (no class set, or
-        classes the taxonomy does not allow together), ``"line N: reason"``.
+        One line per row left out as ``airysort label`` would reject it
+        (:func:`~pipeline.taxonomy.label_row_problem`), ``"shot_id 'ID': reason; left out"``.
     """
     import pandas as pd
 
@@ -101,7 +101,7 @@ def read_truth_csv(path: str | Path, shot_ids: np.ndarray) -> tuple[np.ndarray, 
     usable = found.copy()
     for position in np.flatnonzero(found):
         row = values[position]
-        problem = "no class set (not filled in?)" if not row.any() else taxonomy_problem(row)
+        problem = label_row_problem(row)
         if problem:
             usable[position] = False
             bad_rows.append(f"shot_id {table['shot_id'].iloc[position]!r}: {problem}; left out")

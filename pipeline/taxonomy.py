@@ -130,6 +130,15 @@ def taxonomy_problem(labels: np.ndarray) -> str | None:
     return None
 
 
+def label_row_problem(labels: np.ndarray) -> str | None:
+    """Why a researcher's label row cannot be used, or None: no class set (every pattern
+    has one, Empty when nothing was hit, so an all-zero row was not filled in), or a
+    :func:`taxonomy_problem`. ``airysort label`` and ``evaluate --truth`` both apply it."""
+    if not np.asarray(labels).any():
+        return "no class set (a pattern with no hit is Empty); not filled in?"
+    return taxonomy_problem(labels)
+
+
 def _family(name: str) -> list[int]:
     """Indices of a class and its sub-classes (:data:`SUPER_CLASS`)."""
     return [CLASS_INDEX[name]] + [CLASS_INDEX[sub] for sub, sup in SUPER_CLASS.items() if sup == name]

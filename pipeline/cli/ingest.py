@@ -25,11 +25,9 @@ def command(
     """Ingest raw frames into the store (appends; resumable; bad frames go to the reject log).
     Exits with status 1 when frames were rejected and none was stored, so that a script
     stops there."""
-    from pipeline.dask_cluster import dask_client
     from pipeline.ingest import ingest
 
-    with dask_client(cluster) as client:
-        result = ingest(store, inputs, dataset=dataset, force=force, labels=labels, client=client)
+    result = ingest(store, inputs, dataset=dataset, force=force, labels=labels, cluster=cluster)
     emit(
         result,
         json,
