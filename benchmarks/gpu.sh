@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks of issue 5 in one call: JAX on the card, ResNet-18 throughput against
-# PyTorch on the same card (benchmarks/cnn.py), then the accuracy benchmark
+# PyTorch on the same card (benchmarks/cnn.py), the model and training tests
+# (tests/jaxmodels and the CLI's train/predict/explain tests) with the card as JAX's
+# default device, then the accuracy benchmark
 # (benchmarks/cnn_accuracy.py) trained on the card on the README's `lcls` beamtime
 # (4000 patterns of 512², seed 7, 20 % labelled) at each width in WIDTHS, with the
 # README's training options otherwise.
@@ -21,7 +23,8 @@ EPOCHS=${EPOCHS:-25}
 PATIENCE=${PATIENCE:-6}
 FRACTION=${FRACTION:-0.2}
 WORK=${WORK:-/tmp/airysort-gpu}
-STAGES=${STAGES:-throughput accuracy}
+STAGES=${STAGES:-throughput tests accuracy}
+TEST_SECONDS=${TEST_SECONDS:-240}
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -36,6 +39,12 @@ if [[ " $STAGES " == *" throughput "* ]]; then
   stamp "throughput: ResNet-18 width 64, 128x128, batch 32 and 256"
   $PYTHON benchmarks/cnn.py --batch 32 --steps 20 --rounds 3 2>&1 | tee "$OUT/cnn_b32.txt"
   $PYTHON benchmarks/cnn.py --batch 256 --steps 10 --rounds 3 2>&1 | tee "$OUT/cnn_b256.txt"
+fi
+if [[ " $STAGES " == *" tests "* ]]; then
+  # Tests that force CPU devices (the mesh tests) still do so in their subprocesses.
+  stamp "tests on the card (at most $TEST_SECONDS s)"
+  timeout "$TEST_SECONDS" $PYTHON -m pytest -q -p no:cacheprovider tests/jaxmodels \
+    tests/pipeline/test_classify.py tests/pipeline/test_embed.py 2>&1 | tee "$OUT/tests.txt" | tail -15
 fi
 [[ " $STAGES " == *" accuracy "* ]] || { stamp "done"; exit 0; }
 

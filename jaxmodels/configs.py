@@ -45,6 +45,10 @@ def from_dict(cls: type[C], values: dict[str, Any]) -> C:
     return cls(**kwargs)
 
 
+#: Values of ``jax.default_matmul_precision`` that :class:`TrainConfig` accepts.
+MATMUL_PRECISIONS = ("highest", "high", "default", "float32", "tensorfloat32", "bfloat16")
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Options of the training loop shared by the CNN and the VAE.
@@ -95,6 +99,12 @@ class TrainConfig:
         (:class:`jaxmodels.data.PatternBatches`); larger sets, or 0, are read from the
         store every epoch. A labelled subset is scattered over the store, so reading it
         again decodes every shard it touches.
+    precision : {"highest", "high", "default", "float32", "tensorfloat32", "bfloat16"}, default="highest"
+        Precision of the matrix products and convolutions of training and validation
+        (``jax.default_matmul_precision``). "highest" computes in float32 on every
+        device; "default" lets NVIDIA GPUs round their inputs to TensorFloat-32 (10-bit
+        mantissa), faster for wide networks. On an H100 the README's width-16 ResNet
+        trained as fast either way (58 against 56 s; docs/results.md).
     """
 
     epochs: int = 30
@@ -112,8 +122,11 @@ class TrainConfig:
     log_every: int = 20
     batch_norm_batches: int = 16
     input_cache_mib: int = 1024
+    precision: str = "highest"
 
     def __post_init__(self) -> None:
+        if self.precision not in MATMUL_PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(MATMUL_PRECISIONS)}, got {self.precision!r}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs!r}")
         if self.batch_size < 1:

@@ -268,6 +268,7 @@ def train_classifier(
     validation_fraction: float | None = None,
     patience: int | None = None,
     checkpoint_every: int | None = None,
+    precision: str | None = None,
     resume: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -286,15 +287,15 @@ def train_classifier(
     model_dir : path
         Output directory (created).
     input : {"image", "ccf"}, default="image"
-    epochs, batch_size, learning_rate, seed, validation_fraction, patience, checkpoint_every
+    epochs, batch_size, learning_rate, seed, validation_fraction, patience, checkpoint_every, precision
         :class:`~jaxmodels.configs.TrainConfig` fields; None keeps the default.
     width, depth, attention
         :class:`~jaxmodels.configs.CNNConfig` fields (``attention`` puts a
         self-attention block after stages 2 and 3); None keeps the default.
     resume : bool, default=True
         Continue from ``model_dir``'s checkpoint, keeping its architecture and
-        optimiser settings (``epochs``, ``patience`` and ``checkpoint_every`` may
-        change); False starts over.
+        optimiser settings (``epochs``, ``patience``, ``checkpoint_every`` and
+        ``precision`` may change); False starts over.
     log : callable, optional
         Receives progress lines (default: stderr).
 
@@ -341,7 +342,7 @@ def train_classifier(
                    "attention_stages": (2, 3) if attention else None}
     train_options = {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
                      "seed": seed, "validation_fraction": validation_fraction,
-                     "patience": patience, "checkpoint_every": checkpoint_every}
+                     "patience": patience, "checkpoint_every": checkpoint_every, "precision": precision}
     try:  # checked before anything in MODEL_DIR is touched
         cnn_config = CNNConfig(**{k: v for k, v in cnn_options.items() if v is not None})
         train_config = TrainConfig(**{k: v for k, v in train_options.items() if v is not None})
@@ -364,7 +365,8 @@ def train_classifier(
         cnn_config = CNNConfig.from_dict(info["cnn"])
         train_config = TrainConfig.from_dict(info["train"])
         # Options that do not change the model may differ from the interrupted run.
-        overrides = {"epochs": epochs, "checkpoint_every": checkpoint_every, "patience": patience}
+        overrides = {"epochs": epochs, "checkpoint_every": checkpoint_every, "patience": patience,
+                     "precision": precision}
         train_config = dataclasses.replace(
             train_config, **{k: v for k, v in overrides.items() if v is not None})
         if cnn_config.input != input:

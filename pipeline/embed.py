@@ -139,7 +139,7 @@ def train_vae(
         Passes over the patterns; default 20 (``VAE_TRAIN_DEFAULTS``).
     resume : bool, default=True
         Continue from the newest checkpoint in ``model_dir``. The saved architecture and
-        objective are kept; ``epochs`` may be raised to train longer.
+        objective are kept; ``epochs`` may be raised to train longer, ``precision`` changed.
     log : callable, optional
         Receives progress lines (default: stderr).
     **options
@@ -187,7 +187,7 @@ def train_vae(
             # Resuming: the architecture and objective must be those of the checkpoint.
             vae_config = VAEConfig.from_dict(saved["vae"])
             train_config = TrainConfig.from_dict(
-                {**saved["train"], **{k: v for k, v in train_options.items() if k == "epochs"}}
+                {**saved["train"], **{k: v for k, v in train_options.items() if k in ("epochs", "precision")}}
             )
         else:
             vae_config = VAEConfig(**vae_options)

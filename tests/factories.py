@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from pipeline.taxonomy import N_CLASSES
+
+#: The checkout the tests belong to.
+REPO = Path(__file__).resolve().parents[1]
+
+
+def repo_env(**overrides: str) -> dict[str, str]:
+    """The environment for a subprocess that imports this checkout: the repository first on
+    ``PYTHONPATH``, whatever was there kept after it (packages installed by path, as on a
+    machine without pip access), then ``overrides``."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **overrides}
 
 
 def write_stacked_cxi(path: Path, frames: np.ndarray, *, labels: np.ndarray | None = None, mask: np.ndarray | None = None,

@@ -21,6 +21,11 @@ class Input(str, Enum):
     ccf = "ccf"
 
 
+class Precision(str, Enum):
+    highest = "highest"
+    default = "default"
+
+
 @user_errors
 def command(
     store: Annotated[Path, typer.Argument(help="Zarr store with 'image' (or 'ccf') and, for cnn, 'label'.")],
@@ -43,6 +48,9 @@ def command(
                                                          "stopping (default: 8 for cnn; 0, off, for vae).")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Optimiser steps between checkpoints "
                                                                   "(default: 200).")] = None,
+    precision: Annotated[Optional[Precision], typer.Option(
+        help="Matrix products and convolutions in float32 (highest), or as JAX does by default: "
+             "TensorFloat-32 on NVIDIA GPUs, faster for wide networks (default: highest).")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Discard checkpoints in MODEL_DIR and start over "
                                                         "(default: resume).")] = False,
     cluster: ClusterOption = "local",
@@ -56,7 +64,7 @@ def command(
                         "it under srun (docs/hpc.md)")
     options = {"batch_size": batch_size, "learning_rate": learning_rate, "seed": seed,
                "validation_fraction": validation_fraction, "patience": patience,
-               "checkpoint_every": checkpoint_every}
+               "checkpoint_every": checkpoint_every, "precision": precision and precision.value}
     if model is Model.vae:
         from pipeline.embed import train_vae
 

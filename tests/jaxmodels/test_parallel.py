@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -12,6 +11,7 @@ from pathlib import Path
 import jax
 
 from jaxmodels import parallel
+from tests.factories import repo_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,8 +53,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_four_cpu_devices_train_like_one():
-    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = repo_env(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
     run = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -121,7 +120,7 @@ CORES_SCRIPT = textwrap.dedent(
 
 
 def _cores_run(**env_overrides: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", **env_overrides}
+    env = repo_env(JAX_PLATFORMS="cpu", **env_overrides)
     for name in ("XLA_FLAGS", *SRUN_STEP):
         if name not in env_overrides:
             env.pop(name, None)

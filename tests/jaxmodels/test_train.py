@@ -250,6 +250,28 @@ def test_early_stopping_respects_patience_and_min_epochs(min_epochs, stop_after)
     assert float(result.model.w[...]) == pytest.approx(1.0 - 0.05 * 2, abs=0.02)
 
 
+@pytest.mark.parametrize("precision", ["default", "tensorfloat32", "highest"])
+def test_training_and_validation_run_at_the_configured_precision(precision):
+    """The loss is traced (training and validation steps) under ``TrainConfig.precision``,
+    whatever the process default is; a precision JAX does not know is refused up front."""
+    seen = []
+
+    def recording_loss(model, batch, *, key, step, train):
+        seen.append((train, jax.config.jax_default_matmul_precision))  # at trace time
+        return diverging_loss(model, batch, key=key, step=step, train=train)
+
+    data = np.zeros((16, 2, 2), np.float32)
+    train = PatternBatches(data, np.arange(8), batch_size=4, shuffle=True, chunk=8)
+    valid = PatternBatches(data, np.arange(8, 16), batch_size=4, chunk=8)
+    config = TrainConfig(epochs=2, warmup_epochs=0, precision=precision)
+    with jax.default_matmul_precision("bfloat16"):
+        fit(Scalar(), recording_loss, train, valid=valid, config=config, log=lambda line: None)
+    assert {train for train, _ in seen} == {True, False}
+    assert {value for _, value in seen} == {precision}
+    with pytest.raises(ValueError, match="precision must be one of"):
+        TrainConfig(precision="fp32")
+
+
 def test_a_finished_run_goes_on_only_when_its_limits_are_raised(tmp_path):
     """``train`` again on a finished model directory: nothing more with the same settings;
     more epochs after ``--epochs`` is raised; an early stop holds until ``--patience`` is."""

@@ -4,7 +4,6 @@ resumed), predict, explain; plus the label importer's error reporting."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -24,6 +23,7 @@ from pipeline.cli.main import app
 from pipeline.errors import AirysortError
 from pipeline.ingest import ingest
 from pipeline.taxonomy import CLASS_NAMES, decide, multi_hot
+from tests.factories import repo_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -141,7 +141,7 @@ def test_label_train_killed_resume_predict_explain(ring_store, tmp_path):
     train_args = ["train", path, model_dir, "--model", "cnn", "--depth", "10", "--width", "4",
                   "--batch-size", "24", "--learning-rate", "5e-3", "--patience", "0"]
     # A real `airysort train` process, killed with SIGKILL once it has checkpointed.
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = repo_env()
     process = subprocess.Popen([sys.executable, "-m", "pipeline.cli.main", *map(str, train_args),
                                 "--epochs", "500", "--checkpoint-every", "2"], cwd=REPO, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -158,7 +158,8 @@ def test_label_train_killed_resume_predict_explain(ring_store, tmp_path):
     assert not (model_dir / "best").exists() or "thresholds" not in json.loads(
         (model_dir / "model.json").read_text())
 
-    result = run_cli(*train_args, "--epochs", "12", "--checkpoint-every", "100", "--json")
+    # Resumed with options that do not change the model: more epochs, TF32 allowed.
+    result = run_cli(*train_args, "--epochs", "12", "--checkpoint-every", "100", "--precision", "default", "--json")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert "resuming from step" in result.stderr
@@ -168,6 +169,7 @@ def test_label_train_killed_resume_predict_explain(ring_store, tmp_path):
     assert "patterns/s" in result.stderr and "validation loss" in result.stderr
     info = json.loads((model_dir / "model.json").read_text())
     assert len(info["thresholds"]) == 11 and info["model_id"].startswith("cnn-")
+    assert (info["train"]["epochs"], info["train"]["precision"]) == (12, "default")
 
     result = run_cli("predict", path, model_dir, "--cluster", "local-threads", "--json")
     assert result.exit_code == 0, result.output
@@ -282,7 +284,7 @@ def test_ctrl_c_in_training_checkpoints_the_step_it_finished(tmp_path, dask_thre
     assert run_cli("label", path, write_label_csv(tmp_path / "l.csv", shots, truth)).exit_code == 0
     command = [sys.executable, "-m", "pipeline.cli.main", "train", str(path), str(tmp_path / "m"), "--model", "cnn",
                "--depth", "10", "--width", "4", "--patience", "0"]
-    process = subprocess.Popen([*command, "--epochs", "1000"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+    process = subprocess.Popen([*command, "--epochs", "1000"], cwd=REPO, env=repo_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines = []
     for line in process.stderr:  # wait until training runs
@@ -295,7 +297,7 @@ def test_ctrl_c_in_training_checkpoints_the_step_it_finished(tmp_path, dask_thre
     stopped = re.search(r"ERROR: interrupted; training stopped at step (\d+), checkpointed in", rest)
     assert stopped, rest
     again = subprocess.run([*command, "--epochs", "1000", "--patience", "1"], cwd=REPO, capture_output=True,
-                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+                           text=True, timeout=300, env=repo_env())
     assert f"resuming from step {stopped[1]} " in again.stderr, again.stderr[-2000:]
     # Stopped on an epoch's last step (an epoch is one step here): the epoch is finished on
     # resume, so the history holds no NaN and model.json stays strict JSON.
@@ -378,6 +380,7 @@ def test_train_help_states_the_defaults_of_both_models():
     assert f"(default: {cnn.patience} for cnn; 0, off, for vae)" in text and vae["patience"] == 0
     assert f"over all devices (default: {cnn.batch_size})" in text and vae["batch_size"] == cnn.batch_size
     assert f"stage (default: {CNNConfig().width})" in text and f"(default: {CNNConfig().depth})" in text
+    assert f"networks (default: {cnn.precision})" in text
 
 
 def test_a_model_trained_without_validation_predicts(ring_store, tmp_path):
@@ -390,7 +393,7 @@ def test_a_model_trained_without_validation_predicts(ring_store, tmp_path):
     model_dir = tmp_path / "model"
     # A process of its own, as a user runs it: JAX starts there with one device per core
     # (here forced to 2), so training replicates the model over a mesh.
-    env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = repo_env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
     train = subprocess.run([sys.executable, "-m", "pipeline.cli.main", "train", str(path), str(model_dir),
                             "--model", "cnn", "--depth", "10", "--width", "4", "--batch-size", "16",
                             "--epochs", "1", "--validation-fraction", "0", "--json"],

@@ -12,6 +12,7 @@ import pytest
 
 from pipeline.dask_cluster import WORKER_ENVIRON, dask_client, load_cluster_config, make_cluster
 from pipeline.errors import AirysortError
+from tests.factories import repo_env
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "cluster-configs").glob("*.yaml"))
 DIRECTIVES = {"slurm": "#SBATCH", "pbs": "#PBS", "lsf": "#BSUB"}
@@ -38,8 +39,6 @@ def test_jobqueue_config_renders_job_script(config_path, monkeypatch):
 
 
 def _worker_environ() -> dict[str, str]:
-    import os
-
     return {name: os.environ.get(name) for name in WORKER_ENVIRON}
 
 
@@ -170,7 +169,7 @@ def test_ctrl_c_leaves_no_worker_warnings_about_cancelled_tasks(tmp_path):
         "        raise KeyboardInterrupt\n"
     )
     run = subprocess.run([sys.executable, str(script)], cwd=root, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(root)})
+                         env=repo_env())
     assert "KeyboardInterrupt" in run.stderr, run.stderr[-2000:]
     assert "CancelledError" not in run.stderr, run.stderr[-3000:]
 

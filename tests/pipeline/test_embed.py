@@ -15,6 +15,7 @@ from pipeline.dask_cluster import dask_client
 from pipeline.embed import latent_figures, load_vae, train_vae
 from pipeline.errors import AirysortError
 from pipeline.taxonomy import multi_hot
+from tests.factories import repo_env
 
 N_PATTERNS = 300  # two shards of 256: the embed oracle sees an uneven last chunk
 SIZE = 16
@@ -206,7 +207,6 @@ def test_vae_trains_as_two_srun_tasks_like_one_process(vae_store, tmp_path):
     """Two ``airysort train --model vae`` processes with the environment ``srun`` gives two
     tasks on this node join one ``jax.distributed`` run over two devices: the same losses as
     one process with two devices, one model written and one JSON result printed."""
-    import os
     import random
     import subprocess
     import sys
@@ -216,8 +216,7 @@ def test_vae_trains_as_two_srun_tasks_like_one_process(vae_store, tmp_path):
     root = Path(__file__).resolve().parents[2]
     command = [sys.executable, "-m", "pipeline.cli.main", "train", str(path)]
     options = ["--model", "vae", "--epochs", "1", "--batch-size", "32", "--seed", "0", "--json"]
-    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "XLA_FLAGS"}
-    base.update(PYTHONPATH=str(root), JAX_PLATFORMS="cpu")
+    base = {k: v for k, v in repo_env(JAX_PLATFORMS="cpu").items() if not k.startswith("SLURM_") and k != "XLA_FLAGS"}
     one = subprocess.run([*command, str(tmp_path / "one"), *options], capture_output=True, text=True, timeout=600,
                          cwd=root, env={**base, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     assert one.returncode == 0, one.stderr[-3000:]

@@ -19,7 +19,7 @@ from pipeline import store
 from pipeline.cli.main import app
 from pipeline.ingest import Reject, ingest, reject_lines
 from pipeline.taxonomy import CLASS_NAMES
-from tests.factories import random_frames, random_labels, write_entries_cxi, write_stacked_cxi
+from tests.factories import random_frames, random_labels, repo_env, write_entries_cxi, write_stacked_cxi
 
 runner = CliRunner()
 
@@ -270,7 +270,7 @@ def snapshot(path):
 def run_ingest(store_path, inputs):
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli.main", "ingest", str(store_path), *map(str, inputs), "--cluster", "local-threads"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=repo_env(),
     )
 
 

@@ -12,6 +12,7 @@ import zarr
 from pipeline import store
 from pipeline.errors import AirysortError
 from pipeline.taxonomy import CLASS_NAMES
+from tests.factories import repo_env
 
 
 @pytest.fixture
@@ -270,7 +271,6 @@ if __name__ == "__main__":
 def test_store_functions_run_without_a_client_and_writes_refuse_before_touching(tmp_path):
     """From a plain script: ingest, preprocess_store and correlate_store start a cluster
     of their own; a bare store write without a client changes nothing."""
-    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -279,7 +279,7 @@ def test_store_functions_run_without_a_client_and_writes_refuse_before_touching(
     script = tmp_path / "no_client.py"
     script.write_text(NO_CLIENT_SCRIPT)
     run = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=root, capture_output=True, text=True,
-                         timeout=600, env={**os.environ, "PYTHONPATH": str(root)})
+                         timeout=600, env=repo_env())
     assert run.returncode == 0, run.stderr[-3000:]
     assert "refused: writing to the store needs a Dask client" in run.stdout
     assert run.stdout.strip().endswith("ok")

@@ -23,6 +23,7 @@ from pipeline.ingest import ingest
 from pipeline.preprocess import preprocess_new, preprocess_store
 from pipeline.simulate import simulate_beamtime
 from pipeline.watch import landed, snapshot, watch
+from tests.factories import repo_env
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE, CROP = 32, 0.8  # the model's look, which watch must reproduce
@@ -139,7 +140,7 @@ def test_cli_polls_until_interrupted(beamtime, tmp_path):
     root, files, model_dir = beamtime
     daq, run = tmp_path / "daq", tmp_path / "run.zarr"
     daq.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = repo_env()
     process = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli.main", "watch", str(daq), str(run), str(model_dir),
          "--interval", "0.5", "--cluster", "local-threads", "--json"],
