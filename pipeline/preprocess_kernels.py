@@ -625,7 +625,7 @@ def refine_centres(
     # float32 FFTs (4x faster than float64 here). D is unchanged when f shifts by a
     # constant on the valid pixels, so f is taken relative to its valid mean: the two
     # convolutions then stay small and their difference loses no float32 digits.
-    logs = np.log1p(np.maximum(frames[:, rows, cols][picked], 0.0, dtype=np.float32))
+    logs = log1p_of_positive_part(frames[:, rows, cols][picked])
     counts = np.maximum(valid.sum(axis=(1, 2)), 1)
     means = np.where(valid, logs, 0).sum(axis=(1, 2), dtype=np.float64) / counts
     values = np.where(valid, logs - means[:, None, None].astype(np.float32), np.float32(0))
@@ -688,6 +688,21 @@ def _parabola_offset(three: np.ndarray | None) -> float:
 # --------------------------------------------------------------------------------------
 
 
+def log1p_of_positive_part(values: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
+    """``log(1 + max(values, 0))`` in float32 (``out`` may be ``values`` itself).
+
+    Computed as ``log`` of ``1 + x`` rather than with ``np.log1p``, whose float32 loop
+    has no SIMD version: 2.1 against 0.4 ms for a 360² frame on this project's CPU, the
+    largest single cost of preprocessing. Rounding ``1 + x`` costs an absolute error
+    below 6e-8 (half a float32 ulp of 1), far under a single photon's log step.
+    """
+    if out is None:
+        out = np.empty(np.shape(values), np.float32)
+    np.maximum(values, np.float32(0), out=out)
+    out += np.float32(1)
+    return np.log(out, out=out)
+
+
 def scale_intensity(
     frame: np.ndarray, *, scaling: str = "log", asinh_scale: float = 1.0, out: np.ndarray | None = None
 ) -> np.ndarray:
@@ -705,8 +720,7 @@ def scale_intensity(
     if out is None:
         out = np.empty(np.shape(frame), np.float32)
     if scaling == "log":
-        np.maximum(frame, 0, out=out)
-        return np.log1p(out, out=out)
+        return log1p_of_positive_part(frame, out=out)
     np.divide(frame, np.float32(asinh_scale), out=out)
     return np.arcsinh(out, out=out)
 

@@ -292,6 +292,16 @@ class TestCentre:
 
 
 class TestScalingAndResampling:
+    def test_log1p_of_positive_part_matches_log1p_in_place_too(self):
+        values = np.concatenate([[-5.0, 0.0, 1e-7, 1e-4, 0.5], np.geomspace(1, 6e4, 200)]).astype(np.float32)
+        expected = np.log1p(np.maximum(values.astype(np.float64), 0))
+        np.testing.assert_allclose(pk.log1p_of_positive_part(values), expected, rtol=1e-6, atol=6e-8)
+        copy = values.copy()
+        assert pk.log1p_of_positive_part(copy, out=copy) is copy
+        np.testing.assert_allclose(copy, expected, rtol=1e-6, atol=6e-8)
+        frames = np.arange(12, dtype=np.uint16).reshape(3, 2, 2)  # raw counts, as the centring reads them
+        np.testing.assert_allclose(pk.log1p_of_positive_part(frames), np.log1p(frames), rtol=1e-6)
+
     def test_log_and_asinh(self):
         frame = np.array([[-3.0, 0.0, 1.0, 1e4]])
         assert np.allclose(pk.scale_intensity(frame, scaling="log"), np.log1p([0, 0, 1, 1e4]))
