@@ -105,12 +105,27 @@ def load_cluster_config(spec: str) -> dict[str, Any]:
                              or config["jobs"] < 1):
         raise AirysortError(f"cluster config {str(path)!r}: 'jobs' must be a whole number >= 1, "
                             f"got {config['jobs']!r}")
+    for key in ("cluster", "adapt"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise AirysortError(f"cluster config {str(path)!r}: '{key}' must be a mapping (indented 'name: value' "
+                                f"lines below it), got {config[key]!r}")
+    adapt = config.get("adapt") or {}
+    if adapt and config["type"] == "local":
+        raise AirysortError(f"cluster config {str(path)!r}: 'adapt' scales batch jobs; a local cluster has a "
+                            "fixed number of workers (set 'n_workers' under 'cluster:')")
+    if sorted(set(adapt) - ADAPT_KEYS):
+        raise AirysortError(f"cluster config {str(path)!r}: unknown 'adapt' key(s) {sorted(set(adapt) - ADAPT_KEYS)}; "
+                            f"the keys are {sorted(ADAPT_KEYS)}")
     config["_path"] = str(path)
     return config
 
 
 #: Top-level keys of a cluster YAML (see the module docstring).
 CONFIG_KEYS = {"type", "jobs", "adapt", "cluster"}
+
+#: Keys of its ``adapt:`` mapping (dask-jobqueue's ``JobQueueCluster.adapt``).
+ADAPT_KEYS = {"minimum_jobs", "maximum_jobs", "minimum", "maximum", "minimum_cores", "maximum_cores",
+              "minimum_memory", "maximum_memory", "interval", "wait_count", "target_duration"}
 
 
 #: Environment of every worker process (set by its nanny).
@@ -154,6 +169,7 @@ def make_cluster(config: dict[str, Any]):
         from distributed import LocalCluster
 
         dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ()})
+        _check_local_options(config, options)
         options.setdefault("n_workers", os.cpu_count() or 1)
         options.setdefault("threads_per_worker", 1)
         options.setdefault("dashboard_address", ":0")
@@ -187,6 +203,21 @@ def make_cluster(config: dict[str, Any]):
         return cluster_class(**options)
 
 
+def _check_local_options(config: dict[str, Any], options: dict[str, Any]) -> None:
+    """LocalCluster passes options it does not know on to its workers, whose start then fails
+    with a traceback per worker: check the names against all three signatures first."""
+    import inspect
+
+    from distributed import LocalCluster, Nanny, Worker
+
+    known = {name for cls in (LocalCluster, Nanny, Worker) for name in inspect.signature(cls).parameters}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        where = config.get("_path", "type 'local'")
+        raise AirysortError(f"cluster config {where}: LocalCluster and its workers take no option(s) {unknown} "
+                            "under 'cluster:' (see distributed.LocalCluster)")
+
+
 def _check_submit_command(config: dict[str, Any]) -> None:
     """Without the batch system's submit command, dask-jobqueue would log a traceback and
     wait for workers forever."""
@@ -200,14 +231,21 @@ def _check_submit_command(config: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def _options_checked(config: dict[str, Any], what: str) -> Iterator[None]:
-    """A ``cluster:`` option the cluster class rejects is one error line naming the file."""
+def _options_checked(config: dict[str, Any], what: str, key: str = "cluster") -> Iterator[None]:
+    """An option under ``key`` that ``what`` rejects is one error line naming the file."""
     try:
         yield
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, RuntimeError) as raised:
+        # A LocalCluster hands options it does not know to its workers, whose start then
+        # fails as "Nanny failed to start." with the TypeError as its cause.
+        error: BaseException | None = raised
+        while error is not None and not isinstance(error, (TypeError, ValueError)):
+            error = error.__cause__ or error.__context__
+        if error is None:
+            raise
         where = config.get("_path", f"type {config.get('type')!r}")
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise AirysortError(f"cluster config {where}: {what} rejects its 'cluster:' options: {first}") from None
+        raise AirysortError(f"cluster config {where}: {what} rejects its '{key}:' options: {first}") from None
 
 
 @contextlib.contextmanager
@@ -272,7 +310,8 @@ def dask_client(spec: str = "local", *, reuse: bool = True) -> Iterator[Any]:
             # ends early (scancel, walltime, preemption, node failure) is then resubmitted.
             # A plain ``scale(jobs=n)`` never replaces it and the run limps on with fewer.
             jobs = int(config.get("jobs", 1))
-            cluster.adapt(**(config.get("adapt") or {"minimum_jobs": jobs, "maximum_jobs": jobs}))
+            with _options_checked(config, "adapt()", "adapt"):
+                cluster.adapt(**(config.get("adapt") or {"minimum_jobs": jobs, "maximum_jobs": jobs}))
         with Client(cluster) as client:
             # The port is only known now (8787 may be taken); docs/hpc.md shows the tunnel.
             print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr, flush=True)

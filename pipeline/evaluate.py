@@ -50,8 +50,9 @@ def read_truth_csv(path: str | Path, shot_ids: np.ndarray) -> tuple[np.ndarray, 
     unmatched : int
         CSV rows whose ``shot_id`` is not in the store.
     bad_rows : list of str
-        One line per row left out as ``airysort label`` would reject it
-        (:func:`~pipeline.taxonomy.label_row_problem`), ``"shot_id 'ID': reason; left out"``.
+        One line per row left out as ``airysort label`` would reject it (a value other
+        than 0 or 1, blank included, or :func:`~pipeline.taxonomy.label_row_problem`),
+        ``"shot_id 'ID': reason; left out"``.
     """
     import pandas as pd
 
@@ -67,9 +68,6 @@ def read_truth_csv(path: str | Path, shot_ids: np.ndarray) -> tuple[np.ndarray, 
     table.columns = ["shot_id" if str(c).strip().lower() == "shot_id" else str(c).strip() for c in table.columns]
     if "shot_id" in table.columns:
         table = table[table["shot_id"].str.strip().str.lower() != "shot_id"].copy()
-        for name in CLASS_NAMES:
-            if name in table.columns:
-                table[name] = pd.to_numeric(table[name].str.strip(), errors="coerce")
     missing = [name for name in ("shot_id", *CLASS_NAMES) if name not in table.columns]
     if missing:
         raise AirysortError(
@@ -79,9 +77,8 @@ def read_truth_csv(path: str | Path, shot_ids: np.ndarray) -> tuple[np.ndarray, 
     if table.empty:
         raise AirysortError(f"truth file {str(path)!r} has a header but no rows")
     table["shot_id"] = table["shot_id"].str.strip()  # as `airysort label` reads them
-    values = table[list(CLASS_NAMES)].to_numpy()
-    if not np.isin(values, (0, 1)).all():
-        raise AirysortError(f"truth file {str(path)!r} holds values other than 0 and 1 in class columns")
+    texts = table[list(CLASS_NAMES)].fillna("").apply(lambda column: column.str.strip()).to_numpy()
+    values = np.where(texts == "1", 1, 0).astype(np.int8)
     if table["shot_id"].duplicated().any():
         duplicate = table.loc[table["shot_id"].duplicated(), "shot_id"].iloc[0]
         raise AirysortError(f"truth file {str(path)!r} lists shot_id {duplicate!r} more than once")
@@ -100,8 +97,12 @@ def read_truth_csv(path: str | Path, shot_ids: np.ndarray) -> tuple[np.ndarray, 
     bad_rows = []
     usable = found.copy()
     for position in np.flatnonzero(found):
-        row = values[position]
-        problem = label_row_problem(row)
+        not_binary = [c for c, text in enumerate(texts[position]) if text not in ("0", "1")]
+        if not_binary:  # a blank cell, a typo: as `airysort label` reports it
+            c = not_binary[0]
+            problem = f"value {texts[position][c]!r} for class {CLASS_NAMES[c]!r} is not 0 or 1"
+        else:
+            problem = label_row_problem(values[position])
         if problem:
             usable[position] = False
             bad_rows.append(f"shot_id {table['shot_id'].iloc[position]!r}: {problem}; left out")

@@ -204,6 +204,10 @@ def test_cluster_config_mistakes_are_one_error_line(tmp_path, monkeypatch):
             r"unknown top-level key\(s\) \['queue'\].*go under 'cluster:'",
         config("jobs.yaml", "type: slurm\njobs: two\ncluster:\n  cores: 2\n  memory: 4GB\n"):
             "'jobs' must be a whole number >= 1, got 'two'",
+        config("list.yaml", "type: slurm\ncluster:\n  - cores: 2\n"): r"'cluster' must be a mapping .*got \[",
+        config("adapt.yaml", "type: slurm\nadapt: 5\ncluster:\n  cores: 2\n"): "'adapt' must be a mapping .*got 5",
+        config("adapt_key.yaml", "type: slurm\nadapt:\n  max_jobs: 5\n"): r"unknown 'adapt' key\(s\) \['max_jobs'\]",
+        config("local_adapt.yaml", "type: local\nadapt:\n  maximum_jobs: 5\n"): "a local cluster has a fixed number",
     }
     cases["10.0.0.5:8786"] = "a scheduler address needs its scheme: tcp://10.0.0.5:8786"
     for path, message in cases.items():
@@ -213,6 +217,9 @@ def test_cluster_config_mistakes_are_one_error_line(tmp_path, monkeypatch):
     with pytest.raises(AirysortError, match="SLURMCluster rejects its 'cluster:' options: .*'partiton'") as raised:
         make_cluster(unknown)
     assert "\n" not in str(raised.value)
+    local = load_cluster_config(config("local.yaml", "type: local\ncluster:\n  n_workers: 1\n  memory_limt: 2GB\n"))
+    with pytest.raises(AirysortError, match=r"LocalCluster and its workers take no option\(s\) \['memory_limt'\]"):
+        make_cluster(local)
     # No sbatch here: refused before dask-jobqueue tries to submit and waits for ever.
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(AirysortError, match="'sbatch' is not on this machine's PATH"):

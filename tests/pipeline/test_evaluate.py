@@ -192,15 +192,19 @@ class TestEvaluateCommand:
         joined.write_text("\n".join([header, *lines[1:60], header, *lines[60:]]) + "\n")
         again = run_json("evaluate", str(evaluated_store["path"]), "--truth", str(joined))
         assert again["classification"] == result["classification"]
-        # Rows `label` rejects (an unfilled row, classes that exclude each other) are left
-        # out and named, not scored.
-        bad = table.copy()
+        # Rows `label` rejects (an unfilled row, classes that exclude each other, a blank
+        # cell, a typo) are left out and named, not scored; the other rows still count.
+        bad = table.astype(object)
         bad.loc[0, list(CLASS_NAMES)] = 0
         bad.loc[1, list(CLASS_NAMES)] = 1
+        bad.loc[2, "Streak"] = ""
+        bad.loc[3, "Empty"] = "x"
         bad.to_csv(evaluated_store["tmp"] / "bad.csv", index=False)
         scored = run_json("evaluate", str(evaluated_store["path"]), "--truth", str(evaluated_store["tmp"] / "bad.csv"))
-        assert len(scored["truth_bad_rows"]) == 2 and "no class set" in scored["truth_bad_rows"][0]
-        left_out = sum(1 for row in rows[:2] if (evaluated_store["label"][row] < 0).any())
+        assert len(scored["truth_bad_rows"]) == 4 and "no class set" in scored["truth_bad_rows"][0]
+        assert "value '' for class 'Streak' is not 0 or 1; left out" in scored["truth_bad_rows"][2]
+        assert "value 'x' for class 'Empty' is not 0 or 1; left out" in scored["truth_bad_rows"][3]
+        left_out = sum(1 for row in rows[:4] if (evaluated_store["label"][row] < 0).any())
         assert scored["classification"]["n"] == result["classification"]["n"] - left_out
 
     def test_classifier_trained_on_every_truth_pattern_leaves_the_clusterings_scored(self, evaluated_store, tmp_path):
