@@ -203,6 +203,31 @@ def make_cluster(config: dict[str, Any]):
         return cluster_class(**options)
 
 
+def _check_scheduler(address: str) -> None:
+    """Ask ``address`` who it is, within :data:`SCHEDULER_TIMEOUT`.
+
+    ``Client`` waits for ever for the handshake of a service that accepts the connection
+    but does not speak Dask's protocol (a mistyped port); this question has a deadline. It
+    runs on a loop of its own, in a thread, so that a caller's running loop (a notebook)
+    does not matter.
+    """
+    import asyncio
+    import concurrent.futures
+
+    from dask.utils import parse_timedelta
+    from distributed.core import rpc
+
+    async def identity() -> dict:
+        async with rpc(address) as scheduler:
+            return await scheduler.identity()
+
+    deadline = parse_timedelta(SCHEDULER_TIMEOUT)
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        answer = thread.submit(asyncio.run, asyncio.wait_for(identity(), deadline)).result()
+    if not isinstance(answer, dict) or answer.get("type") != "Scheduler":
+        raise AirysortError(f"{address} answered, but not as a Dask scheduler ({str(answer)[:80]}); is the port right?")
+
+
 def _check_local_options(config: dict[str, Any], options: dict[str, Any]) -> None:
     """LocalCluster passes options it does not know on to its workers, whose start then fails
     with a traceback per worker: check the names against all three signatures first."""
@@ -282,11 +307,13 @@ def dask_client(spec: str = "local", *, reuse: bool = True) -> Iterator[Any]:
 
     if spec.startswith(("tcp://", "tls://", "ucx://", "inproc://")):
         try:
+            if spec.startswith("tcp://"):  # (tls:// needs the Client's security settings)
+                _check_scheduler(spec)
             client = Client(spec, timeout=SCHEDULER_TIMEOUT)
         except (OSError, TimeoutError) as error:
+            detail = type(error).__name__ + (f": {str(error).splitlines()[0]}" if str(error) else "")
             raise AirysortError(f"cannot reach the Dask scheduler at {spec} within {SCHEDULER_TIMEOUT} "
-                                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
-                                "is it running, and is the address right?") from None
+                                f"({detail}); is it running, and is the address right?") from None
         with client:
             yield client
         return

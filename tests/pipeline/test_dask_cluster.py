@@ -229,6 +229,16 @@ def test_cluster_config_mistakes_are_one_error_line(tmp_path, monkeypatch):
     with pytest.raises(AirysortError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:1 within 2s"):
         with dask_client("tcp://127.0.0.1:1", reuse=False):
             pass
+    # A service that takes the connection but never answers (a mistyped port) is no hang.
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        address = "tcp://127.0.0.1:%d" % silent.getsockname()[1]
+        with pytest.raises(AirysortError, match=f"cannot reach the Dask scheduler at {address} within 2s"):
+            with dask_client(address, reuse=False):
+                pass
 
 
 def test_site_and_user_prologue_lines_reach_the_job_script():
