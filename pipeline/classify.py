@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.errors import AirysortError
+from pipeline.errors import AirysortError, consecutive_runs
 from pipeline.model_dir import (
     MODEL_FILE,
     check_preprocessing,
@@ -75,7 +75,7 @@ def import_labels(store_path: str | Path, csv_path: str | Path) -> dict[str, Any
         patterns_of.setdefault(str(shot), []).append(index)
     labels = np.asarray(dataset["label"].values).astype(np.int8)
 
-    problems: list[str] = []
+    problems: list[tuple[int | None, str]] = []  # (line of the CSV or None, what is wrong)
     with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # Excel writes a BOM
         reader = csv.reader(handle)
         header = next(reader, None)
@@ -98,7 +98,7 @@ def import_labels(store_path: str | Path, csv_path: str | Path) -> dict[str, Any
         for name in columns:
             if name not in CLASS_NAMES:
                 bad_columns += 1
-                problems.append(f"column {name!r} is not a class; ignored (known: {', '.join(CLASS_NAMES)})")
+                problems.append((None, f"column {name!r} is not a class; ignored (known: {', '.join(CLASS_NAMES)})"))
         class_columns = [(1 + columns.index(name), c) for c, name in enumerate(CLASS_NAMES)]
 
         seen: dict[str, int] = {}
@@ -109,7 +109,7 @@ def import_labels(store_path: str | Path, csv_path: str | Path) -> dict[str, Any
             shot = row[0].strip()
             if [field.strip().lower() for field in row] == [field.strip().lower() for field in header]:
                 # Sheets joined with `cat` repeat the header: not a row, nothing lost.
-                problems.append(f"line {line_number}: the header again (sheets joined?); skipped")
+                problems.append((line_number, "the header again (sheets joined?); skipped"))
                 continue
             n_rows += 1
             problem = None
@@ -131,14 +131,14 @@ def import_labels(store_path: str | Path, csv_path: str | Path) -> dict[str, Any
                     problem = f"{broken}; fix the row" if values.any() else broken
             if problem is not None:
                 bad_rows += 1
-                problems.append(f"line {line_number}: {problem}")
+                problems.append((line_number, problem))
                 continue
             seen[shot] = line_number
             labels[patterns_of[shot]] = values
             imported += 1
             if len(patterns_of[shot]) > 1:
-                problems.append(f"line {line_number}: shot_id {shot!r} is shared by {len(patterns_of[shot])} "
-                                "patterns; all of them labelled")
+                problems.append((line_number, f"shot_id {shot!r} is shared by {len(patterns_of[shot])} "
+                                              "patterns; all of them labelled"))
 
     if imported:  # nothing imported: the store stays as it was, provenance included
         with store.write_lock(store_path, "label"):
@@ -150,27 +150,22 @@ def import_labels(store_path: str | Path, csv_path: str | Path) -> dict[str, Any
             store.consolidate(store_path)
     labelled = int((labels >= 0).all(axis=1).sum())
     return {"rows": n_rows, "imported": imported, "bad_rows": bad_rows,
-            "bad_columns": bad_columns, "labelled": labelled, "problems": _join_line_runs(problems)}
+            "bad_columns": bad_columns, "labelled": labelled, "problems": _problem_lines(problems)}
 
 
-def _join_line_runs(problems: list[str]) -> list[str]:
-    """Consecutive ``line N: reason`` messages with one reason as one message: a sheet of
-    200 rows with 10 filled in says so in one line, not 190."""
-    import re
-
-    joined: list[list] = []  # [first line, last line, reason] or [None, None, message]
-    for message in problems:
-        match = re.fullmatch(r"line (\d+): (.*)", message)
-        if match and joined and joined[-1][0] is not None and joined[-1][2] == match[2] \
-                and int(match[1]) == joined[-1][1] + 1:
-            joined[-1][1] = int(match[1])
-        elif match:
-            joined.append([int(match[1]), int(match[1]), match[2]])
+def _problem_lines(problems: list[tuple[int | None, str]]) -> list[str]:
+    """One message per problem, consecutive CSV lines with one reason joined: a sheet of 200
+    rows with 10 filled in says so in one line, not 190."""
+    lines = []
+    for run in consecutive_runs(problems, key=lambda problem: problem[1], number=lambda problem: problem[0]):
+        (first, text), last = run[0], run[-1][0]
+        if first is None:
+            lines.append(text)
+        elif len(run) == 1:
+            lines.append(f"line {first}: {text}")
         else:
-            joined.append([None, None, message])
-    return [message if first is None else f"line {first}: {message}" if first == last
-            else f"lines {first}-{last} ({last - first + 1} rows): {message}"
-            for first, last, message in joined]
+            lines.append(f"lines {first}-{last} ({len(run)} rows): {text}")
+    return lines
 
 
 # --------------------------------------------------------------------------- model dir

@@ -34,7 +34,7 @@ import numpy as np
 import zarr
 
 from pipeline import store
-from pipeline.errors import AirysortError
+from pipeline.errors import AirysortError, consecutive_runs
 from pipeline.sources import Source, SourceError, fingerprint, open_source
 from pipeline.taxonomy import N_CLASSES
 
@@ -56,28 +56,11 @@ def reject_lines(rejects: Sequence[Reject | dict]) -> list[str]:
     A file from another detector has every frame rejected for the same reason; the user
     needs one line saying so, not one per frame (the store's reject log keeps each frame).
     """
-    lines: list[str] = []
-    run: list[Reject] = []
-
-    def close() -> None:
-        if len(run) == 1:
-            lines.append(run[0].line())
-        elif run:
-            first, last = run[0].frame, run[-1].frame
-            lines.append(f"{run[0].file}: frames {first}-{last} ({len(run)} frames): {run[0].reason}")
-
-    for reject in rejects:
-        reject = reject if isinstance(reject, Reject) else Reject(reject["file"], reject["frame"], reject["reason"])
-        previous = run[-1] if run else None
-        if (previous is not None and reject.frame is not None and previous.frame is not None
-                and (reject.file, reject.reason) == (previous.file, previous.reason)
-                and reject.frame == previous.frame + 1):
-            run.append(reject)
-            continue
-        close()
-        run = [reject]
-    close()
-    return lines
+    rejects = [r if isinstance(r, Reject) else Reject(r["file"], r["frame"], r["reason"]) for r in rejects]
+    runs = consecutive_runs(rejects, key=lambda r: (r.file, r.reason), number=lambda r: r.frame)
+    return [run[0].line() if len(run) == 1 else
+            f"{run[0].file}: frames {run[0].frame}-{run[-1].frame} ({len(run)} frames): {run[0].reason}"
+            for run in runs]
 
 
 # --------------------------------------------------------------------------- kernels (workers)
