@@ -14,11 +14,12 @@ downstream phasing.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import h5py
 import numpy as np
@@ -108,44 +109,63 @@ def sort_store(path: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str,
     # A gallery per class and per cluster: seconds each on a large store.
     with progress_bar("sort: index lists and galleries") as bar:
         task = bar.add_task("sort: index lists and galleries", total=n_groups)
+        done = functools.partial(bar.advance, task)
         if "predicted" in dataset:
-            predicted = np.asarray(dataset["predicted"].values)
-            prob = np.asarray(dataset["prob"].values) if "prob" in dataset else predicted.astype(float)
-            thresholds = class_thresholds(dataset)
-            for c, name in enumerate(CLASS_NAMES):
-                members = np.flatnonzero(predicted[:, c] == 1)
-                members = members[np.argsort(-prob[members, c], kind="stable")]
-                _write_index(out / "classes" / f"{safe_name(name)}.csv", columns, members, prob[members, c])
-                representative = [(int(p), f"#{p} p={prob[p, c]:.2f}") for p in members[:N_REPRESENTATIVE]]
-                nearest = np.argsort(np.abs(prob[:, c] - thresholds[c]), kind="stable")[:N_BORDERLINE]
-                borderline = [(int(p), f"#{p} p={prob[p, c]:.2f} border") for p in nearest]
-                _gallery(out / "classes" / f"{safe_name(name)}.png", dataset, representative + borderline,
-                         f"{name}: {len(members)} patterns (top: most confident; 'border': near threshold {thresholds[c]:.2f})")
-                summary["classes"][name] = int(len(members))
-                bar.advance(task)
-
+            summary["classes"] = _sort_classes(dataset, out / "classes", columns, done=done)
         for variable in cluster_vars:
             method = variable.removeprefix("cluster_")
-            assignment = assignments[variable]
-            posterior = np.asarray(dataset[f"{variable}_prob"].values) if f"{variable}_prob" in dataset else None
-            counts = {}
-            for k in np.unique(assignment[assignment >= 0]):
-                members = np.flatnonzero(assignment == k)
-                confidence = posterior[members, k] if posterior is not None and k < posterior.shape[1] else None
-                if confidence is not None:
-                    order = np.argsort(-confidence, kind="stable")
-                    members, confidence = members[order], confidence[order]
-                directory = out / "clusters" / method
-                _write_index(directory / f"cluster_{k}.csv", columns, members, confidence)
-                picks = [(int(p), f"#{p}") for p in members[:N_REPRESENTATIVE + N_BORDERLINE]]
-                _gallery(directory / f"cluster_{k}.png", dataset, picks, f"{method} cluster {k}: {len(members)} patterns")
-                counts[int(k)] = int(len(members))
-                bar.advance(task)
-            summary["clusters"][method] = counts
+            summary["clusters"][method] = _sort_clusters(dataset, variable, out / "clusters" / method,
+                                                         columns, assignments[variable], done=done)
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _sort_classes(
+    dataset: xr.Dataset, directory: Path, columns: dict[str, np.ndarray], *, done: Callable[[], Any]
+) -> dict[str, int]:
+    """Index list and gallery of each predicted class: the most confident members, then
+    the patterns nearest the class's threshold. Returns the count per class."""
+    predicted = np.asarray(dataset["predicted"].values)
+    prob = np.asarray(dataset["prob"].values) if "prob" in dataset else predicted.astype(float)
+    thresholds = class_thresholds(dataset)
+    counts = {}
+    for c, name in enumerate(CLASS_NAMES):
+        members = np.flatnonzero(predicted[:, c] == 1)
+        members = members[np.argsort(-prob[members, c], kind="stable")]
+        _write_index(directory / f"{safe_name(name)}.csv", columns, members, prob[members, c])
+        representative = [(int(p), f"#{p} p={prob[p, c]:.2f}") for p in members[:N_REPRESENTATIVE]]
+        nearest = np.argsort(np.abs(prob[:, c] - thresholds[c]), kind="stable")[:N_BORDERLINE]
+        borderline = [(int(p), f"#{p} p={prob[p, c]:.2f} border") for p in nearest]
+        _gallery(directory / f"{safe_name(name)}.png", dataset, representative + borderline,
+                 f"{name}: {len(members)} patterns (top: most confident; 'border': near threshold {thresholds[c]:.2f})")
+        counts[name] = int(len(members))
+        done()
+    return counts
+
+
+def _sort_clusters(
+    dataset: xr.Dataset, variable: str, directory: Path, columns: dict[str, np.ndarray], assignment: np.ndarray,
+    *, done: Callable[[], Any],
+) -> dict[int, int]:
+    """Index list and gallery of each cluster of ``variable`` (most probable members first
+    when the posteriors are stored). Returns the count per cluster."""
+    method = variable.removeprefix("cluster_")
+    posterior = np.asarray(dataset[f"{variable}_prob"].values) if f"{variable}_prob" in dataset else None
+    counts = {}
+    for k in np.unique(assignment[assignment >= 0]):
+        members = np.flatnonzero(assignment == k)
+        confidence = posterior[members, k] if posterior is not None and k < posterior.shape[1] else None
+        if confidence is not None:
+            order = np.argsort(-confidence, kind="stable")
+            members, confidence = members[order], confidence[order]
+        _write_index(directory / f"cluster_{k}.csv", columns, members, confidence)
+        picks = [(int(p), f"#{p}") for p in members[:N_REPRESENTATIVE + N_BORDERLINE]]
+        _gallery(directory / f"cluster_{k}.png", dataset, picks, f"{method} cluster {k}: {len(members)} patterns")
+        counts[int(k)] = int(len(members))
+        done()
+    return counts
 
 
 def export_patterns(path: str | os.PathLike, class_name: str, out_cxi: str | os.PathLike) -> int:
