@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -49,6 +49,13 @@ def maybe_initialize_distributed() -> bool:
         return False
     jax.distributed.initialize()
     return True
+
+
+def first_process_only(log: Callable[[str], None]) -> Callable[[str], None]:
+    """``log`` on process 0, a no-op on the others: the tasks of one ``srun`` job train
+    together, and their log is one (the job's output file would show every line once per
+    task otherwise)."""
+    return log if jax.process_index() == 0 else (lambda line: None)
 
 
 def _in_srun_step() -> bool:

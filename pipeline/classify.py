@@ -313,7 +313,12 @@ def train_classifier(
     from jaxmodels.data import PatternBatches
     from jaxmodels.infer import predict_proba, tune_thresholds
     from jaxmodels.losses import classifier_loss_fn, positive_weights
-    from jaxmodels.parallel import make_data_mesh, maybe_initialize_distributed, use_cpu_cores_as_devices
+    from jaxmodels.parallel import (
+        first_process_only,
+        make_data_mesh,
+        maybe_initialize_distributed,
+        use_cpu_cores_as_devices,
+    )
     from jaxmodels.resnet import build_cnn
     from jaxmodels.train import fit
     from pipeline import store
@@ -402,7 +407,7 @@ def train_classifier(
     pos_weight = positive_weights(train_labels, max_weight=cnn_config.pos_weight_max)
     loss_fn = classifier_loss_fn(tuple(float(w) for w in pos_weight), augment=cnn_config.augment)
 
-    say = log if log is not None else _stderr
+    say = first_process_only(log if log is not None else _stderr)
     say(f"training ResNet-{cnn_config.depth} (width {cnn_config.width}) on {len(train_idx)} "
         f"labelled patterns, validating on {len(valid_idx)}, batch {global_batch} over "
         f"{n_dev} device(s)")

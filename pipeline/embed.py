@@ -162,6 +162,7 @@ def train_vae(
     from jaxmodels.data import PatternBatches
     from jaxmodels.losses import vae_loss_fn
     from jaxmodels.parallel import (
+        first_process_only,
         make_data_mesh,
         maybe_initialize_distributed,
         round_batch_size,
@@ -260,7 +261,7 @@ def train_vae(
         _clear_training_state(model_dir)
     write_model_info(model_dir, record)
 
-    say = log if log is not None else (lambda line: print(line, file=sys.stderr, flush=True))
+    say = first_process_only(log if log is not None else (lambda line: print(line, file=sys.stderr, flush=True)))
     say(f"training β-TCVAE ({vae_config.preset} preset, {vae_config.latent_dim} latents) on "
         f"{len(train_idx)} patterns, validating on {n_valid}, batch {batch_size} over {mesh.size} device(s)")
     model = build_vae(vae_config, seed=train_config.seed)

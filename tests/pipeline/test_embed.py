@@ -231,6 +231,9 @@ def test_vae_trains_as_two_srun_tasks_like_one_process(vae_store, tmp_path):
     # One result, from task 0 (the collectives library prints its own lines on stdout too).
     results = [[line for line in out.splitlines() if line.startswith("{")] for out, _ in outputs]
     assert len(results[0]) == 1 and results[1] == []
+    # One progress log for the job, from task 0.
+    assert "training β-TCVAE" in outputs[0][1] and "validation" in outputs[0][1]
+    assert "training β-TCVAE" not in outputs[1][1] and "patterns/s" not in outputs[1][1]
     history = [json.loads((tmp_path / run / "model.json").read_text())["history"] for run in ("one", "two")]
     assert len(history[1]) == len(history[0]) == 1
     for key in ("train_loss", "val_loss"):
