@@ -84,8 +84,11 @@ class TrainConfig:
         Never stop early before this many epochs: with few labelled patterns the
         validation loss of the first epochs is noise (batch statistics still settling).
     checkpoint_every : int, default=200
-        Save a resumable checkpoint every this many optimiser steps (and at the end
-        of every epoch).
+        Save a resumable checkpoint every this many optimiser steps, and at the end.
+    checkpoint_seconds : float, default=60.0
+        When an epoch has fewer than ``checkpoint_every`` steps, also save at the end of an
+        epoch once this many seconds have passed since the last save (a killed run loses
+        at most about this much; Ctrl-C saves the step in hand whatever the setting).
     log_every : int, default=20
         Print loss and metrics to stderr every this many steps.
     batch_norm_batches : int, default=16
@@ -119,6 +122,7 @@ class TrainConfig:
     patience: int = 8
     min_epochs: int = 10
     checkpoint_every: int = 200
+    checkpoint_seconds: float = 60.0
     log_every: int = 20
     batch_norm_batches: int = 16
     input_cache_mib: int = 1024

@@ -42,7 +42,8 @@ decay on kernels (:func:`make_optimizer`), gradient clipping, data parallelism o
 every device (batch sharded along a ``"data"`` mesh, state replicated; see
 :mod:`jaxmodels.parallel`), validation every epoch, early stopping on the
 validation loss, the best model saved to ``best_dir``, and resumable orbax
-checkpoints every ``checkpoint_every`` steps and at the end: calling :func:`fit` again with the
+checkpoints every ``checkpoint_every`` steps (or, for short epochs, at the end of an
+epoch once ``checkpoint_seconds`` have passed) and at the end: calling :func:`fit` again with the
 same directories continues from the last checkpoint, at the same batch of the same
 epoch, with the same data order and random keys.
 """
@@ -408,9 +409,11 @@ def fit(
     # checkpoint, so that best_dir always matches the checkpoint's best_val_loss.
     best_state: Any = None
     best_dirty = False
+    last_saved = time.monotonic()
 
     def save_checkpoint() -> None:
-        nonlocal best_dirty
+        nonlocal best_dirty, last_saved
+        last_saved = time.monotonic()
         if best_dir is not None and best_dirty:
             save_state(best_dir, best_state)
             best_dirty = False
@@ -500,10 +503,12 @@ def fit(
                 state["batch"] = 0
                 if state["epoch"] >= config.epochs:
                     state["finished"] = True
-                # Every epoch when epochs are shorter than checkpoint_every (small labelled sets:
-                # otherwise nothing would be saved for many epochs).
+                # Epochs shorter than checkpoint_every (small labelled sets) would otherwise save
+                # nothing for many epochs; each save costs about 0.7 s, as much as a short
+                # epoch on a GPU, so at most one per checkpoint_seconds.
                 if (state["finished"] or state["step"] % config.checkpoint_every == 0
-                        or steps_per_epoch < config.checkpoint_every):
+                        or (steps_per_epoch < config.checkpoint_every
+                            and time.monotonic() - last_saved >= config.checkpoint_seconds)):
                     save_checkpoint()
                 stop_if_asked()
         finally:

@@ -250,6 +250,19 @@ def test_early_stopping_respects_patience_and_min_epochs(min_epochs, stop_after)
     assert float(result.model.w[...]) == pytest.approx(1.0 - 0.05 * 2, abs=0.02)
 
 
+@pytest.mark.parametrize("seconds, kept", [(0.0, [4, 6]), (1e6, [6])])
+def test_short_epochs_are_checkpointed_at_most_once_per_checkpoint_seconds(tmp_path, seconds, kept):
+    """Epochs of 2 steps against checkpoint_every=200: an epoch-end save once
+    checkpoint_seconds have passed (each costs most of a second), and always the last."""
+    data = np.zeros((8, 2, 2), np.float32)
+    train = PatternBatches(data, np.arange(8), batch_size=4, shuffle=True, chunk=8)
+    config = TrainConfig(epochs=3, warmup_epochs=0, learning_rate=0.05, schedule="constant",
+                         checkpoint_seconds=seconds)
+    fit(Scalar(), diverging_loss, train, config=config, checkpoint_dir=tmp_path / "ck", log=lambda line: None)
+    # Orbax keeps the newest two.
+    assert sorted(int(p.name) for p in (tmp_path / "ck").iterdir() if p.name.isdigit()) == kept
+
+
 @pytest.mark.parametrize("precision", ["default", "tensorfloat32", "highest"])
 def test_training_and_validation_run_at_the_configured_precision(precision):
     """The loss is traced (training and validation steps) under ``TrainConfig.precision``,
