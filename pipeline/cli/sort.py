@@ -23,8 +23,11 @@ def command(
     from pipeline.sort import export_patterns, safe_name, sort_store
     from pipeline.taxonomy import CLASS_NAMES
 
-    if export and export not in CLASS_NAMES:  # before the lists and galleries are written
-        raise AirysortError(f"unknown class {export!r}; choose one of: {', '.join(CLASS_NAMES)}")
+    if export:  # checked before the lists and galleries are written; any case ("prolate")
+        named = {name.lower(): name for name in CLASS_NAMES}
+        if export.strip().lower() not in named:
+            raise AirysortError(f"unknown class {export!r}; choose one of: {', '.join(CLASS_NAMES)}")
+        export = named[export.strip().lower()]
     result = sort_store(store, out_dir)
     if export:
         target = export_to or Path(out_dir) / f"{safe_name(export)}.cxi"

@@ -85,9 +85,10 @@ def test_export_class_to_cxi_round_trips(tmp_path, dask_threads):
 def test_sort_command_and_clear_error(tmp_path, dask_threads):
     runner = CliRunner()
     path, *_ = classified_store(tmp_path)
-    result = runner.invoke(app, ["sort", str(path), str(tmp_path / "o"), "--export", "Round", "--json"])
+    result = runner.invoke(app, ["sort", str(path), str(tmp_path / "o"), "--export", "round", "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout.strip().splitlines()[-1])["exported"]["class"] == "Round"
+    exported = json.loads(result.stdout.strip().splitlines()[-1])["exported"]
+    assert exported["class"] == "Round" and exported["file"].endswith("Round.cxi")  # typed in any case
     # stderr is not a terminal here (as in a batch job's log): progress comes as plain lines,
     # one at the start and one at the end (11 classes + 3 clusters).
     progress = [line for line in result.stderr.splitlines() if line.startswith("sort: index lists")]
