@@ -104,7 +104,8 @@ class TrainConfig:
         again decodes every shard it touches.
     precision : {"highest", "high", "default", "float32", "tensorfloat32", "bfloat16"}, default="highest"
         Precision of the matrix products and convolutions of training and validation
-        (``jax.default_matmul_precision``). "highest" computes in float32 on every
+        (``jax.default_matmul_precision``), and of ``predict``, ``explain`` and ``embed``
+        with the model (:func:`pipeline.model_dir.trained_precision`). "highest" computes in float32 on every
         device; "default" lets NVIDIA GPUs round their inputs to TensorFloat-32 (10-bit
         mantissa), faster for wide networks. On an H100 the README's width-16 ResNet
         trained as fast either way (58 against 56 s; docs/results.md).
@@ -147,6 +148,8 @@ class TrainConfig:
             )
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every!r}")
+        if not self.checkpoint_seconds >= 0:  # NaN too
+            raise ValueError(f"checkpoint_seconds must be >= 0, got {self.checkpoint_seconds!r}")
         if self.patience < 0:
             raise ValueError(f"patience must be >= 0 (0: no early stopping), got {self.patience!r}")
         if self.batch_norm_batches < 0:

@@ -81,6 +81,17 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _all_agree(decision: bool) -> bool:
+    """Process 0's ``decision``, on every process. A checkpoint is a collective: processes
+    (several srun tasks) that decided it each by their own clock would wait for each other
+    for ever."""
+    if jax.process_count() == 1:
+        return decision
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(decision)))
+
+
 def _ctrl_c_at_step_boundaries() -> tuple[Callable[[], bool], Callable[[], None]]:
     """Turn the first Ctrl-C into a request that :func:`fit` honours after the current step
     (a checkpoint, then ``KeyboardInterrupt``), so an interrupted run loses nothing; a
@@ -506,9 +517,9 @@ def fit(
                 # Epochs shorter than checkpoint_every (small labelled sets) would otherwise save
                 # nothing for many epochs; each save costs about 0.7 s, as much as a short
                 # epoch on a GPU, so at most one per checkpoint_seconds.
-                if (state["finished"] or state["step"] % config.checkpoint_every == 0
-                        or (steps_per_epoch < config.checkpoint_every
-                            and time.monotonic() - last_saved >= config.checkpoint_seconds)):
+                due = (steps_per_epoch < config.checkpoint_every
+                       and time.monotonic() - last_saved >= config.checkpoint_seconds)
+                if state["finished"] or state["step"] % config.checkpoint_every == 0 or _all_agree(due):
                     save_checkpoint()
                 stop_if_asked()
         finally:

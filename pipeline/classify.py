@@ -32,9 +32,10 @@ from pipeline.model_dir import (
     check_preprocessing,
     input_preprocessing,
     read_model_info,
+    trained_precision,
     write_model_info,
 )
-from pipeline.taxonomy import CLASS_NAMES, N_CLASSES, coarse_group, decide, label_row_problem
+from pipeline.taxonomy import CLASS_NAMES, N_CLASSES, coarse_group, decide, label_cell_value, label_row_problem
 
 
 
@@ -123,10 +124,11 @@ def import_labels(store_path: str | Path, csv_path: str | Path) -> dict[str, Any
                 values = np.zeros(N_CLASSES, np.int8)
                 for column, c in class_columns:
                     text = row[column].strip()
-                    if text not in ("0", "1"):
+                    value = label_cell_value(text)
+                    if value is None:
                         problem = f"value {text!r} for class {CLASS_NAMES[c]!r} is not 0 or 1"
                         break
-                    values[c] = int(text)
+                    values[c] = value
                 if problem is None and (broken := label_row_problem(values)):
                     problem = f"{broken}; fix the row" if values.any() else broken
             if problem is not None:
@@ -427,7 +429,8 @@ def train_classifier(
     thresholds = np.full(N_CLASSES, 0.5, np.float32)
     if len(valid_idx):
         rows = valid_batches.rows()  # kept from training, or read shard by shard
-        probabilities = predict_proba(result.model, rows, mesh=mesh)
+        with jax.default_matmul_precision(train_config.precision):
+            probabilities = predict_proba(result.model, rows, mesh=mesh)
         truth = valid_labels.astype(int)
         thresholds = tune_thresholds(probabilities, truth)
         predicted = decide(probabilities, thresholds)
@@ -446,7 +449,8 @@ def train_classifier(
         "model_id": info["model_id"] if unchanged else
         f"cnn-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}",
         "thresholds": [float(t) for t in thresholds],
-        "train": to_dict(train_config),
+        # Unchanged weights keep the settings they were trained with (--precision included).
+        "train": info["train"] if unchanged and "train" in info else to_dict(train_config),
         "n_train": int(len(train_idx)), "n_valid": int(len(valid_idx)),
         "best_epoch": result.best_epoch, "history": result.history,
         "validation": validation,
@@ -529,8 +533,9 @@ def _predict_block(block: np.ndarray, *, model_dir: str, batch_size: int) -> np.
     """Dask block function: inputs (n, H, W) → probabilities (n, 11) float32."""
     from jaxmodels.infer import predict_proba
 
-    model, _ = load_classifier(model_dir)
-    return predict_proba(model, block, batch_size=batch_size)
+    model, info = load_classifier(model_dir)
+    with trained_precision(info):
+        return predict_proba(model, block, batch_size=batch_size)
 
 
 def predict_store(
@@ -681,7 +686,8 @@ def explain_patterns(
     files: list[str] = []
     explained: dict[str, Any] = {}
     images = np.stack([np.asarray(source[index], np.float32) for index in indices])
-    all_probabilities = predict_proba(model, images)
+    with trained_precision(info):
+        all_probabilities = predict_proba(model, images)
     all_predicted = decide(all_probabilities, thresholds)
     for index, image, probabilities, predicted in zip(indices, images, all_probabilities, all_predicted):
         classes = np.flatnonzero(predicted)

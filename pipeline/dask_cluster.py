@@ -230,12 +230,18 @@ def _check_scheduler(address: str) -> None:
 
 def _check_local_options(config: dict[str, Any], options: dict[str, Any]) -> None:
     """LocalCluster passes options it does not know on to its workers, whose start then fails
-    with a traceback per worker: check the names against all three signatures first."""
+    with a traceback per worker: check the names against the signatures first. A custom
+    ``worker_class`` takes options of its own, and is left to report them itself."""
     import inspect
 
     from distributed import LocalCluster, Nanny, Worker
+    from distributed.core import Server
 
-    known = {name for cls in (LocalCluster, Nanny, Worker) for name in inspect.signature(cls).parameters}
+    if "worker_class" in options:
+        return
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    known = {name for cls in (LocalCluster, Nanny, Worker, Server)
+             for name, parameter in inspect.signature(cls).parameters.items() if parameter.kind in named}
     unknown = sorted(set(options) - known)
     if unknown:
         where = config.get("_path", "type 'local'")

@@ -31,6 +31,7 @@ from pipeline.model_dir import (
     check_preprocessing,
     input_preprocessing,
     read_model_info,
+    trained_precision,
     write_model_info,
 )
 
@@ -278,6 +279,8 @@ def train_vae(
         log=say,
     )
     final = result.history[-1] if result.history else {}
+    if saved is not None and result.steps == result.resumed_from:  # nothing trained: settings as trained
+        record["train"] = saved["train"]
     record.update(
         status="trained",
         epochs_done=len(result.history),
@@ -318,7 +321,8 @@ def _encode_block(block: np.ndarray, *, model_dir: str, batch_size: int) -> np.n
     from jaxmodels.latent_tools import encode_patterns
 
     model, _ = load_vae(model_dir)
-    mean, logvar = encode_patterns(model, block, batch_size=batch_size)
+    with trained_precision(read_model_info(model_dir, kind="vae")):
+        mean, logvar = encode_patterns(model, block, batch_size=batch_size)
     return np.stack([mean, logvar], axis=1)
 
 

@@ -25,7 +25,7 @@ import xarray as xr
 from sklearn import metrics
 
 from pipeline.errors import AirysortError
-from pipeline.taxonomy import CLASS_NAMES, N_CLASSES, coarse_group, label_row_problem
+from pipeline.taxonomy import CLASS_NAMES, N_CLASSES, coarse_group, label_cell_value, label_row_problem
 
 #: Variables that may record which labelled patterns trained the classifier.
 SPLIT_VARIABLES = ("label_role", "train_split")
@@ -60,7 +60,8 @@ def read_truth_csv(path: str | Path, shot_ids: np.ndarray) -> tuple[np.ndarray, 
     if not path.is_file():
         raise AirysortError(f"truth file {str(path)!r} does not exist")
     try:
-        table = pd.read_csv(path, dtype=str, encoding="utf-8-sig")  # Excel writes a BOM
+        # Every cell as written ("NA" too), read as `airysort label` reads it; Excel writes a BOM.
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except pd.errors.EmptyDataError:
         raise AirysortError(f"truth file {str(path)!r} is empty") from None
     # Read as `airysort label` reads a sheet: names stripped, the shot_id header in any case,
@@ -78,7 +79,8 @@ def read_truth_csv(path: str | Path, shot_ids: np.ndarray) -> tuple[np.ndarray, 
         raise AirysortError(f"truth file {str(path)!r} has a header but no rows")
     table["shot_id"] = table["shot_id"].str.strip()  # as `airysort label` reads them
     texts = table[list(CLASS_NAMES)].fillna("").apply(lambda column: column.str.strip()).to_numpy()
-    values = np.where(texts == "1", 1, 0).astype(np.int8)
+    cells = np.vectorize(label_cell_value, otypes=[object])(texts) if texts.size else texts
+    values = np.where(cells == 1, 1, 0).astype(np.int8)
     if table["shot_id"].duplicated().any():
         duplicate = table.loc[table["shot_id"].duplicated(), "shot_id"].iloc[0]
         raise AirysortError(f"truth file {str(path)!r} lists shot_id {duplicate!r} more than once")
@@ -97,7 +99,7 @@ def read_truth_csv(path: str | Path, shot_ids: np.ndarray) -> tuple[np.ndarray, 
     bad_rows = []
     usable = found.copy()
     for position in np.flatnonzero(found):
-        not_binary = [c for c, text in enumerate(texts[position]) if text not in ("0", "1")]
+        not_binary = [c for c, cell in enumerate(cells[position]) if cell is None]
         if not_binary:  # a blank cell, a typo: as `airysort label` reports it
             c = not_binary[0]
             problem = f"value {texts[position][c]!r} for class {CLASS_NAMES[c]!r} is not 0 or 1"
@@ -283,8 +285,10 @@ def evaluate_store(path: str | Path, *, truth_csv: str | Path | None = None) -> 
         raise AirysortError(f"store {str(path)!r} has no 'label'; pass --truth LABELS.csv")
     known = (truth >= 0).all(axis=1)
     if not known.any():
+        left_out = result.get("truth_bad_rows") or []
+        why = f"; all {len(left_out)} matching rows were left out, e.g. {left_out[0]}" if left_out else ""
         raise AirysortError(
-            f"no pattern of store {str(path)!r} has known truth ({result['truth']}); import "
+            f"no pattern of store {str(path)!r} has known truth ({result['truth']}){why}; import "
             "labels with `airysort label STORE LABELS.csv` or pass --truth LABELS.csv"
         )
 

@@ -58,6 +58,15 @@ CCF_PREPROCESSING = {"n_q": 64, "n_phi": 128, "variant": "auto", "r_min": None, 
 RING_TOLERANCE = {"rtol": 0.1, "atol": 2.0}  # pixels
 
 
+def trained_precision(info: Mapping[str, Any]):
+    """A context in which a model computes as it was trained (``TrainConfig.precision``, float32
+    for models saved before it existed): its thresholds were tuned so, and on an NVIDIA GPU
+    JAX's default would otherwise round products to TensorFloat-32."""
+    import jax
+
+    return jax.default_matmul_precision((info.get("train") or {}).get("precision", "highest"))
+
+
 def input_preprocessing(attrs: Mapping[str, Any], input: str) -> dict[str, Any]:
     """The parameters behind a store's ``input`` (store attributes ``attrs``): those of
     :data:`IMAGE_PREPROCESSING` for ``image``, of :data:`CCF_PREPROCESSING` for ``ccf``."""

@@ -130,6 +130,16 @@ def taxonomy_problem(labels: np.ndarray) -> str | None:
     return None
 
 
+def label_cell_value(text: str) -> int | None:
+    """A label sheet's cell as 0 or 1 (``1``, ``1.0`` as spreadsheets and pandas write
+    numbers, spaces around), or None for anything else, a blank included."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return int(value) if value in (0.0, 1.0) else None
+
+
 def label_row_problem(labels: np.ndarray) -> str | None:
     """Why a researcher's label row cannot be used, or None: no class set (every pattern
     has one, Empty when nothing was hit, so an all-zero row was not filled in), or a

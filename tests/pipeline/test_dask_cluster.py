@@ -220,6 +220,9 @@ def test_cluster_config_mistakes_are_one_error_line(tmp_path, monkeypatch):
     local = load_cluster_config(config("local.yaml", "type: local\ncluster:\n  n_workers: 1\n  memory_limt: 2GB\n"))
     with pytest.raises(AirysortError, match=r"LocalCluster and its workers take no option\(s\) \['memory_limt'\]"):
         make_cluster(local)
+    # Options of the workers' server (passed on by Worker) are valid ones.
+    with make_cluster({"type": "local", "cluster": {"n_workers": 1, "processes": False, "connection_limit": 256}}):
+        pass
     # No sbatch here: refused before dask-jobqueue tries to submit and waits for ever.
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(AirysortError, match="'sbatch' is not on this machine's PATH"):

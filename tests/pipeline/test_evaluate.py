@@ -199,6 +199,7 @@ class TestEvaluateCommand:
         bad.loc[1, list(CLASS_NAMES)] = 1
         bad.loc[2, "Streak"] = ""
         bad.loc[3, "Empty"] = "x"
+        bad.loc[4:, list(CLASS_NAMES)] = bad.loc[4:, list(CLASS_NAMES)].astype(float)  # 1.0, as pandas writes floats
         bad.to_csv(evaluated_store["tmp"] / "bad.csv", index=False)
         scored = run_json("evaluate", str(evaluated_store["path"]), "--truth", str(evaluated_store["tmp"] / "bad.csv"))
         assert len(scored["truth_bad_rows"]) == 4 and "no class set" in scored["truth_bad_rows"][0]

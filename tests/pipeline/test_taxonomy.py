@@ -100,3 +100,10 @@ def test_taxonomy_problem_names_what_a_label_breaks():
     # Every label combination of the real set is consistent.
     from pipeline.taxonomy import REAL_COMBINATIONS
     assert all(taxonomy_problem(multi_hot(names)) is None for _, names in REAL_COMBINATIONS)
+
+
+def test_label_cells_read_as_spreadsheets_write_them():
+    from pipeline.taxonomy import label_cell_value
+
+    assert [label_cell_value(t) for t in ("0", "1", " 1 ", "1.0", "0.00", "1e0")] == [0, 1, 1, 1, 0, 1]
+    assert [label_cell_value(t) for t in ("", "NA", "x", "2", "0.5", "-1", "nan", "inf")] == [None] * 8
