@@ -256,9 +256,9 @@ def test_train_gpu_sbatch_two_tasks_train_the_cnn_like_one_process(slurm, ring_s
     assert job.returncode == 0, f"{job.stdout}{job.stderr}\n{output[-4000:]}"
     logs = ["\n".join(line[3:] for line in output.splitlines() if line.startswith(f"{task}: ")) for task in (0, 1)]
 
-    # Both tasks joined one 4-device mesh...
-    assert all("over 4 device(s)" in log for log in logs)
-    # ...and followed the 1-process loss curve (logged to 4 decimals) step for step.
+    # The tasks joined one 4-device mesh; task 0 alone logs the job's progress...
+    assert "over 4 device(s)" in logs[0] and "patterns/s" not in logs[1] and "training ResNet" not in logs[1]
+    # ...which follows the 1-process loss curve (logged to 4 decimals) step for step.
     expected = loss_curve(one.stderr)
     assert [name for name, _ in expected].count("validation") == 3
     # Sums across two processes run in another order than across four local devices, so the
@@ -266,11 +266,10 @@ def test_train_gpu_sbatch_two_tasks_train_the_cnn_like_one_process(slurm, ring_s
     # validation loss, read after batch-norm recalibration on 16 fresh batches, moves about
     # four times as much (0.7802 against 0.7791; without recalibration 0.66976 against 0.66962).
     tolerance = {"validation": 2e-3}
-    for log in logs:
-        got = loss_curve(log)
-        assert [name for name, _ in got] == [name for name, _ in expected]
-        for (name, value), (_, reference) in zip(got, expected):
-            assert value == pytest.approx(reference, rel=tolerance.get(name, 1e-3), abs=2e-4), name
+    got = loss_curve(logs[0])
+    assert [name for name, _ in got] == [name for name, _ in expected]
+    for (name, value), (_, reference) in zip(got, expected):
+        assert value == pytest.approx(reference, rel=tolerance.get(name, 1e-3), abs=2e-4), name
     # The per-epoch history saved with the model, at full precision.
     history = [json.loads((tmp_path / run / "model.json").read_text())["history"] for run in ("one", "two")]
     for key, rtol in (("train_loss", 1e-3), ("val_loss", 2e-3)):
