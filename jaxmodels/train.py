@@ -50,6 +50,7 @@ epoch, with the same data order and random keys.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import sys
@@ -450,82 +451,83 @@ def fit(
 
     base_key = jax.random.key(config.seed)
     stop_requested, restore_ctrl_c = _ctrl_c_at_step_boundaries()
-    # Entered before the first step compiles: the precision is part of every jitted step.
-    with jax.default_matmul_precision(config.precision):
-        try:
-            while not state["finished"] and state["epoch"] < config.epochs:
-                epoch = state["epoch"]
-                model.train()
-                t0, seen, running = time.perf_counter(), 0, []
-                epoch_losses = []
-                for host_batch in train.epoch(epoch, start_batch=state["batch"]):
-                    step = state["step"]
-                    loss, aux = train_step(
-                        shard_batch(host_batch, mesh),
-                        jax.random.fold_in(base_key, step), jnp.asarray(step, jnp.int32),
+    # Undone in reverse order on the way out: the precision, Ctrl-C's handler, then the
+    # checkpointer (which waits for its saves).
+    with contextlib.ExitStack() as cleanup:
+        if checkpointer is not None:
+            cleanup.callback(checkpointer.close)
+        cleanup.callback(restore_ctrl_c)
+        # Before the first step compiles: the precision is part of every jitted step.
+        cleanup.enter_context(jax.default_matmul_precision(config.precision))
+        while not state["finished"] and state["epoch"] < config.epochs:
+            epoch = state["epoch"]
+            model.train()
+            t0, seen, running = time.perf_counter(), 0, []
+            epoch_losses = []
+            for host_batch in train.epoch(epoch, start_batch=state["batch"]):
+                step = state["step"]
+                loss, aux = train_step(
+                    shard_batch(host_batch, mesh),
+                    jax.random.fold_in(base_key, step), jnp.asarray(step, jnp.int32),
+                )
+                running.append((loss, aux))
+                seen += len(host_batch["valid"]) * jax.process_count()
+                state["step"] += 1
+                state["batch"] += 1
+                if state["step"] % config.log_every == 0 or state["batch"] == steps_per_epoch:
+                    values = jax.device_get(running)
+                    mean_loss = float(np.mean([v[0] for v in values]))
+                    epoch_losses.extend(float(v[0]) for v in values)
+                    extra = "".join(
+                        f" {k} {np.mean([float(v[1][k]) for v in values]):.4g}"
+                        for k in values[0][1]
                     )
-                    running.append((loss, aux))
-                    seen += len(host_batch["valid"]) * jax.process_count()
-                    state["step"] += 1
-                    state["batch"] += 1
-                    if state["step"] % config.log_every == 0 or state["batch"] == steps_per_epoch:
-                        values = jax.device_get(running)
-                        mean_loss = float(np.mean([v[0] for v in values]))
-                        epoch_losses.extend(float(v[0]) for v in values)
-                        extra = "".join(
-                            f" {k} {np.mean([float(v[1][k]) for v in values]):.4g}"
-                            for k in values[0][1]
-                        )
-                        rate = seen / (time.perf_counter() - t0)
-                        log(f"epoch {epoch + 1}/{config.epochs} step {state['step']} "
-                            f"loss {mean_loss:.4f}{extra} lr {float(schedule(step)):.2e} "
-                            f"{rate:.0f} patterns/s")
-                        running = []
-                    if state["batch"] < steps_per_epoch:  # the epoch's last step: after its validation
-                        if state["step"] % config.checkpoint_every == 0:
-                            save_checkpoint()
-                        stop_if_asked()
-                if running:
-                    epoch_losses.extend(float(v[0]) for v in jax.device_get(running))
+                    rate = seen / (time.perf_counter() - t0)
+                    log(f"epoch {epoch + 1}/{config.epochs} step {state['step']} "
+                        f"loss {mean_loss:.4f}{extra} lr {float(schedule(step)):.2e} "
+                        f"{rate:.0f} patterns/s")
+                    running = []
+                if state["batch"] < steps_per_epoch:  # the epoch's last step: after its validation
+                    if state["step"] % config.checkpoint_every == 0:
+                        save_checkpoint()
+                    stop_if_asked()
+            if running:
+                epoch_losses.extend(float(v[0]) for v in jax.device_get(running))
 
-                record: dict[str, float] = {"epoch": epoch,
-                                            "train_loss": float(np.mean(epoch_losses or [np.nan]))}
-                if config.batch_norm_batches:
-                    recalibrate_batch_norm(model, loss_fn, train, n_batches=config.batch_norm_batches,
-                                           epoch=epoch, seed=config.seed, mesh=mesh)
-                if valid is not None and len(valid.indices):
-                    metrics = evaluate(model, loss_fn, valid, seed=config.seed, mesh=mesh)
-                    record.update({f"val_{k}": v for k, v in metrics.items()})
-                    log("validation " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-                    if metrics["loss"] < state["best_val_loss"]:
-                        state["best_val_loss"] = metrics["loss"]
-                        state["best_epoch"] = epoch
-                        state["bad_epochs"] = 0
-                        best_state, best_dirty = jax.device_get(nnx.state(model)), True
-                    else:
-                        state["bad_epochs"] += 1
-                        if (config.patience and state["bad_epochs"] >= config.patience
-                                and epoch + 1 >= config.min_epochs):
-                            log(f"early stopping: no validation improvement for "
-                                f"{state['bad_epochs']} epochs (best epoch {state['best_epoch'] + 1})")
-                            state["finished"] = True
-                state["history"].append(record)
-                state["epoch"] += 1
-                state["batch"] = 0
-                if state["epoch"] >= config.epochs:
-                    state["finished"] = True
-                # Epochs shorter than checkpoint_every (small labelled sets) would otherwise save
-                # nothing for many epochs; each save costs about 0.7 s, as much as a short
-                # epoch on a GPU, so at most one per checkpoint_seconds.
-                due = (steps_per_epoch < config.checkpoint_every
-                       and time.monotonic() - last_saved >= config.checkpoint_seconds)
-                if state["finished"] or state["step"] % config.checkpoint_every == 0 or _all_agree(due):
-                    save_checkpoint()
-                stop_if_asked()
-        finally:
-            restore_ctrl_c()
-            if checkpointer is not None:
-                checkpointer.close()
+            record: dict[str, float] = {"epoch": epoch,
+                                        "train_loss": float(np.mean(epoch_losses or [np.nan]))}
+            if config.batch_norm_batches:
+                recalibrate_batch_norm(model, loss_fn, train, n_batches=config.batch_norm_batches,
+                                       epoch=epoch, seed=config.seed, mesh=mesh)
+            if valid is not None and len(valid.indices):
+                metrics = evaluate(model, loss_fn, valid, seed=config.seed, mesh=mesh)
+                record.update({f"val_{k}": v for k, v in metrics.items()})
+                log("validation " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                if metrics["loss"] < state["best_val_loss"]:
+                    state["best_val_loss"] = metrics["loss"]
+                    state["best_epoch"] = epoch
+                    state["bad_epochs"] = 0
+                    best_state, best_dirty = jax.device_get(nnx.state(model)), True
+                else:
+                    state["bad_epochs"] += 1
+                    if (config.patience and state["bad_epochs"] >= config.patience
+                            and epoch + 1 >= config.min_epochs):
+                        log(f"early stopping: no validation improvement for "
+                            f"{state['bad_epochs']} epochs (best epoch {state['best_epoch'] + 1})")
+                        state["finished"] = True
+            state["history"].append(record)
+            state["epoch"] += 1
+            state["batch"] = 0
+            if state["epoch"] >= config.epochs:
+                state["finished"] = True
+            # Epochs shorter than checkpoint_every (small labelled sets) would otherwise save
+            # nothing for many epochs; each save costs about 0.7 s, as much as a short
+            # epoch on a GPU, so at most one per checkpoint_seconds.
+            due = (steps_per_epoch < config.checkpoint_every
+                   and time.monotonic() - last_saved >= config.checkpoint_seconds)
+            if state["finished"] or state["step"] % config.checkpoint_every == 0 or _all_agree(due):
+                save_checkpoint()
+            stop_if_asked()
 
     has_best = valid is not None and state["best_epoch"] >= 0
     if has_best:

@@ -113,8 +113,9 @@ def load_cluster_config(spec: str) -> dict[str, Any]:
     if adapt and config["type"] == "local":
         raise AirysortError(f"cluster config {str(path)!r}: 'adapt' scales batch jobs; a local cluster has a "
                             "fixed number of workers (set 'n_workers' under 'cluster:')")
-    if sorted(set(adapt) - ADAPT_KEYS):
-        raise AirysortError(f"cluster config {str(path)!r}: unknown 'adapt' key(s) {sorted(set(adapt) - ADAPT_KEYS)}; "
+    unknown_adapt = sorted(set(adapt) - ADAPT_KEYS)
+    if unknown_adapt:
+        raise AirysortError(f"cluster config {str(path)!r}: unknown 'adapt' key(s) {unknown_adapt}; "
                             f"the keys are {sorted(ADAPT_KEYS)}")
     config["_path"] = str(path)
     return config

@@ -316,12 +316,13 @@ def _clear_training_state(model_dir: Path) -> None:
 # ------------------------------------------------------------------------------ embedding
 
 
-def _encode_block(block: np.ndarray, *, model_dir: str, batch_size: int) -> np.ndarray:
-    """Dask block function: patterns (n, iy, ix) → stacked [mean, logvar] (n, 2, z)."""
+def _encode_block(block: np.ndarray, *, model_dir: str, info: dict, batch_size: int) -> np.ndarray:
+    """Dask block function: patterns (n, iy, ix) → stacked [mean, logvar] (n, 2, z);
+    ``info`` is the model's ``model.json``, read once by the caller."""
     from jaxmodels.latent_tools import encode_patterns
 
     model, _ = load_vae(model_dir)
-    with trained_precision(read_model_info(model_dir, kind="vae")):
+    with trained_precision(info):
         mean, logvar = encode_patterns(model, block, batch_size=batch_size)
     return np.stack([mean, logvar], axis=1)
 
@@ -370,13 +371,14 @@ def embed_store(
                 f"'airysort preprocess {store_path}' first"
             )
         store.require_every_pattern(dataset, config.input, remedy=f"airysort preprocess {store_path}")
-        check_preprocessing(read_model_info(model_dir, kind="vae"), dataset.attrs, input=config.input,
-                            store_path=store_path, model_dir=model_dir)
+        info = read_model_info(model_dir, kind="vae")
+        check_preprocessing(info, dataset.attrs, input=config.input, store_path=store_path, model_dir=model_dir)
         images = dataset[config.input].data
         z = config.latent_dim
         encoded = images.map_blocks(
             _encode_block,
             model_dir=model_dir,
+            info=info,
             batch_size=batch_size,
             chunks=(images.chunks[0], (2,), (z,)),
             dtype=np.float32,
