@@ -582,6 +582,7 @@ def refine_centres(
     search_radius: float = 8.0,
     window: int = 64,
     which: np.ndarray | None = None,
+    log_scaled: bool = False,
 ) -> np.ndarray:
     """:func:`refine_centre` for a block of frames, with batched FFTs.
 
@@ -596,6 +597,9 @@ def refine_centres(
     which : ndarray of bool, shape (n,), optional
         Refine only these frames: only their windows are copied (``frames[which]``
         would copy them whole).
+    log_scaled : bool, default=False
+        The frames are already ``log(1 + max(counts, 0))`` (the log scaling's output at
+        the valid pixels), which spares computing that logarithm again.
 
     Returns
     -------
@@ -625,7 +629,8 @@ def refine_centres(
     # float32 FFTs (4x faster than float64 here). D is unchanged when f shifts by a
     # constant on the valid pixels, so f is taken relative to its valid mean: the two
     # convolutions then stay small and their difference loses no float32 digits.
-    logs = log1p_of_positive_part(frames[:, rows, cols][picked])
+    windows = frames[:, rows, cols][picked]
+    logs = windows if log_scaled else log1p_of_positive_part(windows)
     counts = np.maximum(valid.sum(axis=(1, 2)), 1)
     means = np.where(valid, logs, 0).sum(axis=(1, 2), dtype=np.float64) / counts
     values = np.where(valid, logs - means[:, None, None].astype(np.float32), np.float32(0))
@@ -691,16 +696,81 @@ def _parabola_offset(three: np.ndarray | None) -> float:
 def log1p_of_positive_part(values: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
     """``log(1 + max(values, 0))`` in float32 (``out`` may be ``values`` itself).
 
-    Computed as ``log`` of ``1 + x`` rather than with ``np.log1p``, whose float32 loop
-    has no SIMD version: 2.1 against 0.4 ms for a 360² frame on this project's CPU, the
-    largest single cost of preprocessing. Rounding ``1 + x`` costs an absolute error
-    below 6e-8 (half a float32 ulp of 1), far under a single photon's log step.
+    NumPy's float32 ``log1p``, and its ``log`` too on CPUs without AVX-512, run one
+    element at a time: 2.4 and 0.34 ms for a 360² frame on this project's CPU, the
+    largest single cost of preprocessing. :func:`_log_in_place` computes the same in
+    SIMD loops (0.1 ms). Rounding ``1 + x`` to float32 costs an absolute error below
+    6e-8 (half a float32 ulp of 1), far under a single photon's log step.
     """
     if out is None:
         out = np.empty(np.shape(values), np.float32)
     np.maximum(values, np.float32(0), out=out)
     out += np.float32(1)
+    if out.flags.c_contiguous:
+        _log_in_place(out.reshape(-1), np.empty(out.size, np.float32))
+        return out
     return np.log(out, out=out)
+
+
+# log(y) = e ln 2 + log(m) with y = 2**e m, m in [sqrt(1/2), sqrt(2)): ln 2 split so that
+# e * _LN2_HIGH is exact (Cody and Waite), and log(m) = 2 atanh(t), t = (m - 1) / (m + 1),
+# |t| <= 0.172, whose series to t**9 is exact to float32 rounding.
+_LN2_HIGH = np.float32(0.693145751953125)
+_LN2_LOW = np.float32(1.428606765330187e-06)
+_SQRT_HALF_BITS = np.int32(0x3F3504F3)  # float32 bit pattern of sqrt(1/2)
+_ATANH_SERIES = tuple(np.float32(1 / k) for k in (3, 5, 7, 9))
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _log_in_place(values, exponents):  # pragma: no cover - compiled
+    """``values[:] = log(values)`` for a contiguous float32 vector of finite values >= 1,
+    within 2 ulp (as NumPy's float32 ``log``); ``exponents`` is float32 scratch of the same length.
+
+    The exponent and mantissa come from the bit pattern, so both loops are branch-free
+    and vectorise (``error_model="numpy"``: no zero-division checks in the loop).
+    """
+    bits = values.view(np.int32)
+    for i in range(values.size):
+        exponent = (bits[i] - _SQRT_HALF_BITS) >> 23
+        bits[i] -= exponent << 23
+        exponents[i] = np.float32(exponent)
+    c3, c5, c7, c9 = _ATANH_SERIES
+    for i in range(values.size):
+        mantissa = values[i]
+        t = (mantissa - np.float32(1)) / (mantissa + np.float32(1))
+        t2 = t * t
+        atanh = t + t * (t2 * (c3 + t2 * (c5 + t2 * (c7 + t2 * c9))))
+        exponent = exponents[i]
+        values[i] = exponent * _LN2_HIGH + (atanh + atanh + exponent * _LN2_LOW)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _log_scaled_region(frames, row0, col0, background, weight, out):  # pragma: no cover - compiled
+    """``out[f] = log(1 + max(frames[f, region] - background, 0)) * weight`` in one pass
+    over the raw frames, the region starting at (``row0``, ``col0``) with ``background``'s
+    shape; returns each frame's largest raw value there (for the saturation check).
+
+    Fuses what took five NumPy passes (subtract, clip, add, log, multiply) and a
+    reduction; the frames may be of any real dtype.
+    """
+    n = frames.shape[0]
+    ny, nx = background.shape
+    exponents = np.empty(nx, np.float32)
+    peaks = np.empty(n, frames.dtype)
+    for f in range(n):
+        peak = frames[f, row0, col0]
+        for r in range(ny):
+            source = frames[f, row0 + r, col0 : col0 + nx]
+            row = out[f, r]
+            for x in range(nx):
+                value = source[x]
+                peak = max(peak, value)
+                row[x] = np.float32(1) + max(np.float32(value) - background[r, x], np.float32(0))
+            _log_in_place(row, exponents)
+            for x in range(nx):
+                row[x] *= weight[r, x]
+        peaks[f] = peak
+    return peaks
 
 
 def scale_intensity(
@@ -1082,27 +1152,39 @@ def _preprocess_sub_block(
     """Images ``(n, size, size)`` and centres ``(n, 2)`` (raw pixels) of a few frames."""
     rows, cols = settings.region
     offset = np.array([rows.start, cols.start], np.float64)
-    raw = frames[:, rows, cols]
-    counts = np.subtract(raw, settings.region_background, dtype=np.float32)
+    n = frames.shape[0]
+    log_scaling = settings.scaling == "log"
+    if log_scaling:
+        # One compiled pass: counts, their logarithm, the mask, the frames' peaks; the
+        # centring takes the same logarithm.
+        scaled = np.empty((n, *settings.region_mask.shape), np.float32)
+        peaks = _log_scaled_region(
+            frames, rows.start, cols.start, settings.region_background, settings.region_valid, scaled
+        )
+        centring_input = scaled
+    else:
+        counts = np.subtract(frames[:, rows, cols], settings.region_background, dtype=np.float32)
+        peaks = frames[:, rows, cols].max(axis=(1, 2))
+        centring_input = counts
     # Saturated pixels are rare: look for them per frame, mask them only where present.
-    clipped, new_bad = np.zeros(0, np.intp), np.zeros((0, *raw.shape[1:]), bool)
+    clipped, new_bad = np.zeros(0, np.intp), np.zeros((0, *settings.region_mask.shape), bool)
     if settings.saturation is not None:
-        clipped = np.flatnonzero(raw.max(axis=(1, 2)) >= settings.saturation)
-        new_bad = (raw[clipped] >= settings.saturation) & ~settings.region_mask
+        clipped = np.flatnonzero(peaks >= settings.saturation)
+        new_bad = (frames[clipped][:, rows, cols] >= settings.saturation) & ~settings.region_mask
     bad = settings.region_mask
     if clipped.size:
-        bad = np.repeat(settings.region_mask[None], len(frames), axis=0)
+        bad = np.repeat(settings.region_mask[None], n, axis=0)
         bad[clipped] |= new_bad
     guess = np.asarray(settings.nominal_centre, np.float64) - offset
-    centres = np.tile(guess, (len(frames), 1))
+    centres = np.tile(guess, (n, 1))
     if hits.any():
         centres[hits] = refine_centres(
-            counts, bad, guess=tuple(guess), search_radius=settings.search_radius, window=settings.centre_window,
-            which=hits,
+            centring_input, bad, guess=tuple(guess), search_radius=settings.search_radius,
+            window=settings.centre_window, which=hits, log_scaled=log_scaling,
         )
-    # The counts are not needed any more: scale them in place.
-    scaled = scale_intensity(counts, scaling=settings.scaling, asinh_scale=settings.asinh_scale, out=counts)
-    scaled *= settings.region_valid
+    if not log_scaling:  # the counts are not needed any more: scale them in place
+        scaled = scale_intensity(counts, scaling=settings.scaling, asinh_scale=settings.asinh_scale, out=counts)
+        scaled *= settings.region_valid
     scaled[clipped] *= ~new_bad
     square = {"half_side": settings.half_side, "size": settings.size}
     image = resample_square(scaled, centres, sigma=settings.sigma, **square)

@@ -302,6 +302,44 @@ class TestScalingAndResampling:
         frames = np.arange(12, dtype=np.uint16).reshape(3, 2, 2)  # raw counts, as the centring reads them
         np.testing.assert_allclose(pk.log1p_of_positive_part(frames), np.log1p(frames), rtol=1e-6)
 
+    def test_compiled_log_is_within_two_ulp_for_every_exponent(self):
+        # Every float32 exponent from 1 to 3e38, both sides of each range-reduction boundary
+        # (powers of two and sqrt(2) times them) and the largest finite float32.
+        values = np.concatenate([
+            np.geomspace(1, 3e38, 20001, dtype=np.float64),
+            2.0 ** np.arange(128), np.sqrt(2) * 2.0 ** np.arange(127),
+        ]).astype(np.float32)
+        values = np.concatenate([values, np.nextafter(values, np.float32(0)), [np.finfo(np.float32).max]])
+        values = values[values >= 1]
+        logs = values.copy()
+        pk._log_in_place(logs, np.empty_like(logs))
+        exact = np.log(values.astype(np.float64))
+        ulps = np.abs(logs - exact) / np.spacing(exact.astype(np.float32))
+        assert ulps.max() <= 2.0  # NumPy's own float32 log: 2.2 on these values
+
+    @pytest.mark.parametrize("dtype", [np.uint16, np.int32, np.float32])
+    def test_fused_log_scaling_of_a_region_equals_the_numpy_steps(self, dtype):
+        rng = np.random.default_rng(5)
+        frames = rng.poisson(rng.exponential(40, (3, 40, 50))).astype(dtype)
+        frames[1, 12, 30] = 60000
+        region = (slice(5, 35), slice(7, 47))
+        background = rng.uniform(0, 3, (30, 40)).astype(np.float32)
+        valid = (rng.random((30, 40)) > 0.2).astype(np.float32)
+        out = np.empty((3, 30, 40), np.float32)
+        peaks = pk._log_scaled_region(frames, 5, 7, background, valid, out)
+        counts = frames[:, region[0], region[1]].astype(np.float64) - background
+        np.testing.assert_allclose(out, np.log1p(np.maximum(counts, 0)) * valid, rtol=2e-7, atol=6e-8)
+        np.testing.assert_array_equal(peaks, frames[:, region[0], region[1]].max(axis=(1, 2)))
+        assert peaks[1] == 60000
+
+    def test_centring_on_log_scaled_frames_equals_centring_on_counts(self):
+        frames = np.stack([airy_pattern(centre=(128.3 + i, 126.8), photons=1e5, seed=i) for i in range(3)])
+        bad = np.zeros(SHAPE, bool)
+        bad[120:137, 120:137] = True
+        on_counts = pk.refine_centres(frames, bad, guess=(127.5, 127.5))
+        logs = pk.log1p_of_positive_part(frames) * ~bad  # the scaled frames preprocessing passes on
+        np.testing.assert_allclose(pk.refine_centres(logs, bad, guess=(127.5, 127.5), log_scaled=True), on_counts)
+
     def test_log_and_asinh(self):
         frame = np.array([[-3.0, 0.0, 1.0, 1e4]])
         assert np.allclose(pk.scale_intensity(frame, scaling="log"), np.log1p([0, 0, 1, 1e4]))
