@@ -162,9 +162,12 @@ def make_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
     total = max(1, config.epochs * steps_per_epoch)
     warmup = min(total - 1, int(round(config.warmup_epochs * steps_per_epoch)))
     peak = config.learning_rate
+    # The ramp starts one step above zero (a first step at rate 0 would be wasted) and
+    # reaches the peak at step ``warmup``.
+    start = peak / (warmup + 1)
     if config.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(
-            init_value=0.0, peak_value=peak, warmup_steps=warmup,
+            init_value=start, peak_value=peak, warmup_steps=warmup,
             decay_steps=total, end_value=peak * 1e-2,
         )
     if config.schedule == "step":
@@ -173,7 +176,7 @@ def make_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
         )
     else:
         decay = optax.constant_schedule(peak)
-    ramp = optax.linear_schedule(0.0, peak, max(warmup, 1))
+    ramp = optax.linear_schedule(start, peak, max(warmup, 1))
     return optax.join_schedules([ramp, decay], [warmup])
 
 

@@ -204,6 +204,18 @@ def make_cluster(config: dict[str, Any]):
         return cluster_class(**options)
 
 
+def _check_address(address: str) -> None:
+    """Refuse a ``tcp://`` address without a host and a port number in 1-65535."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        host, port = parse_host_port(parse_address(address)[1])
+    except ValueError as error:
+        raise AirysortError(f"{address!r} is not a scheduler address ({error}); write tcp://HOST:PORT") from None
+    if not host or not 0 < port < 65536:
+        raise AirysortError(f"{address!r} needs a host and a port number from 1 to 65535: tcp://HOST:PORT")
+
+
 def _check_scheduler(address: str) -> None:
     """Ask ``address`` who it is, within :data:`SCHEDULER_TIMEOUT`.
 
@@ -315,6 +327,7 @@ def dask_client(spec: str = "local", *, reuse: bool = True) -> Iterator[Any]:
     if spec.startswith(("tcp://", "tls://", "ucx://", "inproc://")):
         try:
             if spec.startswith("tcp://"):  # (tls:// needs the Client's security settings)
+                _check_address(spec)
                 _check_scheduler(spec)
             client = Client(spec, timeout=SCHEDULER_TIMEOUT)
         except (OSError, TimeoutError) as error:

@@ -41,9 +41,9 @@ class TestSchedule:
     def test_warmup_then_cosine(self):
         config = TrainConfig(epochs=10, learning_rate=1e-2, warmup_epochs=1, schedule="cosine")
         schedule = make_schedule(config, steps_per_epoch=10)
-        assert float(schedule(0)) == 0.0
+        assert float(schedule(0)) == pytest.approx(1e-2 / 11)  # the first step already learns
         assert float(schedule(10)) == pytest.approx(1e-2)
-        assert float(schedule(5)) == pytest.approx(5e-3)
+        assert float(schedule(5)) == pytest.approx(1e-2 * 6 / 11)
         assert float(schedule(100)) == pytest.approx(1e-4, rel=1e-3)
         values = [float(schedule(s)) for s in range(10, 100)]
         assert all(a >= b for a, b in zip(values, values[1:]))
@@ -51,6 +51,8 @@ class TestSchedule:
     def test_step_decay(self):
         config = TrainConfig(epochs=4, learning_rate=1.0, warmup_epochs=1, schedule="step")
         schedule = make_schedule(config, steps_per_epoch=100)
+        assert float(schedule(0)) == pytest.approx(1 / 101)
+        assert float(schedule(100)) == pytest.approx(1.0)
         assert float(schedule(150)) == pytest.approx(1.0)
         assert float(schedule(250)) == pytest.approx(0.1)
         assert float(schedule(350)) == pytest.approx(0.01)

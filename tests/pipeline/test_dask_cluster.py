@@ -228,6 +228,12 @@ def test_cluster_config_mistakes_are_one_error_line(tmp_path, monkeypatch):
     with pytest.raises(AirysortError, match="'sbatch' is not on this machine's PATH"):
         with dask_client(config("ok.yaml", "type: slurm\ncluster:\n  cores: 2\n  memory: 4GB\n"), reuse=False):
             pass
+    # Malformed scheduler addresses are refused at once, before any connection is tried.
+    for address, message in {"tcp://127.0.0.1:abc": "is not a scheduler address", "tcp://": "missing port",
+                             "tcp://127.0.0.1:99999": "port number from 1 to 65535", "tcp://:8786": "needs a host"}.items():
+        with pytest.raises(AirysortError, match=message):
+            with dask_client(address, reuse=False):
+                pass
     monkeypatch.setattr(dask_cluster, "SCHEDULER_TIMEOUT", "2s")
     with pytest.raises(AirysortError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:1 within 2s"):
         with dask_client("tcp://127.0.0.1:1", reuse=False):
