@@ -16,7 +16,6 @@ lowest validation loss) and ``checkpoints/`` (resumable training state).
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import functools
 import time
@@ -26,7 +25,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.errors import AirysortError, consecutive_runs
+from pipeline.errors import AirysortError
+from pipeline.label_csv import problem_lines, read_label_csv
 from pipeline.model_dir import (
     MODEL_FILE,
     check_preprocessing,
@@ -35,7 +35,7 @@ from pipeline.model_dir import (
     trained_precision,
     write_model_info,
 )
-from pipeline.taxonomy import CLASS_NAMES, N_CLASSES, coarse_group, decide, label_cell_value, label_row_problem
+from pipeline.taxonomy import CLASS_NAMES, N_CLASSES, coarse_group, decide
 
 
 
@@ -76,71 +76,23 @@ def import_labels(store_path: str | Path, csv_path: str | Path) -> dict[str, Any
         patterns_of.setdefault(str(shot), []).append(index)
     labels = np.asarray(dataset["label"].values).astype(np.int8)
 
-    problems: list[tuple[int | None, str]] = []  # (line of the CSV or None, what is wrong)
-    with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # Excel writes a BOM
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if not header or header[0].strip().lower() != "shot_id":
-            raise AirysortError(
-                f"{str(csv_path)!r} must start with a header 'shot_id,{','.join(CLASS_NAMES)}', "
-                f"got {header!r}"
-            )
-        columns = [name.strip() for name in header[1:]]
-        repeated = sorted({name for name in columns if columns.count(name) > 1})
-        if repeated:
-            raise AirysortError(f"{str(csv_path)!r} has the column(s) {repeated!r} more than once; keep one of each")
-        missing = [name for name in CLASS_NAMES if name not in columns]
-        if missing:
-            raise AirysortError(
-                f"{str(csv_path)!r} has no column for class(es) {missing!r}; the header must "
-                f"name all 11 classes: shot_id,{','.join(CLASS_NAMES)}"
-            )
-        bad_columns = 0
-        for name in columns:
-            if name not in CLASS_NAMES:
-                bad_columns += 1
-                problems.append((None, f"column {name!r} is not a class; ignored (known: {', '.join(CLASS_NAMES)})"))
-        class_columns = [(1 + columns.index(name), c) for c, name in enumerate(CLASS_NAMES)]
-
-        seen: dict[str, int] = {}
-        n_rows = imported = bad_rows = 0
-        for line_number, row in enumerate(reader, start=2):
-            if not row or all(not field.strip() for field in row):
-                continue
-            shot = row[0].strip()
-            if [field.strip().lower() for field in row] == [field.strip().lower() for field in header]:
-                # Sheets joined with `cat` repeat the header: not a row, nothing lost.
-                problems.append((line_number, "the header again (sheets joined?); skipped"))
-                continue
-            n_rows += 1
-            problem = None
-            if len(row) != len(header):
-                problem = f"has {len(row)} fields, the header has {len(header)}"
-            elif shot not in patterns_of:
-                problem = f"unknown shot_id {shot!r} (not in the store)"
-            elif shot in seen:
-                problem = f"duplicate shot_id {shot!r} (first on line {seen[shot]}); ignored"
-            else:
-                values = np.zeros(N_CLASSES, np.int8)
-                for column, c in class_columns:
-                    text = row[column].strip()
-                    value = label_cell_value(text)
-                    if value is None:
-                        problem = f"value {text!r} for class {CLASS_NAMES[c]!r} is not 0 or 1"
-                        break
-                    values[c] = value
-                if problem is None and (broken := label_row_problem(values)):
-                    problem = f"{broken}; fix the row" if values.any() else broken
-            if problem is not None:
-                bad_rows += 1
-                problems.append((line_number, problem))
-                continue
-            seen[shot] = line_number
-            labels[patterns_of[shot]] = values
-            imported += 1
-            if len(patterns_of[shot]) > 1:
-                problems.append((line_number, f"shot_id {shot!r} is shared by {len(patterns_of[shot])} "
-                                              "patterns; all of them labelled"))
+    sheet = read_label_csv(csv_path)
+    problems = list(sheet.notes)  # (line of the CSV or None, what is wrong)
+    imported = bad_rows = 0
+    for row in sheet.rows:
+        problem = row.problem
+        if row.shot_id not in patterns_of:  # the first thing to fix, whatever else is wrong
+            problem = f"unknown shot_id {row.shot_id!r} (not in the store)"
+        if problem is not None:
+            bad_rows += 1
+            problems.append((row.line, problem))
+            continue
+        labels[patterns_of[row.shot_id]] = row.values
+        imported += 1
+        if len(patterns_of[row.shot_id]) > 1:
+            problems.append((row.line, f"shot_id {row.shot_id!r} is shared by {len(patterns_of[row.shot_id])} "
+                                       "patterns; all of them labelled"))
+    problems.sort(key=lambda problem: problem[0] or 0)  # column notes first, then by line
 
     if imported:  # nothing imported: the store stays as it was, provenance included
         with store.write_lock(store_path, "label"):
@@ -151,23 +103,9 @@ def import_labels(store_path: str | Path, csv_path: str | Path) -> dict[str, Any
             )
             store.consolidate(store_path)
     labelled = int((labels >= 0).all(axis=1).sum())
-    return {"rows": n_rows, "imported": imported, "bad_rows": bad_rows,
-            "bad_columns": bad_columns, "labelled": labelled, "problems": _problem_lines(problems)}
-
-
-def _problem_lines(problems: list[tuple[int | None, str]]) -> list[str]:
-    """One message per problem, consecutive CSV lines with one reason joined: a sheet of 200
-    rows with 10 filled in says so in one line, not 190."""
-    lines = []
-    for run in consecutive_runs(problems, key=lambda problem: problem[1], number=lambda problem: problem[0]):
-        (first, text), last = run[0], run[-1][0]
-        if first is None:
-            lines.append(text)
-        elif len(run) == 1:
-            lines.append(f"line {first}: {text}")
-        else:
-            lines.append(f"lines {first}-{last} ({len(run)} rows): {text}")
-    return lines
+    return {"rows": len(sheet.rows), "imported": imported, "bad_rows": bad_rows,
+            "bad_columns": sum(1 for line, _ in sheet.notes if line is None), "labelled": labelled,
+            "problems": problem_lines(problems)}
 
 
 # --------------------------------------------------------------------------- model dir

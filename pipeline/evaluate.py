@@ -25,7 +25,8 @@ import xarray as xr
 from sklearn import metrics
 
 from pipeline.errors import AirysortError
-from pipeline.taxonomy import CLASS_NAMES, N_CLASSES, coarse_group, label_cell_value, label_row_problem
+from pipeline.label_csv import problem_lines, read_label_csv
+from pipeline.taxonomy import CLASS_NAMES, N_CLASSES, coarse_group
 
 #: Variables that may record which labelled patterns trained the classifier.
 SPLIT_VARIABLES = ("label_role", "train_split")
@@ -34,82 +35,49 @@ TRAINING_ROLES = frozenset({"train", "training", "val", "valid", "validation"})
 
 
 def read_truth_csv(path: str | Path, shot_ids: np.ndarray) -> tuple[np.ndarray, int, list[str]]:
-    """Read a label CSV and align it with the store's patterns.
+    """Read a label CSV as ``airysort label`` reads it and align it with the store's patterns.
 
     Parameters
     ----------
     path : path-like
-        CSV with header ``shot_id,`` + the 11 class names (any column order), 0/1 values.
+        CSV with header ``shot_id,`` + the 11 class names (any column order), 0/1 values
+        (:func:`pipeline.label_csv.read_label_csv`).
     shot_ids : ndarray of str, shape (n_patterns,)
         The store's ``shot_id`` coordinate.
 
     Returns
     -------
     truth : ndarray of int8, shape (n_patterns, 11)
-        0/1 where the CSV has a row for the pattern, −1 elsewhere.
+        0/1 where the CSV has a usable row for the pattern, −1 elsewhere.
     unmatched : int
         CSV rows whose ``shot_id`` is not in the store.
     bad_rows : list of str
-        One line per row left out as ``airysort label`` would reject it (a value other
-        than 0 or 1, blank included, or :func:`~pipeline.taxonomy.label_row_problem`),
-        ``"shot_id 'ID': reason; left out"``.
+        Rows of the store's patterns left out as ``airysort label`` would reject them (a
+        wrong number of fields, a value other than 0 or 1, blank included, classes that
+        exclude each other, a shot id listed again), by line:
+        ``"line 7: reason; left out"``, consecutive lines with one reason joined.
     """
-    import pandas as pd
-
-    path = Path(path)
-    if not path.is_file():
-        raise AirysortError(f"truth file {str(path)!r} does not exist")
-    try:
-        # Every cell as written ("NA" too), read as `airysort label` reads it; Excel writes a BOM.
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except pd.errors.EmptyDataError:
-        raise AirysortError(f"truth file {str(path)!r} is empty") from None
-    # Read as `airysort label` reads a sheet: names stripped, the shot_id header in any case,
-    # and a header repeated where sheets were joined with `cat` skipped.
-    table.columns = ["shot_id" if str(c).strip().lower() == "shot_id" else str(c).strip() for c in table.columns]
-    if "shot_id" in table.columns:
-        table = table[table["shot_id"].str.strip().str.lower() != "shot_id"].copy()
-    missing = [name for name in ("shot_id", *CLASS_NAMES) if name not in table.columns]
-    if missing:
-        raise AirysortError(
-            f"truth file {str(path)!r} lacks the column(s) {missing!r}; the header must be "
-            f"'shot_id,' followed by the class names {', '.join(CLASS_NAMES)}"
-        )
-    if table.empty:
+    sheet = read_label_csv(path)
+    if not sheet.rows:
         raise AirysortError(f"truth file {str(path)!r} has a header but no rows")
-    table["shot_id"] = table["shot_id"].str.strip()  # as `airysort label` reads them
-    texts = table[list(CLASS_NAMES)].fillna("").apply(lambda column: column.str.strip()).to_numpy()
-    cells = np.vectorize(label_cell_value, otypes=[object])(texts) if texts.size else texts
-    values = np.where(cells == 1, 1, 0).astype(np.int8)
-    if table["shot_id"].duplicated().any():
-        duplicate = table.loc[table["shot_id"].duplicated(), "shot_id"].iloc[0]
-        raise AirysortError(f"truth file {str(path)!r} lists shot_id {duplicate!r} more than once")
     # tolist(): the store's strings come back as NumPy StringDType, which .astype(str) rejects.
     row_of = {str(shot): i for i, shot in enumerate(np.asarray(shot_ids).tolist())}
-    truth = np.full((len(shot_ids), N_CLASSES), -1, dtype=np.int8)
-    rows = table["shot_id"].map(row_of)
-    found = rows.notna().to_numpy()
-    if not found.any():
+    matched = [row for row in sheet.rows if row.shot_id in row_of]
+    if not matched:
         raise AirysortError(
             f"no shot_id of truth file {str(path)!r} matches the store (first CSV id "
-            f"{table['shot_id'].iloc[0]!r}, first store id {str(shot_ids[0])!r}); "
+            f"{sheet.rows[0].shot_id!r}, first store id {str(shot_ids[0])!r}); "
             "the ids must equal the store's shot_id coordinate (see `airysort info`)"
         )
     # Rows `label` would reject are truths no classifier can match: left out, and said.
-    bad_rows = []
-    usable = found.copy()
-    for position in np.flatnonzero(found):
-        not_binary = [c for c, cell in enumerate(cells[position]) if cell is None]
-        if not_binary:  # a blank cell, a typo: as `airysort label` reports it
-            c = not_binary[0]
-            problem = f"value {texts[position][c]!r} for class {CLASS_NAMES[c]!r} is not 0 or 1"
+    truth = np.full((len(shot_ids), N_CLASSES), -1, dtype=np.int8)
+    problems = []
+    for row in matched:
+        if row.problem is None:
+            truth[row_of[row.shot_id]] = row.values
         else:
-            problem = label_row_problem(values[position])
-        if problem:
-            usable[position] = False
-            bad_rows.append(f"shot_id {table['shot_id'].iloc[position]!r}: {problem}; left out")
-    truth[rows[usable].astype(int).to_numpy()] = values[usable]
-    return truth, int((~found).sum()), bad_rows
+            problems.append((row.line, f"{row.problem}; left out"))
+    return truth, len(sheet.rows) - len(matched), problem_lines(problems)
 
 
 def training_mask(dataset: xr.Dataset) -> tuple[np.ndarray | None, str | None]:
@@ -286,7 +254,7 @@ def evaluate_store(path: str | Path, *, truth_csv: str | Path | None = None) -> 
     known = (truth >= 0).all(axis=1)
     if not known.any():
         left_out = result.get("truth_bad_rows") or []
-        why = f"; all {len(left_out)} matching rows were left out, e.g. {left_out[0]}" if left_out else ""
+        why = f"; every matching row was left out, e.g. {left_out[0]}" if left_out else ""
         raise AirysortError(
             f"no pattern of store {str(path)!r} has known truth ({result['truth']}){why}; import "
             "labels with `airysort label STORE LABELS.csv` or pass --truth LABELS.csv"

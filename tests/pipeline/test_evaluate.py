@@ -201,10 +201,17 @@ class TestEvaluateCommand:
         bad.loc[3, "Empty"] = "x"
         bad.loc[4:, list(CLASS_NAMES)] = bad.loc[4:, list(CLASS_NAMES)].astype(float)  # 1.0, as pandas writes floats
         bad.to_csv(evaluated_store["tmp"] / "bad.csv", index=False)
+        # A row cut short and a shot listed twice: named by their lines, the first row kept.
+        with open(evaluated_store["tmp"] / "bad.csv", "a") as handle:
+            handle.write(f"{shot_ids[rows[5]]},1,0\n" + bad.iloc[[6]].to_csv(index=False, header=False))
         scored = run_json("evaluate", str(evaluated_store["path"]), "--truth", str(evaluated_store["tmp"] / "bad.csv"))
-        assert len(scored["truth_bad_rows"]) == 4 and "no class set" in scored["truth_bad_rows"][0]
-        assert "value '' for class 'Streak' is not 0 or 1; left out" in scored["truth_bad_rows"][2]
-        assert "value 'x' for class 'Empty' is not 0 or 1; left out" in scored["truth_bad_rows"][3]
+        bad_rows = scored["truth_bad_rows"]
+        assert len(bad_rows) == 6 and bad_rows[0].startswith("line 2: no class set")
+        assert bad_rows[2] == "line 4: value '' for class 'Streak' is not 0 or 1; left out"
+        assert bad_rows[3] == "line 5: value 'x' for class 'Empty' is not 0 or 1; left out"
+        last = len(table) + 3  # the header, the table's rows, the short row, the repeated one
+        assert bad_rows[4] == f"line {last - 1}: has 3 fields, the header has 12; left out"
+        assert bad_rows[5].startswith(f"line {last}: duplicate shot_id '{shot_ids[rows[6]]}' (first on line 8)")
         left_out = sum(1 for row in rows[:4] if (evaluated_store["label"][row] < 0).any())
         assert scored["classification"]["n"] == result["classification"]["n"] - left_out
 
