@@ -13,11 +13,12 @@ linear layer) and measure, after warm-up (JIT compilation on the JAX side):
 - infer: a forward pass in eval mode per batch (twice the training batch),
 
 in interleaved rounds (best round of each kept, fair on a shared machine), as images/s, with the ratio airysort / PyTorch.
-The JAX side shards each batch over all devices, as ``airysort train`` does: on a CPU
-that is one device per core (``jaxmodels.parallel.use_cpu_cores_as_devices``); PyTorch
-uses one thread per core. PyTorch is not a dependency of
-airysort: install it only for this benchmark (``pip install torch==2.13.0``); without
-it the PyTorch column is skipped with a message. On a GPU both sides run there (the
+The JAX side runs as ``airysort train`` does (``jaxmodels.parallel.use_every_cpu_core``):
+on a CPU, XLA's own convolution kernels on one device, or one device per core where the
+installed XLA lacks them; each batch is sharded over all devices. PyTorch uses one
+thread per core.
+PyTorch is not a dependency of airysort: install it only for this benchmark
+(``pip install torch==2.13.0``); without it the PyTorch column is skipped with a message. On a GPU both sides run there (the
 card is named in the table).
 """
 
@@ -61,8 +62,8 @@ def bench_jax(*, size: int, width: int, batch: int) -> dict:
     from jaxmodels.resnet import ResNet18
     from jaxmodels.train import _train_step
 
-    # As in training: the batch sharded over every device (one per core on a CPU,
-    # jaxmodels.parallel.use_cpu_cores_as_devices), the state replicated.
+    # As in training: the batch sharded over every device (jaxmodels.parallel.use_every_cpu_core),
+    # the state replicated.
     mesh = make_data_mesh()
     model = ResNet18(width=width, log_activation=False, rngs=nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.adamw(1e-3, weight_decay=1e-4), wrt=nnx.Param)
@@ -195,9 +196,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (best kept)")
     args = parser.parse_args()
     options = dict(size=args.size, width=args.width, batch=args.batch)
-    from jaxmodels.parallel import use_cpu_cores_as_devices
+    from jaxmodels.parallel import use_every_cpu_core
 
-    use_cpu_cores_as_devices()  # what airysort train does, before JAX starts
+    use_every_cpu_core()  # what airysort train does, before JAX starts
 
     jax_side = bench_jax(**options)
     torch_side = bench_torch(**options)

@@ -257,7 +257,7 @@ def train_classifier(
         first_process_only,
         make_data_mesh,
         maybe_initialize_distributed,
-        use_cpu_cores_as_devices,
+        use_every_cpu_core,
     )
     from jaxmodels.resnet import build_cnn
     from jaxmodels.train import fit
@@ -266,7 +266,7 @@ def train_classifier(
 
     start = time.perf_counter()
     model_dir = Path(model_dir)
-    use_cpu_cores_as_devices()  # on a CPU, one device per core (see its docstring)
+    use_every_cpu_core()  # on a CPU (see its docstring)
     maybe_initialize_distributed()
     dataset, source = _input_array(store_path, input)
     labels_all = np.asarray(dataset["label"].values)
@@ -470,6 +470,9 @@ def _stderr(message: str) -> None:
 def _predict_block(block: np.ndarray, *, model_dir: str, batch_size: int) -> np.ndarray:
     """Dask block function: inputs (n, H, W) → probabilities (n, 11) float32."""
     from jaxmodels.infer import predict_proba
+    from jaxmodels.parallel import use_xla_cpu_convolutions
+
+    use_xla_cpu_convolutions()  # the kernels of training (effective before the worker's first JAX use)
 
     model, info = load_classifier(model_dir)
     with trained_precision(info):
@@ -604,7 +607,9 @@ def explain_patterns(
 
     from jaxmodels.gradcam import explain_resnet
     from jaxmodels.infer import predict_proba
+    from jaxmodels.parallel import use_xla_cpu_convolutions
 
+    use_xla_cpu_convolutions()  # the kernels of training (effective before JAX starts)
     model, info = load_classifier(model_dir)
     dataset, source = _input_array(store_path, info["input"])
     _check_input_shape(source.shape[1:], info, store_path=store_path, model_dir=model_dir)

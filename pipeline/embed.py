@@ -167,12 +167,12 @@ def train_vae(
         make_data_mesh,
         maybe_initialize_distributed,
         round_batch_size,
-        use_cpu_cores_as_devices,
+        use_every_cpu_core,
     )
     from jaxmodels.train import fit
     from pipeline import store
 
-    use_cpu_cores_as_devices()  # on a CPU, one device per core (see its docstring)
+    use_every_cpu_core()  # on a CPU (see its docstring)
     maybe_initialize_distributed()  # one of several srun tasks: train together
     start = time.perf_counter()
     model_dir = Path(model_dir).absolute()
@@ -320,7 +320,9 @@ def _encode_block(block: np.ndarray, *, model_dir: str, info: dict, batch_size: 
     """Dask block function: patterns (n, iy, ix) → stacked [mean, logvar] (n, 2, z);
     ``info`` is the model's ``model.json``, read once by the caller."""
     from jaxmodels.latent_tools import encode_patterns
+    from jaxmodels.parallel import use_xla_cpu_convolutions
 
+    use_xla_cpu_convolutions()  # the kernels of training (effective before the worker's first JAX use)
     model, _ = load_vae(model_dir)
     with trained_precision(info):
         mean, logvar = encode_patterns(model, block, batch_size=batch_size)

@@ -141,3 +141,71 @@ def test_cpu_cores_become_devices_before_jax_starts_and_never_against_the_user()
     assert (out["set"], out["devices"]) == (0, 5)
     out = _cores_run(**SRUN_STEP)
     assert (out["set"], out["devices"]) == (0, 1)
+
+
+CONVOLUTIONS_SCRIPT = textwrap.dedent(
+    """
+    import json, os
+    from jaxmodels.parallel import _xla_knows_flag, use_xla_cpu_convolutions
+    chosen = use_xla_cpu_convolutions()
+    import jax, jax.numpy as jnp
+    again = use_xla_cpu_convolutions()  # backends now started: nothing changes, the flag is in effect
+    conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    # A stage-1 layer of the ResNet (smaller ones are not given to YNNPACK anyway).
+    x, w = jax.ShapeDtypeStruct((8, 32, 32, 64), jnp.float32), jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.float32)
+    weight_gradient = jax.jit(lambda x, w, ct: jax.vjp(conv, x, w)[1](ct)[1])
+    compiled = weight_gradient.lower(x, w, x).compile().as_text()
+    print(json.dumps({"set": chosen, "again": again, "flags": os.environ.get("XLA_FLAGS", ""),
+                      "ynn": "ynn" in compiled.lower(), "unknown": _xla_knows_flag("xla_cpu_no_such_flag_anywhere")}))
+    """
+)
+
+
+def test_xla_convolutions_replace_ynnpack_before_jax_starts_unless_the_user_chose():
+    def run(**env_overrides: str) -> dict:
+        env = repo_env(JAX_PLATFORMS="cpu", **env_overrides)
+        if "XLA_FLAGS" not in env_overrides:
+            env.pop("XLA_FLAGS", None)
+        done = subprocess.run([sys.executable, "-c", CONVOLUTIONS_SCRIPT], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    out = run()
+    assert out["unknown"] is False  # an unknown flag is never set (XLA would abort)
+    assert out["set"] is True and out["again"] is True
+    assert parallel.XLA_CPU_CONVOLUTIONS_FLAG in out["flags"]
+    assert out["ynn"] is False  # the weight gradient is compiled without a YNNPACK fusion
+    # The user's own choice of the flag wins (here: YNNPACK convolutions, as by default).
+    chosen = "--xla_cpu_experimental_ynn_fusion_type=individual_convolution"
+    out = run(XLA_FLAGS=chosen)
+    assert out["set"] is False and out["flags"] == chosen and out["ynn"] is True
+
+
+EVERY_CORE_SCRIPT = textwrap.dedent(
+    """
+    import json, os
+    from jaxmodels.parallel import use_every_cpu_core
+    how = use_every_cpu_core()
+    import jax
+    print(json.dumps({"how": how, "devices": jax.device_count(), "cores": len(os.sched_getaffinity(0))}))
+    """
+)
+
+
+def test_every_cpu_core_works_through_xla_kernels_or_else_one_device_per_core():
+    def run(**env_overrides: str) -> dict:
+        env = repo_env(JAX_PLATFORMS="cpu", **env_overrides)
+        if "XLA_FLAGS" not in env_overrides:
+            env.pop("XLA_FLAGS", None)
+        done = subprocess.run([sys.executable, "-c", EVERY_CORE_SCRIPT], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    out = run()
+    assert (out["how"], out["devices"]) == ("xla kernels", 1)
+    # With YNNPACK's convolutions (the user's choice here), one device per core instead.
+    out = run(XLA_FLAGS="--xla_cpu_experimental_ynn_fusion_type=individual_convolution")
+    cores = min(8, out["cores"])
+    assert out["how"] == ("one device per core" if cores > 1 else "") and out["devices"] == cores
