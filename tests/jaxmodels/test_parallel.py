@@ -119,15 +119,20 @@ CORES_SCRIPT = textwrap.dedent(
 )
 
 
-def _cores_run(**env_overrides: str) -> dict:
+def _run_script(script: str, **env_overrides: str) -> dict:
+    """Run ``script`` in a fresh CPU-only process (XLA_FLAGS and SLURM variables only as
+    given) and return the JSON it prints last."""
     env = repo_env(JAX_PLATFORMS="cpu", **env_overrides)
     for name in ("XLA_FLAGS", *SRUN_STEP):
         if name not in env_overrides:
             env.pop(name, None)
-    run = subprocess.run([sys.executable, "-c", CORES_SCRIPT], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def _cores_run(**env_overrides: str) -> dict:
+    return _run_script(CORES_SCRIPT, **env_overrides)
 
 
 def test_cpu_cores_become_devices_before_jax_starts_and_never_against_the_user():
@@ -162,23 +167,14 @@ CONVOLUTIONS_SCRIPT = textwrap.dedent(
 
 
 def test_xla_convolutions_replace_ynnpack_before_jax_starts_unless_the_user_chose():
-    def run(**env_overrides: str) -> dict:
-        env = repo_env(JAX_PLATFORMS="cpu", **env_overrides)
-        if "XLA_FLAGS" not in env_overrides:
-            env.pop("XLA_FLAGS", None)
-        done = subprocess.run([sys.executable, "-c", CONVOLUTIONS_SCRIPT], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return json.loads(done.stdout.strip().splitlines()[-1])
-
-    out = run()
+    out = _run_script(CONVOLUTIONS_SCRIPT)
     assert out["unknown"] is False  # an unknown flag is never set (XLA would abort)
     assert out["set"] is True and out["again"] is True
     assert parallel.XLA_CPU_CONVOLUTIONS_FLAG in out["flags"]
     assert out["ynn"] is False  # the weight gradient is compiled without a YNNPACK fusion
     # The user's own choice of the flag wins (here: YNNPACK convolutions, as by default).
     chosen = "--xla_cpu_experimental_ynn_fusion_type=individual_convolution"
-    out = run(XLA_FLAGS=chosen)
+    out = _run_script(CONVOLUTIONS_SCRIPT, XLA_FLAGS=chosen)
     assert out["set"] is False and out["flags"] == chosen and out["ynn"] is True
 
 
@@ -194,18 +190,9 @@ EVERY_CORE_SCRIPT = textwrap.dedent(
 
 
 def test_every_cpu_core_works_through_xla_kernels_or_else_one_device_per_core():
-    def run(**env_overrides: str) -> dict:
-        env = repo_env(JAX_PLATFORMS="cpu", **env_overrides)
-        if "XLA_FLAGS" not in env_overrides:
-            env.pop("XLA_FLAGS", None)
-        done = subprocess.run([sys.executable, "-c", EVERY_CORE_SCRIPT], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return json.loads(done.stdout.strip().splitlines()[-1])
-
-    out = run()
+    out = _run_script(EVERY_CORE_SCRIPT)
     assert (out["how"], out["devices"]) == ("xla kernels", 1)
     # With YNNPACK's convolutions (the user's choice here), one device per core instead.
-    out = run(XLA_FLAGS="--xla_cpu_experimental_ynn_fusion_type=individual_convolution")
+    out = _run_script(EVERY_CORE_SCRIPT, XLA_FLAGS="--xla_cpu_experimental_ynn_fusion_type=individual_convolution")
     cores = min(8, out["cores"])
     assert out["how"] == ("one device per core" if cores > 1 else "") and out["devices"] == cores
