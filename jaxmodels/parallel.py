@@ -73,8 +73,8 @@ def use_cpu_cores_as_devices(max_devices: int = 8) -> int:
     on two cores), so a ResNet trained on one CPU device leaves the other cores mostly
     idle. With one device per core the data-parallel mesh of :func:`make_data_mesh` runs a
     shard of every batch on each. :func:`use_every_cpu_core` prefers XLA's own kernels,
-    which run one convolution on every core, and calls this only where they are missing. On a GPU machine this changes nothing: the CPU devices are not
-    the default ones.
+    which run one convolution on every core, and calls this only where they are missing.
+    On a GPU machine this changes nothing: the CPU devices are not the default ones.
 
     Only effective before JAX starts its backends (the first array or device query), so
     call it at the start of a command. It sets ``--xla_force_host_platform_device_count``
@@ -152,10 +152,10 @@ def use_xla_cpu_convolutions() -> bool:
     from jax._src import xla_bridge  # backends_are_initialized is not public API yet
 
     flags = os.environ.get("XLA_FLAGS", "")
-    if XLA_CPU_CONVOLUTIONS_FLAG.strip("-=") in flags:
+    name = XLA_CPU_CONVOLUTIONS_FLAG.strip("-=")
+    if name in flags:
         return XLA_CPU_CONVOLUTIONS_FLAG in flags.split()
-    if getattr(xla_bridge, "backends_are_initialized", lambda: True)() or not _xla_knows_flag(
-            XLA_CPU_CONVOLUTIONS_FLAG.strip("-=")):
+    if getattr(xla_bridge, "backends_are_initialized", lambda: True)() or not _xla_knows_flag(name):
         return False
     os.environ["XLA_FLAGS"] = f"{flags} {XLA_CPU_CONVOLUTIONS_FLAG}".strip()
     return True
