@@ -133,6 +133,11 @@ def load_model(directory: str | Path, build: Callable[[], nnx.Module]) -> nnx.Mo
     nnx.Module
         The model with the saved state, in eval mode.
     """
+    from jaxmodels.parallel import use_xla_cpu_convolutions
+
+    # The CPU kernels the model was trained with (train sets them first): effective where
+    # this is a process's first JAX work, as in predict's and embed's worker tasks.
+    use_xla_cpu_convolutions()
     directory = Path(directory).absolute()
     if not directory.exists():
         raise FileNotFoundError(f"no saved model at {str(directory)!r}")

@@ -93,11 +93,8 @@ def use_cpu_cores_as_devices(max_devices: int = 8) -> int:
     int
         The number of CPU devices set, or 0 when nothing was changed.
     """
-    from jax._src import xla_bridge  # backends_are_initialized is not public API yet
-
     flags = os.environ.get("XLA_FLAGS", "")
-    if ("xla_force_host_platform_device_count" in flags or _slurm_task_count() > 1
-            or getattr(xla_bridge, "backends_are_initialized", lambda: True)()):
+    if "xla_force_host_platform_device_count" in flags or _slurm_task_count() > 1 or _jax_backends_started():
         return 0
     n = max(1, min(max_devices, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                    else os.cpu_count() or 1))
@@ -149,16 +146,22 @@ def use_xla_cpu_convolutions() -> bool:
     bool
         Whether ``XLA_FLAGS`` now selects XLA's kernels (set by this call or before it).
     """
-    from jax._src import xla_bridge  # backends_are_initialized is not public API yet
-
     flags = os.environ.get("XLA_FLAGS", "")
     name = XLA_CPU_CONVOLUTIONS_FLAG.strip("-=")
     if name in flags:
         return XLA_CPU_CONVOLUTIONS_FLAG in flags.split()
-    if getattr(xla_bridge, "backends_are_initialized", lambda: True)() or not _xla_knows_flag(name):
+    if _jax_backends_started() or not _xla_knows_flag(name):
         return False
     os.environ["XLA_FLAGS"] = f"{flags} {XLA_CPU_CONVOLUTIONS_FLAG}".strip()
     return True
+
+
+def _jax_backends_started() -> bool:
+    """Whether JAX has started its backends, after which ``XLA_FLAGS`` is read no more
+    (True when this JAX cannot tell)."""
+    from jax._src import xla_bridge  # backends_are_initialized is not public API yet
+
+    return getattr(xla_bridge, "backends_are_initialized", lambda: True)()
 
 
 def _xla_knows_flag(name: str) -> bool:

@@ -470,9 +470,6 @@ def _stderr(message: str) -> None:
 def _predict_block(block: np.ndarray, *, model_dir: str, batch_size: int) -> np.ndarray:
     """Dask block function: inputs (n, H, W) → probabilities (n, 11) float32."""
     from jaxmodels.infer import predict_proba
-    from jaxmodels.parallel import use_xla_cpu_convolutions
-
-    use_xla_cpu_convolutions()  # the kernels of training (effective before the worker's first JAX use)
 
     model, info = load_classifier(model_dir)
     with trained_precision(info):
@@ -607,9 +604,7 @@ def explain_patterns(
 
     from jaxmodels.gradcam import explain_resnet
     from jaxmodels.infer import predict_proba
-    from jaxmodels.parallel import use_xla_cpu_convolutions
 
-    use_xla_cpu_convolutions()  # the kernels of training (effective before JAX starts)
     model, info = load_classifier(model_dir)
     dataset, source = _input_array(store_path, info["input"])
     _check_input_shape(source.shape[1:], info, store_path=store_path, model_dir=model_dir)

@@ -320,9 +320,7 @@ def _encode_block(block: np.ndarray, *, model_dir: str, info: dict, batch_size: 
     """Dask block function: patterns (n, iy, ix) → stacked [mean, logvar] (n, 2, z);
     ``info`` is the model's ``model.json``, read once by the caller."""
     from jaxmodels.latent_tools import encode_patterns
-    from jaxmodels.parallel import use_xla_cpu_convolutions
 
-    use_xla_cpu_convolutions()  # the kernels of training (effective before the worker's first JAX use)
     model, _ = load_vae(model_dir)
     with trained_precision(info):
         mean, logvar = encode_patterns(model, block, batch_size=batch_size)
