@@ -56,6 +56,7 @@ def bench_jax(*, size: int, width: int, batch: int) -> dict:
     import optax
     from flax import nnx
 
+    from jaxmodels.checkpoint import init_model
     from jaxmodels.infer import _probabilities
     from jaxmodels.losses import weighted_bce
     from jaxmodels.parallel import make_data_mesh, replicate, shard_batch
@@ -65,7 +66,7 @@ def bench_jax(*, size: int, width: int, batch: int) -> dict:
     # As in training: the batch sharded over every device (jaxmodels.parallel.use_every_cpu_core),
     # the state replicated.
     mesh = make_data_mesh()
-    model = ResNet18(width=width, log_activation=False, rngs=nnx.Rngs(0))
+    model = init_model(lambda: ResNet18(width=width, log_activation=False, rngs=nnx.Rngs(0)))
     optimizer = nnx.Optimizer(model, optax.adamw(1e-3, weight_decay=1e-4), wrt=nnx.Param)
     nnx.update(model, replicate(nnx.state(model), mesh))
     nnx.update(optimizer, replicate(nnx.state(optimizer), mesh))

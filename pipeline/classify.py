@@ -252,6 +252,7 @@ def train_classifier(
     from jaxmodels.configs import CNNConfig, TrainConfig, to_dict
     from jaxmodels.data import PatternBatches
     from jaxmodels.infer import predict_proba, tune_thresholds
+    from jaxmodels.checkpoint import init_model
     from jaxmodels.losses import classifier_loss_fn, positive_weights
     from jaxmodels.parallel import (
         first_process_only,
@@ -358,7 +359,7 @@ def train_classifier(
         shown = [name for name, value in zip(CLASS_NAMES, train_labels[0]) if value]
         say(f"NOTE: every training pattern is labelled {' + '.join(shown)}; the network cannot learn "
             "to tell patterns apart from them: label some of other kinds too")
-    model = build_cnn(cnn_config, rngs=nnx.Rngs(train_config.seed))
+    model = init_model(lambda: build_cnn(cnn_config, rngs=nnx.Rngs(train_config.seed)))
     result = fit(model, loss_fn, train_batches, valid=valid_batches, config=train_config,
                  checkpoint_dir=model_dir / "checkpoints", best_dir=model_dir / "best",
                  resume=resume, mesh=mesh, log=say)

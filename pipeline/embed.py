@@ -159,6 +159,7 @@ def train_vae(
     import optax
     import zarr
 
+    from jaxmodels.checkpoint import init_model
     from jaxmodels.configs import TrainConfig, VAEConfig, to_dict
     from jaxmodels.data import PatternBatches
     from jaxmodels.losses import vae_loss_fn
@@ -265,7 +266,7 @@ def train_vae(
     say = first_process_only(log if log is not None else (lambda line: print(line, file=sys.stderr, flush=True)))
     say(f"training β-TCVAE ({vae_config.preset} preset, {vae_config.latent_dim} latents) on "
         f"{len(train_idx)} patterns, validating on {n_valid}, batch {batch_size} over {mesh.size} device(s)")
-    model = build_vae(vae_config, seed=train_config.seed)
+    model = init_model(lambda: build_vae(vae_config, seed=train_config.seed))
     result = fit(
         model,
         loss_fn,

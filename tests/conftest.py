@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -12,6 +15,14 @@ import pytest
 # matches an uninterrupted one; a pattern encodes the same in batches of any size) would
 # hold only to about 1e-3. CPUs compute float32 either way.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+
+# One persistent XLA compilation cache for this test session, shared by the subprocesses tests
+# start (they inherit the environment): the same small networks are trained, resumed and run in
+# many tests, and on a 2-core CPU compiling them takes most of those tests' time. A fresh
+# directory each session, so every program is still compiled once per run of the suite.
+_XLA_CACHE = tempfile.mkdtemp(prefix="airysort-tests-xla-cache-")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
 
 
 @pytest.fixture(scope="session")

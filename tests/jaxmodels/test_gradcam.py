@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxmodels.checkpoint import init_model
 from jaxmodels.gradcam import explain_resnet, gradcam_plus_plus, gradcam_plus_plus_maps
 from jaxmodels.resnet import _ResNetTiny
 
@@ -77,7 +78,7 @@ def test_heat_maps_point_at_the_evidence_of_each_class():
 
 
 def test_resnet_heat_maps_have_input_shape():
-    model = _ResNetTiny(rngs=nnx.Rngs(0))
+    model = init_model(lambda: _ResNetTiny(rngs=nnx.Rngs(0)))
     model.eval()
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 1))
     heat = explain_resnet(model, x, 3)

@@ -20,6 +20,7 @@ SCRIPT = textwrap.dedent(
     import json
     import jax, numpy as np
     from flax import nnx
+    from jaxmodels.checkpoint import init_model
     from jaxmodels.configs import TrainConfig
     from jaxmodels.data import PatternBatches
     from jaxmodels.parallel import make_data_mesh, shard_batch
@@ -37,7 +38,7 @@ SCRIPT = textwrap.dedent(
         mesh = make_data_mesh(jax.devices()[:n])
         sharded = shard_batch(next(iter(batches.epoch(0))), mesh)["x"]
         lines = []
-        result = fit(_ResNetTiny(n_classes=2, rngs=nnx.Rngs(0)), ring_loss, batches,
+        result = fit(init_model(lambda: _ResNetTiny(n_classes=2, rngs=nnx.Rngs(0))), ring_loss, batches,
                      config=config, mesh=mesh, log=lines.append)
         params = jax.tree.leaves(jax.device_get(nnx.state(result.model, nnx.Param)))
         kernel = result.model.classifier.kernel[...]

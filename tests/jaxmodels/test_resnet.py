@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from jaxmodels.attention import SelfAttention
+from jaxmodels.checkpoint import init_model
 from jaxmodels.configs import CNNConfig
 from jaxmodels.resnet import LogActivation, ResNet18, ResNet34, _ResNetTiny, build_cnn
 
@@ -45,9 +46,7 @@ def test_resnet18_width_64_is_the_familiar_size():
 
 
 def test_tiny_forward_shapes_and_feature_head_split():
-    # Built and run under jit: two compilations instead of one per eager op.
-    model = nnx.jit(lambda: _ResNetTiny(log_activation=True, attention_stages=(1,),
-                                        rngs=nnx.Rngs(0)))()
+    model = init_model(lambda: _ResNetTiny(log_activation=True, attention_stages=(1,), rngs=nnx.Rngs(0)))
     model.eval()
     x = jax.random.normal(jax.random.key(0), (3, 32, 32, 1))
     features, logits, split = nnx.jit(
@@ -55,6 +54,29 @@ def test_tiny_forward_shapes_and_feature_head_split():
     assert features.shape == (3, 4, 4, 16)
     assert logits.shape == (3, 11)
     np.testing.assert_allclose(split, logits, rtol=1e-5, atol=1e-6)
+
+
+def test_init_model_initialises_as_eager_code_in_one_program():
+    """The parameters of a model built by one compiled program equal those of the eager
+    build, and the model comes back in the mode the build left it."""
+
+    class Small(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+            self.bn = nnx.BatchNorm(4, rngs=rngs)
+            self.linear = nnx.Linear(4, 3, rngs=rngs)
+
+    def build():
+        return Small(nnx.Rngs(3))
+
+    eager, compiled = build(), init_model(build)
+    eager_state, compiled_state = nnx.state(eager), nnx.state(compiled)
+    assert jax.tree.structure(compiled_state) == jax.tree.structure(eager_state)
+    for a, b in zip(jax.tree.leaves(eager_state), jax.tree.leaves(compiled_state)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
+    assert float(jnp.abs(compiled.conv.kernel[...]).sum()) > 0  # initialised, not zeros
+    assert compiled.bn.use_running_average is False  # train mode, as built
 
 
 def test_log_activation_is_the_published_formula():

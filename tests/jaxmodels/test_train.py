@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
+from jaxmodels.checkpoint import init_model
 from jaxmodels.configs import TrainConfig
 from jaxmodels.data import PatternBatches, augment
 from jaxmodels.losses import positive_weights, weighted_bce
@@ -180,7 +181,7 @@ def test_fit_learns_rings_and_keeps_the_best_model(tmp_path):
     train, valid = _ring_batches()
     lines = []
     config = TrainConfig(epochs=4, learning_rate=3e-3, log_every=3, checkpoint_every=5)
-    result = fit(_ResNetTiny(n_classes=2, rngs=nnx.Rngs(0)), ring_loss, train, valid=valid,
+    result = fit(init_model(lambda: _ResNetTiny(n_classes=2, rngs=nnx.Rngs(0))), ring_loss, train, valid=valid,
                  config=config, checkpoint_dir=tmp_path / "ck", best_dir=tmp_path / "best",
                  log=lines.append)
     assert result.steps == 4 * 6 and len(result.history) == 4
@@ -208,17 +209,17 @@ def test_interrupted_fit_resumes_to_the_same_weights(tmp_path):
     def params(model):
         return jax.tree.leaves(jax.device_get(nnx.state(model, nnx.Param)))
 
-    reference = fit(_ResNetTiny(n_classes=2, rngs=nnx.Rngs(0)), ring_loss, train, config=config)
+    reference = fit(init_model(lambda: _ResNetTiny(n_classes=2, rngs=nnx.Rngs(0))), ring_loss, train, config=config)
 
     def crash_at_step_6(line):
         if "step 6 " in line:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        fit(_ResNetTiny(n_classes=2, rngs=nnx.Rngs(0)), ring_loss, train, config=config,
+        fit(init_model(lambda: _ResNetTiny(n_classes=2, rngs=nnx.Rngs(0))), ring_loss, train, config=config,
             checkpoint_dir=tmp_path / "ck", log=crash_at_step_6)
     lines = []
-    resumed = fit(_ResNetTiny(n_classes=2, rngs=nnx.Rngs(7)), ring_loss, train, config=config,
+    resumed = fit(init_model(lambda: _ResNetTiny(n_classes=2, rngs=nnx.Rngs(7))), ring_loss, train, config=config,
                   checkpoint_dir=tmp_path / "ck", log=lines.append)
     assert resumed.resumed_from == 4
     assert any("resuming from step 4" in line for line in lines)
@@ -320,7 +321,7 @@ def test_batch_norm_recalibration_averages_the_batches_statistics():
         return weighted_bce(model(batch["x"]), batch["y"], valid=batch["valid"]), {}
 
     train, _ = _ring_batches(n_train=160)
-    model = _ResNetTiny(n_classes=2, rngs=nnx.Rngs(0))
+    model = init_model(lambda: _ResNetTiny(n_classes=2, rngs=nnx.Rngs(0)))
     assert recalibrate_batch_norm(model, plain_loss, train, n_batches=3, epoch=2) == 3
     inputs = [np.asarray(b["x"], np.float64) for b in list(train.epoch(2))[:3]]
     expected_mean = np.mean([x.mean(axis=(0, 1, 2)) for x in inputs], axis=0)

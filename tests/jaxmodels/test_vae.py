@@ -13,6 +13,7 @@ from flax import nnx
 from scipy.special import logsumexp
 from scipy.stats import norm
 
+from jaxmodels.checkpoint import init_model
 from jaxmodels.configs import TrainConfig, VAEConfig
 from jaxmodels.data import PatternBatches
 from jaxmodels.latent_tools import (
@@ -154,10 +155,9 @@ class TestEstimators:
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    """One tiny VAE for the module: initialisation compiles a kernel per weight shape,
-    a large part of the cost of these tests. Tests must not change its weights (the
-    training test trains a clone)."""
-    return _VAETiny(rngs=nnx.Rngs(0))
+    """One tiny VAE for the module. Tests must not change its weights (the training test
+    trains a clone)."""
+    return init_model(lambda: _VAETiny(rngs=nnx.Rngs(0)))
 
 
 class TestModel:
@@ -177,7 +177,7 @@ class TestModel:
         np.testing.assert_array_equal(np.asarray(z1), np.asarray(mean1))
 
     def test_attention_variant(self):
-        model = _VAETiny(attention=True, rngs=nnx.Rngs(0))
+        model = init_model(lambda: _VAETiny(attention=True, rngs=nnx.Rngs(0)))
         recon, *_ = nnx.jit(lambda m, x: m(x))(model, jnp.ones((2, 16, 16)))
         assert recon.shape == (2, 16, 16) and bool(jnp.isfinite(recon).all())
         assert any("attention" in str(path) for path, _ in nnx.iter_graph(model))
