@@ -10,6 +10,7 @@ from flax import nnx
 
 from jaxmodels.attention import SelfAttention
 from jaxmodels.checkpoint import init_model
+from jaxmodels.pooling import max_pool
 from jaxmodels.configs import CNNConfig
 from jaxmodels.resnet import LogActivation, ResNet18, ResNet34, _ResNetTiny, build_cnn
 
@@ -77,6 +78,23 @@ def test_init_model_initialises_as_eager_code_in_one_program():
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
     assert float(jnp.abs(compiled.conv.kernel[...]).sum()) > 0  # initialised, not zeros
     assert compiled.bn.use_running_average is False  # train mode, as built
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 9, 3)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_max_pool_gradient_equals_reduce_windows(shape, ties):
+    """Values and gradient equal nnx.max_pool's, ties included (the first maximum of a window
+    takes the gradient), on even and odd sizes."""
+    x = jax.random.normal(jax.random.key(1), shape)
+    if ties:
+        x = jnp.round(x)  # many windows hold their maximum twice
+    reference = lambda x: nnx.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+    weights = jax.random.normal(jax.random.key(2), reference(x).shape)
+    gradient = lambda pool: jax.grad(lambda x: jnp.sum(pool(x) * weights))(x)
+    np.testing.assert_array_equal(np.asarray(max_pool(x, 3, 2)), np.asarray(reference(x)))
+    ours, theirs = np.asarray(gradient(lambda x: max_pool(x, 3, 2))), np.asarray(gradient(reference))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)  # sums of up to 4 windows, any order
+    assert np.count_nonzero(ours) == np.count_nonzero(theirs)  # one pixel per window
 
 
 def test_log_activation_is_the_published_formula():
