@@ -5,8 +5,8 @@ How a model plugs in
 :func:`fit` knows nothing about the model. A caller provides four things:
 
 1. ``model`` — any ``flax.nnx.Module`` (built by the caller, e.g.
-   ``init_model(lambda: ResNet18(rngs=nnx.Rngs(seed)))``, see :mod:`jaxmodels.checkpoint`). Batch-norm / dropout modes are switched
-   with ``model.train()`` / ``model.eval()`` by the loop.
+   ``init_model(lambda: ResNet18(rngs=nnx.Rngs(seed)))``, see :mod:`jaxmodels.checkpoint`).
+   Batch-norm / dropout modes are switched with ``model.train()`` / ``model.eval()`` by the loop.
 2. ``loss_fn(model, batch, *, key, step, train) -> (loss, aux)`` — a pure function,
    traced under :func:`flax.nnx.jit`:
 

@@ -249,10 +249,10 @@ def train_classifier(
     from flax import nnx
     from sklearn.metrics import f1_score
 
+    from jaxmodels.checkpoint import init_model
     from jaxmodels.configs import CNNConfig, TrainConfig, to_dict
     from jaxmodels.data import PatternBatches
     from jaxmodels.infer import predict_proba, tune_thresholds
-    from jaxmodels.checkpoint import init_model
     from jaxmodels.losses import classifier_loss_fn, positive_weights
     from jaxmodels.parallel import (
         first_process_only,

@@ -10,8 +10,8 @@ from flax import nnx
 
 from jaxmodels.attention import SelfAttention
 from jaxmodels.checkpoint import init_model
-from jaxmodels.pooling import max_pool
 from jaxmodels.configs import CNNConfig
+from jaxmodels.pooling import max_pool
 from jaxmodels.resnet import LogActivation, ResNet18, ResNet34, _ResNetTiny, build_cnn
 
 

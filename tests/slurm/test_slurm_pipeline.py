@@ -230,12 +230,6 @@ def ring_store(tmp_path_factory, dask_threads) -> Path:
 SBATCH_SCRIPT = Path(__file__).resolve().parents[2] / "cluster-configs" / "train-gpu.sbatch"
 
 
-# Both runs use airysort's default CPU kernels. (Until 2026-11-27 the reference alone was given
-# YNNPACK's through XLA_FLAGS; the tasks, whose XLA_FLAGS pass through sbatch --export, computed
-# the numbers of XLA's kernels all the same: 0.7969 / 0.7720 against the reference's 0.7987 /
-# 0.7753, the curves of the two kinds of kernel.)
-
-
 def test_train_gpu_sbatch_two_tasks_train_the_cnn_like_one_process(slurm, ring_store, tmp_path):
     """The shipped sbatch script on the CPU test node: ``srun`` runs two ``airysort train``
     tasks with two CPU devices each, joined by ``jax.distributed``; the loss curve equals
@@ -254,8 +248,7 @@ def test_train_gpu_sbatch_two_tasks_train_the_cnn_like_one_process(slurm, ring_s
     job = slurm.run(
         "sbatch", "--wait", f"--partition={slurm.partition}", "--nodes=1", "--ntasks-per-node=2",
         "--gpus-per-node=0", "--cpus-per-task=1", "--mem=6G", "--time=10", f"--output={tmp_path}/train.out",
-        f"--export=ALL,XLA_FLAGS=--xla_force_host_platform_device_count=2,"
-        f"AIRYSORT_VENV={venv}",
+        f"--export=ALL,XLA_FLAGS=--xla_force_host_platform_device_count=2,AIRYSORT_VENV={venv}",
         str(SBATCH_SCRIPT), str(ring_store), str(tmp_path / "two"), *options,
         timeout=500, check=False,
     )
