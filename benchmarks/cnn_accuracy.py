@@ -93,6 +93,9 @@ def main() -> None:
                         help="Dask cluster of train and predict ('local-threads' on a GPU: "
                              "one process shares the card)")
     args = parser.parse_args()
+    # The commands run from the repository root (``airysort``): paths relative to the
+    # caller's directory must not change meaning there.
+    args.store, args.work = args.store.resolve(), args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
 
     dataset = store.open_store(args.store)

@@ -103,8 +103,9 @@ def _row_values(row: list[str], class_columns: list[tuple[int, int]]) -> tuple[n
         if value is None:
             return None, f"value {text!r} for class {CLASS_NAMES[c]!r} is not 0 or 1"
         values[c] = value
+    # The reason only: `label` and `evaluate --truth` each say what they do with the row.
     if broken := label_row_problem(values):
-        return None, f"{broken}; fix the row" if values.any() else broken
+        return None, broken
     return values, None
 
 

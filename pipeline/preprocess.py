@@ -179,6 +179,33 @@ def _empty_median_block(frames, hit_settings: kernels.HitSettings) -> np.ndarray
     return kernels.empty_median_block(frames, hit_settings=hit_settings)
 
 
+def read_noise_of_sample(sample, *, valid: np.ndarray, dark: np.ndarray | None) -> float:
+    """Read noise, photons rms, of calibrated frames from their values below zero.
+
+    One task per chunk of ``sample`` (:func:`~pipeline.preprocess_kernels.negative_spread_block`
+    on a few frames of each), combined by
+    :func:`~pipeline.preprocess_kernels.read_noise_from_spreads`.
+    """
+    import dask
+    import dask.array as da
+
+    spreads = da.map_blocks(
+        _negative_spread_block,
+        sample,
+        dask.delayed(valid, pure=False),
+        dask.delayed(dark, pure=False),
+        drop_axis=2,
+        chunks=((1,) * sample.numblocks[0], (3,)),
+        dtype=np.float64,
+        meta=np.empty((0, 0), np.float64),
+    ).compute()
+    return kernels.read_noise_from_spreads(spreads)
+
+
+def _negative_spread_block(frames, valid: np.ndarray, dark: np.ndarray | None) -> np.ndarray:
+    return kernels.negative_spread_block(frames, valid=valid, dark=dark)
+
+
 def resolve_saturation(saturation: float | str | None, *, dtype: np.dtype, attrs: dict[str, Any]) -> float | None:
     """Saturation level in counts: a number, ``None`` (off), or ``"auto"``: the store's
     ``saturation`` attribute, else the largest value of an integer ``raw`` dtype, else off."""
@@ -244,7 +271,7 @@ def preprocess_store(
     search_radius: float = 8.0,
     centre_window: int | None = None,
     stat_shards: int = 2,
-    read_noise: float = 0.0,
+    read_noise: float | str = "auto",
 ) -> dict[str, Any]:
     """Preprocess every frame of a store into ``image``; find hits, centres, background.
 
@@ -288,9 +315,11 @@ def preprocess_store(
         Shards sampled (evenly over the run; whole ones, a partly filled last shard only
         when there is no other) for the hot-pixel mean, the hit threshold and the
         background median.
-    read_noise : float, default=0.0
-        Detector read noise, photons rms per pixel, for hit finding (calibrated detectors
-        writing float photons; 0 for photon counts).
+    read_noise : float or "auto", default="auto"
+        Detector read noise, photons rms per pixel, for hit finding. ``"auto"``: for
+        float frames (calibrated detectors writing photons), estimated from the sampled
+        frames' values below zero (:func:`read_noise_of_sample`); 0 for integer counts,
+        whose shot noise the test already includes.
 
     Returns
     -------
@@ -310,7 +339,11 @@ def preprocess_store(
     if not 0.05 <= crop <= 1.0:
         raise AirysortError(f"--crop {crop!r} must be between 0.05 and 1 (a fraction of the inscribed square's side)")
     _check_positive(asinh_scale=asinh_scale, hot_sigma=hot_sigma, hit_sigma=hit_sigma, stat_shards=stat_shards)
-    _check_positive(min_photons=min_photons, search_radius=search_radius, read_noise=read_noise, zero_allowed=True)
+    _check_positive(min_photons=min_photons, search_radius=search_radius, zero_allowed=True)
+    if read_noise != "auto":
+        if isinstance(read_noise, str) or isinstance(read_noise, bool):
+            raise AirysortError(f"--read-noise {read_noise!r} must be a number of photons rms or 'auto'")
+        _check_positive(read_noise=read_noise, zero_allowed=True)
     if isinstance(saturation, (int, float)) and not isinstance(saturation, bool):
         _check_positive(saturation=saturation)
     dataset = store.open_store(path)
@@ -342,6 +375,12 @@ def preprocess_store(
     else:  # a bright speckle of one shot looks like a hot pixel: too few shots to tell
         hot = np.zeros_like(file_mask)
     run_mask = file_mask | hot
+    if read_noise == "auto":
+        floats = np.issubdtype(raw.dtype, np.floating)
+        read_noise = read_noise_of_sample(sample, valid=~run_mask, dark=dark_frame) if floats else 0.0
+        read_noise_source = "estimated" if floats else "integer counts"
+    else:
+        read_noise, read_noise_source = float(read_noise), "given"
     centre0 = kernels.nominal_centre(file_mask)
     hit_settings = kernels.HitSettings(
         regions=kernels.HitRegions.around(run_mask, centre0),
@@ -387,6 +426,7 @@ def preprocess_store(
         "hit_sigma": hit_sigma,
         "min_photons": min_photons,
         "read_noise": read_noise,
+        "read_noise_source": read_noise_source,
         "hit_threshold": threshold,
         "search_radius": search_radius,
         "centre_window": centre_window,
@@ -417,6 +457,8 @@ def preprocess_store(
         "background": background_source,
         "hot_pixels": int(hot.sum()),
         "hot_pixels_searched": n_sample >= MIN_HOT_PIXEL_FRAMES,
+        "read_noise": read_noise,
+        "read_noise_source": read_noise_source,
         "nominal_centre": list(centre0),
         "centre_median": np.median(hit_centres, axis=0).tolist() if n_hits else list(centre0),
         "image_shape": [int(size), int(size)],

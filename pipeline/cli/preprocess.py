@@ -40,9 +40,10 @@ def command(
     hit_sigma: Annotated[float, typer.Option(help="Hit threshold, Poisson standard deviations.")] = 5.0,
     min_photons: Annotated[float, typer.Option(help="Least inner-disc photon excess of a hit.")] = 50.0,
     search_radius: Annotated[float, typer.Option(help="Largest beam-centre offset searched, pixels.")] = 8.0,
-    read_noise: Annotated[float, typer.Option(
-        help="Detector read noise, photons rms per pixel, for hit finding (calibrated detectors "
-             "writing float photons); 0 for photon counts.")] = 0.0,
+    read_noise: Annotated[Optional[float], typer.Option(
+        help="Detector read noise, photons rms per pixel, for hit finding (default: estimated from "
+             "the sampled frames' values below zero when frames are float photons; 0 for integer "
+             "counts).")] = None,
     stat_shards: Annotated[int, typer.Option(
         help="Shards (256 frames each) sampled evenly over the run for hot pixels, hit threshold and "
              "background; each is held in worker memory meanwhile.")] = 2,
@@ -65,7 +66,7 @@ def command(
         min_photons=min_photons,
         search_radius=search_radius,
         stat_shards=stat_shards,
-        read_noise=read_noise,
+        read_noise="auto" if read_noise is None else read_noise,
         cluster=cluster,
     )
     emit(result, json, _summary)
@@ -77,6 +78,8 @@ def _summary(result: dict) -> str:
         f"images; {result['hits']} hits ({result['hit_rate']:.1%}); background: {result['background']}; "
         + (f"{result['hot_pixels']} hot pixels; " if result.get("hot_pixels_searched", True)
            else "too few frames to tell hot pixels from speckle, none masked; ")
+        + (f"read noise {result['read_noise']:.3g} photons rms ({result['read_noise_source']}); "
+           if result.get("read_noise_source") != "integer counts" else "")
         + "median centre "
         f"({result['centre_median'][0]:.2f}, {result['centre_median'][1]:.2f}) px"
     )

@@ -17,7 +17,7 @@ from pipeline import store
 from pipeline.cli.main import app
 from pipeline.evaluate import classification_scores, clustering_scores
 from pipeline.ingest import ingest
-from pipeline.taxonomy import CLASS_NAMES, N_CLASSES, coarse_group, multi_hot
+from pipeline.taxonomy import CLASS_NAMES, N_CLASSES, coarse_group, multi_hot, taxonomy_problem
 
 COMBINATIONS = [
     ("Spherical/Oblate", "Round"),
@@ -207,6 +207,7 @@ class TestEvaluateCommand:
         scored = run_json("evaluate", str(evaluated_store["path"]), "--truth", str(evaluated_store["tmp"] / "bad.csv"))
         bad_rows = scored["truth_bad_rows"]
         assert len(bad_rows) == 6 and bad_rows[0].startswith("line 2: no class set")
+        assert bad_rows[1] == f"line 3: {taxonomy_problem(np.ones(11, np.int8))}; left out"  # one reason, one action
         assert bad_rows[2] == "line 4: value '' for class 'Streak' is not 0 or 1; left out"
         assert bad_rows[3] == "line 5: value 'x' for class 'Empty' is not 0 or 1; left out"
         last = len(table) + 3  # the header, the table's rows, the short row, the repeated one

@@ -284,6 +284,32 @@ class TestCommand:
         info_result = json.loads(info.stdout.strip().splitlines()[-1])
         assert info_result["hit_rate"] == pytest.approx(5 / 8)
 
+    def test_read_noise_of_float_frames_is_estimated_and_keeps_empty_frames_empty(self, tmp_path, dask_threads):
+        """Calibrated float frames with 0.5 photons rms of read noise and no option given:
+        ``preprocess`` estimates the noise from the sampled frames, records it, and the
+        nearly dark empty frames stay non-hits, as they do not when the noise is left out."""
+        rng = np.random.default_rng(9)
+        hits = rng.permutation(np.r_[np.ones(6, bool), np.zeros(58, bool)])
+        frames = rng.poisson(0.002, (hits.size, *SHAPE)).astype(np.float32)
+        frames[hits] += np.stack([airy_pattern(photons=3e4, seed=s) for s in range(6)])
+        frames += rng.normal(0, 0.5, frames.shape).astype(np.float32)
+        path = make_store(tmp_path, frames)
+        outcome = runner.invoke(app, ["preprocess", str(path), "--size", "32", "--cluster", "local-threads"])
+        assert outcome.exit_code == 0, outcome.output
+        assert "photons rms (estimated)" in outcome.output
+        parameters = store.last_parameters(store.read_attrs(path), "preprocess")
+        assert parameters["read_noise_source"] == "estimated"
+        assert parameters["read_noise"] == pytest.approx(0.5, rel=0.03)
+        np.testing.assert_array_equal(store.read_pattern_values(path, "hit"), hits)
+        without = preprocess.preprocess_store(path, size=32, read_noise=0.0)
+        assert without["hits"] > hits.sum() and without["read_noise_source"] == "given"
+        # Integer counts: no estimate.
+        counts = make_store(tmp_path, np.rint(np.clip(frames, 0, None)).astype(np.uint16), name="counts.zarr")
+        result = preprocess.preprocess_store(counts, size=32)
+        assert result["read_noise"] == 0.0 and result["read_noise_source"] == "integer counts"
+        with pytest.raises(preprocess.AirysortError, match="'loud' must be a number of photons rms or 'auto'"):
+            preprocess.preprocess_store(counts, size=32, read_noise="loud")
+
     def test_cli_errors(self, tmp_path, dask_threads):
         frames, _, _ = beamtime(2, 2)
         path = make_store(tmp_path, frames)

@@ -144,6 +144,25 @@ class TestHitFinding:
         hits += rng.normal(0, 0.3, hits.shape).astype(np.float32)
         assert pk.find_hits_block(hits, hit_settings=settings)[1].all()
 
+    @pytest.mark.parametrize("sigma", [0.1, 0.3])
+    def test_read_noise_is_estimated_from_values_below_zero(self, sigma):
+        """Calibrated frames (photons plus N(0, σ)): hits, stray light and a hot pixel do
+        not move the estimate; an offset zero level gives none unless its dark is given."""
+        mask = detector_mask()
+        rng = np.random.default_rng(int(sigma * 10))
+        photons = np.stack([airy_pattern(photons=p, background=0.05, seed=s) for s, p in enumerate([0, 3e4, 3e5, 0])])
+        photons[:, 40, 200] += 500
+        frames = (photons + rng.normal(0, sigma, photons.shape)).astype(np.float32)
+        spreads = np.concatenate([pk.negative_spread_block(block, valid=~mask) for block in (frames[:2], frames[2:])])
+        assert pk.read_noise_from_spreads(spreads) == pytest.approx(sigma, rel=0.03)
+        offset = frames + np.float32(10)
+        assert pk.read_noise_from_spreads(pk.negative_spread_block(offset, valid=~mask)) == 0.0
+        dark = np.full(SHAPE, 10, np.float32)
+        estimate = pk.read_noise_from_spreads(pk.negative_spread_block(offset, valid=~mask, dark=dark))
+        assert estimate == pytest.approx(sigma, rel=0.03)
+        # Photon counts without noise have no value below zero.
+        assert pk.read_noise_from_spreads(pk.negative_spread_block(photons, valid=~mask)) == 0.0
+
     @pytest.mark.parametrize("kind", ["only_empty", "only_hits"])
     def test_needs_no_mixture_of_hits_and_empty_frames(self, kind):
         mask = detector_mask()
