@@ -285,7 +285,7 @@ def _write_frames(path: Path, journal: dict, plan: dict, sources: list[Source], 
         client.submit(write_shard, str(path), [tuple(r) for r in runs], journal["dtype"], pure=False)
         for runs in shard_runs.values()
     ]
-    return sorted(p for found in wait_with_progress(tasks, "ingest: reading, checking and writing frames") for p in found)
+    return sorted(p for found in wait_with_progress(tasks, "ingest: reading, checking and writing frames", unit="shards") for p in found)
 
 
 def _warn_repeated_shot_ids(new_ids: np.ndarray, stored_ids, log) -> None:

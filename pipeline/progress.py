@@ -14,7 +14,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 def progress_bar(description: str) -> Progress | LogProgress:
     """A rich progress bar on stderr, or :class:`LogProgress` lines when stderr is not a
     terminal (a bar's redrawing would fill a log file; silence would leave a batch job
-    without news for the whole stage)."""
+    without news for the whole stage). Each task names the unit it counts:
+    ``add_task(description, total=n, unit="shards")``."""
     from rich.console import Console
 
     console = Console(file=sys.stderr)
@@ -24,6 +25,7 @@ def progress_bar(description: str) -> Progress | LogProgress:
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        TextColumn("{task.fields[unit]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
@@ -46,10 +48,11 @@ class LogProgress:
     def __exit__(self, *exc: Any) -> None:
         return None
 
-    def add_task(self, description: str, total: float | None = None, **_: Any) -> int:
+    def add_task(self, description: str, total: float | None = None, *, unit: str = "", **_: Any) -> int:
         task = len(self._tasks)
         now = self.clock()
-        self._tasks[task] = {"description": description, "total": total, "done": 0.0, "start": now, "said": now}
+        self._tasks[task] = {"description": description, "total": total, "unit": unit, "done": 0.0, "start": now,
+                             "said": now}
         self._say(task, now)
         return task
 
@@ -70,14 +73,15 @@ class LogProgress:
         elapsed = now - state["start"]
         total, done = state["total"], state["done"]
         line = f"{state['description']}: {done:g}" + (f"/{total:g}" if total is not None else "")
-        line += f", {elapsed:.0f} s"
+        line += (f" {state['unit']}" if state["unit"] else "") + f", {elapsed:.0f} s"
         if total and 0 < done < total:
             line += f", about {elapsed * (total - done) / done:.0f} s left"
         print(line, file=sys.stderr, flush=True)
 
 
-def wait_with_progress(futures: Iterable[Any], description: str) -> list[Any]:
-    """Wait for ``distributed`` futures, advancing a bar as each finishes.
+def wait_with_progress(futures: Iterable[Any], description: str, *, unit: str = "tasks") -> list[Any]:
+    """Wait for ``distributed`` futures, advancing a bar as each finishes (``unit``: what
+    one future is, e.g. "shards").
 
     Returns the results in the order of ``futures``; the first failure is raised.
     """
@@ -85,16 +89,16 @@ def wait_with_progress(futures: Iterable[Any], description: str) -> list[Any]:
 
     futures = list(futures)
     with progress_bar(description) as bar:
-        task = bar.add_task(description, total=len(futures))
+        task = bar.add_task(description, total=len(futures), unit=unit)
         for _ in as_completed(futures):
             bar.advance(task)
     return [future.result() for future in futures]
 
 
-def compute_with_progress(collection: Any, description: str) -> Any:
+def compute_with_progress(collection: Any, description: str, *, unit: str = "chunks") -> Any:
     """Compute a Dask collection on the current client with a progress bar that counts
     its parallel tasks (one per chunk; for the writes of ``to_zarr(compute=False)`` one per
-    shard written, not the single task that finalises them)."""
+    shard written, not the single task that finalises them), each one ``unit``."""
     import dask
     from distributed import default_client
 
@@ -104,7 +108,7 @@ def compute_with_progress(collection: Any, description: str) -> Any:
     (collection,) = dask.optimize(collection)
     graph = dict(collection.__dask_graph__())
     futures = client.get(graph, parallel_keys(graph, collection.__dask_keys__()), sync=False)
-    wait_with_progress(futures, description)
+    wait_with_progress(futures, description, unit=unit)
     # The finished keys are reused by the scheduler: this only runs what follows them.
     return client.compute(collection, optimize_graph=False).result()
 

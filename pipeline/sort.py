@@ -108,7 +108,7 @@ def sort_store(path: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str,
         len(np.unique(a[a >= 0])) for a in assignments.values())
     # A gallery per class and per cluster: seconds each on a large store.
     with progress_bar("sort: index lists and galleries") as bar:
-        task = bar.add_task("sort: index lists and galleries", total=n_groups)
+        task = bar.add_task("sort: index lists and galleries", total=n_groups, unit="classes and clusters")
         done = functools.partial(bar.advance, task)
         if "predicted" in dataset:
             summary["classes"] = _sort_classes(dataset, out / "classes", columns, done=done)

@@ -472,7 +472,7 @@ def write_variables(
         writes = dataset.to_zarr(
             path, mode="a", zarr_format=3, encoding=encoding, consolidated=False, compute=False, safe_chunks=True
         )
-        compute_with_progress(writes, description or f"{command}: writing {', '.join(variables)}")
+        compute_with_progress(writes, description or f"{command}: writing {', '.join(variables)}", unit="shards")
         append_provenance(path, command, parameters, extra={"patterns": [0, n_patterns], "variables": list(variables)})
         _mark_complete(path, variables)
         consolidate(path)
@@ -622,7 +622,7 @@ def _write_region(path: Path, variables: Mapping[str, xr.DataArray], *, start: i
             path, region={"pattern": slice(start, n_patterns)}, mode="r+", zarr_format=3,
             consolidated=False, compute=False, safe_chunks=False,
         )
-        compute_with_progress(writes, description or f"{command}: writing {', '.join(variables)}")
+        compute_with_progress(writes, description or f"{command}: writing {', '.join(variables)}", unit="shards")
         append_provenance(path, command, parameters,
                           extra={"patterns": [start, n_patterns], "variables": list(variables)})
         _mark_complete(path, variables)

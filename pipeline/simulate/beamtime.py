@@ -243,7 +243,7 @@ def _blocks(blocks, *, seed, profile, balanced, client):
     from pipeline.progress import progress_bar
 
     with progress_bar("simulate") as bar:
-        task = bar.add_task("simulate", total=sum(stop - start for start, stop in blocks))
+        task = bar.add_task("simulate", total=sum(stop - start for start, stop in blocks), unit="patterns")
         if client is None:
             for start, stop in blocks:
                 yield start, render_block(start, stop, seed=seed, profile=profile, balanced=balanced)

@@ -19,7 +19,7 @@ def test_a_store_write_counts_one_step_per_chunk_written(tmp_path, dask_threads,
     assert len(parallel_keys(dict(writes.__dask_graph__()), writes.__dask_keys__())) == 5
     compute_with_progress(writes, "writing")
     lines = capsys.readouterr().err.splitlines()  # pytest's stderr is no terminal: plain lines
-    assert lines[0].startswith("writing: 0/5") and lines[-1].startswith("writing: 5/5")
+    assert lines[0].startswith("writing: 0/5 chunks") and lines[-1].startswith("writing: 5/5 chunks")
     np.testing.assert_array_equal(xr.open_zarr(tmp_path / "w.zarr")["a"].values, values)
     # Several variables: each ends in a finalising task of its own; still one step per chunk.
     dataset["b"] = dataset["a"] * 2
@@ -35,10 +35,10 @@ def test_a_store_write_counts_one_step_per_chunk_written(tmp_path, dask_threads,
 def test_log_progress_speaks_at_start_end_and_every_interval(capsys):
     clock = iter([0.0, 1.0, 2.0, 40.0, 41.0])
     with LogProgress(interval=30.0, clock=lambda: next(clock)) as bar:
-        task = bar.add_task("stage", total=4)  # t = 0: said
+        task = bar.add_task("stage", total=4, unit="shards")  # t = 0: said
         bar.advance(task)  # t = 1: quiet
         bar.advance(task)  # t = 2: quiet
         bar.advance(task)  # t = 40: 30 s passed, said
         bar.advance(task)  # t = 41: done, said
     assert capsys.readouterr().err.splitlines() == [
-        "stage: 0/4, 0 s", "stage: 3/4, 40 s, about 13 s left", "stage: 4/4, 41 s"]
+        "stage: 0/4 shards, 0 s", "stage: 3/4 shards, 40 s, about 13 s left", "stage: 4/4 shards, 41 s"]
