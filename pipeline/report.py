@@ -132,7 +132,7 @@ def section_metrics(dataset, evaluation: dict[str, Any] | None, truth_csv: str |
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.metrics import multilabel_confusion_matrix
+    from sklearn.metrics import ConfusionMatrixDisplay, multilabel_confusion_matrix
 
     from pipeline.evaluate import read_truth_csv, training_patterns
 
@@ -161,12 +161,13 @@ def section_metrics(dataset, evaluation: dict[str, Any] | None, truth_csv: str |
         matrices = multilabel_confusion_matrix(truth[scored], np.asarray(dataset["predicted"].values)[scored])
         figure, axes = plt.subplots(2, 6, figsize=(13, 4.6))
         for axis, name, matrix in zip(axes.flat, CLASS_NAMES, matrices):
-            axis.imshow(matrix, cmap="Blues")
-            for (i, j), value in np.ndenumerate(matrix):
-                axis.text(j, i, str(value), ha="center", va="center", fontsize=8)
+            # scikit-learn's display writes each count in white on dark cells, black on light ones.
+            ConfusionMatrixDisplay(matrix, display_labels=["0", "1"]).plot(
+                ax=axis, cmap="Blues", colorbar=False, text_kw={"fontsize": 8})
             axis.set_title(name, fontsize=8)
-            axis.set_xticks([0, 1], ["pred 0", "pred 1"], fontsize=7)
-            axis.set_yticks([0, 1], ["true 0", "true 1"], fontsize=7)
+            axis.set_xlabel("predicted", fontsize=7)
+            axis.set_ylabel("true", fontsize=7)
+            axis.tick_params(labelsize=7)
         axes.flat[-1].set_axis_off()
         figure.tight_layout()
         text += "<h3>Confusion matrices (one per class)</h3>" + _img(_figure_uri(figure), "confusion matrices")

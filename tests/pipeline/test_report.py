@@ -55,6 +55,7 @@ def test_report_sections_from_real_results(evaluated_store, tmp_path):
     assert f"{f1_score(labels, predicted, average='micro', zero_division=0):.3f}" in document
     # The clustering table ends with the classifier's groups as a supervised reference.
     assert "predicted groups (supervised reference, 120 scored patterns)" in document
+    assert "<h3>Confusion matrices (one per class)</h3><img" in document
 
 
 def test_report_renders_in_headless_chromium(evaluated_store, tmp_path, chromium_path):
