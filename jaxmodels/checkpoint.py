@@ -164,10 +164,13 @@ def load_model(directory: str | Path, build: Callable[[], nnx.Module]) -> nnx.Mo
         The model with the saved state, in eval mode.
     """
     from jaxmodels.parallel import use_xla_cpu_convolutions
+    from jaxmodels.xla_cache import use_compilation_cache
 
-    # The CPU kernels the model was trained with (train sets them first): effective where
-    # this is a process's first JAX work, as in predict's and embed's worker tasks.
+    # The CPU kernels the model was trained with (train sets them first), and the compiled
+    # programs of earlier runs: effective where this is a process's first JAX work, as in
+    # predict's and embed's worker tasks.
     use_xla_cpu_convolutions()
+    use_compilation_cache()
     directory = Path(directory).absolute()
     if not directory.exists():
         raise FileNotFoundError(f"no saved model at {str(directory)!r}")

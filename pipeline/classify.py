@@ -262,12 +262,14 @@ def train_classifier(
     )
     from jaxmodels.resnet import build_cnn
     from jaxmodels.train import fit
+    from jaxmodels.xla_cache import use_compilation_cache
     from pipeline import store
     from pipeline.evaluate import macro_f1
 
     start = time.perf_counter()
     model_dir = Path(model_dir)
     use_every_cpu_core()  # on a CPU (see its docstring)
+    use_compilation_cache()
     maybe_initialize_distributed()
     dataset, source = _input_array(store_path, input)
     labels_all = np.asarray(dataset["label"].values)

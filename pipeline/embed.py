@@ -171,9 +171,11 @@ def train_vae(
         use_every_cpu_core,
     )
     from jaxmodels.train import fit
+    from jaxmodels.xla_cache import use_compilation_cache
     from pipeline import store
 
     use_every_cpu_core()  # on a CPU (see its docstring)
+    use_compilation_cache()
     maybe_initialize_distributed()  # one of several srun tasks: train together
     start = time.perf_counter()
     model_dir = Path(model_dir).absolute()
