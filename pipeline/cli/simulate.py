@@ -16,6 +16,7 @@ def command(
     n: Annotated[int, typer.Option("--n", help="Number of patterns (shots).")],
     size: Annotated[Optional[int], typer.Option(help="Frame size in pixels (same angles, binned); default: the profile's frame.")] = None,
     seed: Annotated[int, typer.Option(help="Seed: the whole beamtime is reproducible from it.")] = 0,
+    detector_seed: Annotated[Optional[int], typer.Option(help="Seed of the detector's hot pixels (default: --seed); the same value gives several beamtimes one detector.")] = None,
     profile: Annotated[str, typer.Option(help="'fermi' (wide-angle XUV, MSFT), 'lcls' (small-angle X-ray) or a profile YAML.")] = "fermi",
     like: Annotated[Optional[Path], typer.Option(help="Real CXI file whose geometry, mask and count range to copy.")] = None,
     layout: Annotated[str, typer.Option(help="'stacked' (N, y, x) or 'entries' (one frame per entry).")] = "stacked",
@@ -32,6 +33,8 @@ def command(
     chosen = resolve_profile(profile, size=size, like=like)
     if slice_thickness is not None:
         chosen = chosen.with_slice_thickness(slice_thickness or None, origin="--slice-thickness")
+    if detector_seed is not None:
+        chosen = chosen.with_detector_seed(detector_seed)
     say(f"simulating {n} pattern(s) with profile {profile!r} -> {out}")
     with dask_client(cluster) as client:
         result = simulate_beamtime(out, n, seed=seed, profile=chosen, layout=layout, balanced=balanced,

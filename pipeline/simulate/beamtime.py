@@ -88,7 +88,7 @@ _SETUP_CACHE: dict[tuple, Setup] = {}
 
 def _setup(profile: Profile, seed: int) -> Setup:
     # Workers render many blocks of one beamtime: build the mask and hot pixels once.
-    key = (id(profile), profile.name, profile.frame_shape, seed)
+    key = (id(profile), profile.name, profile.frame_shape, profile.detector.get("hot_pixel_seed"), seed)
     if key not in _SETUP_CACHE:
         _SETUP_CACHE.clear()
         _SETUP_CACHE[key] = Setup.build(profile, seed=seed)
@@ -308,6 +308,8 @@ class _Writer:
         if profile.slice_thickness is not None:
             h5.attrs["slice_thickness"] = profile.slice_thickness  # m
         h5.attrs["seed"] = seed
+        if det.get("hot_pixel_seed") is not None:
+            h5.attrs["detector_seed"] = int(det["hot_pixel_seed"])  # the hot pixels' own seed
         h5.attrs["class_names"] = list(CLASS_NAMES)
         if layout == "stacked":
             h5.create_dataset("cxi_version", data=150)

@@ -31,7 +31,7 @@ _DETECTOR_DEFAULTS: dict[str, Any] = {
     "beam_center_offset": [0.0, 0.0], "center_jitter": 0.0, "active_radius": None, "gaps": [],
     "kind": "pixel", "gain_shape": 0.0, "quantum_efficiency": 1.0, "dark_level": 0.0,
     "hot_pixel_fraction": 0.0, "hot_pixel_counts": [0, 0], "stray_light": 0.0,
-    "stray_light_scale": 50.0,
+    "stray_light_scale": 50.0, "hot_pixel_seed": None,
 }
 
 
@@ -95,6 +95,13 @@ class Profile:
     def with_slice_thickness(self, slice_thickness: float | None, *, origin: str = "profile") -> Profile:
         """The same profile with MSFT's incoming wave propagated in slices this thick (m; None: straight lines)."""
         return dataclasses.replace(self, slice_thickness=_checked_slice_thickness(slice_thickness, self.model, origin))
+
+    def with_detector_seed(self, seed: int | None) -> Profile:
+        """The same profile with its hot pixels drawn from ``seed`` (None: from each
+        beamtime's seed), so that several beamtimes share one detector."""
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise AirysortError(f"detector seed {seed!r} must be an integer >= 0")
+        return dataclasses.replace(self, detector={**self.detector, "hot_pixel_seed": seed})
 
     def at_size(self, size: int | None) -> Profile:
         """The same experiment read out as ``size`` x ``size`` pixels over the same angles.

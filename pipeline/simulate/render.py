@@ -34,9 +34,12 @@ class Setup:
 
     @classmethod
     def build(cls, profile: Profile, *, seed: int) -> Setup:
-        """Precompute the static parts of a beamtime (``seed`` fixes the hot pixels)."""
+        """Precompute the static parts of a beamtime (the beamtime's ``seed`` fixes the hot
+        pixels, unless the profile's detector has a ``hot_pixel_seed`` of its own)."""
         dn = tuple(refractive_index(m, profile.wavelength) - 1 for m in ("helium", "xenon"))
-        return cls(profile, detector.static_mask(profile), dn, detector.hot_pixels(profile, seed))
+        hot_seed = profile.detector.get("hot_pixel_seed")
+        hot = detector.hot_pixels(profile, seed if hot_seed is None else int(hot_seed))
+        return cls(profile, detector.static_mask(profile), dn, hot)
 
 
 def _supersample_for(extent: float, profile: Profile) -> int:

@@ -295,6 +295,33 @@ class TestCommandLine:
         assert "slice_thickness" in refused.output and "projection" in refused.output
         assert not (tmp_path / "no.cxi").exists()
 
+    def test_detector_seed_gives_several_beamtimes_one_detector(self, tmp_path):
+        """Hot pixels belong to the detector: with one --detector-seed, beamtimes of other
+        seeds have them in the same place; without it, each beamtime's seed draws them."""
+        from pipeline.simulate import detector
+        from pipeline.simulate.beamtime import resolve_profile
+
+        runs = {"a": ["--seed", "1", "--detector-seed", "5"], "b": ["--seed", "2", "--detector-seed", "5"],
+                "c": ["--seed", "2"]}
+        frames, attrs = {}, {}
+        for name, options in runs.items():
+            result = runner.invoke(app, ["simulate", str(tmp_path / f"{name}.cxi"), "--n", "3", "--size", "64",
+                                         "--profile", "lcls", *options, "--cluster", "local-threads"])
+            assert result.exit_code == 0, result.output
+            with h5py.File(tmp_path / f"{name}.cxi") as h5:
+                frames[name], attrs[name] = h5["entry_1/data_1/data"][()].reshape(3, -1), dict(h5.attrs)
+        profile = resolve_profile("lcls", size=64)
+        on_sensor = ~detector.static_mask(profile).ravel()  # the hole and the gap have no hot pixels
+        shared, own = (hot[on_sensor[hot]] for hot in (detector.hot_pixels(profile, s)[0] for s in (5, 2)))
+        assert len(shared) > 10 and len(set(shared) & set(own)) < len(shared) // 2
+        low = profile.detector["hot_pixel_counts"][0] - 1
+        for name, hot in (("a", shared), ("b", shared), ("c", own)):
+            assert (frames[name][:, hot] >= low).all(), name
+        assert attrs["a"]["detector_seed"] == attrs["b"]["detector_seed"] == 5 and "detector_seed" not in attrs["c"]
+        refused = runner.invoke(app, ["simulate", str(tmp_path / "x.cxi"), "--n", "1", "--detector-seed", "-1",
+                                      "--cluster", "local-threads"])
+        assert refused.exit_code == 1 and "detector seed -1 must be an integer >= 0" in refused.output
+
     def test_bad_profile_is_one_error_line(self, tmp_path):
         result = runner.invoke(app, ["simulate", str(tmp_path / "x.cxi"), "--n", "2", "--profile", "nope",
                                      "--cluster", "local-threads"])
