@@ -49,7 +49,7 @@ def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
 
 
 def _max_pool_forward(x, window, stride):
-    pooled = max_pool(x, window, stride)
+    pooled = nnx.max_pool(x, (window, window), strides=(stride, stride), padding="SAME")
     return pooled, (x, pooled)
 
 

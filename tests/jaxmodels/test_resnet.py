@@ -80,6 +80,15 @@ def test_init_model_initialises_as_eager_code_in_one_program():
     assert compiled.bn.use_running_average is False  # train mode, as built
 
 
+def test_init_model_compiles_at_the_default_level_where_xla_lacks_the_option(monkeypatch):
+    from jaxmodels import checkpoint
+
+    monkeypatch.setattr(checkpoint, "OPTIMISATION_LEVEL", "xla_no_such_option_in_any_xla")
+    build = lambda: nnx.Linear(3, 2, rngs=nnx.Rngs(5))  # noqa: E731
+    np.testing.assert_allclose(np.asarray(init_model(build).kernel[...]), np.asarray(build().kernel[...]),
+                               rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 9, 3)])
 @pytest.mark.parametrize("ties", [False, True])
 def test_max_pool_gradient_equals_reduce_windows(shape, ties):
