@@ -361,6 +361,11 @@ def train_classifier(
         shown = [name for name, value in zip(CLASS_NAMES, train_labels[0]) if value]
         say(f"NOTE: every training pattern is labelled {' + '.join(shown)}; the network cannot learn "
             "to tell patterns apart from them: label some of other kinds too")
+    # A class no training pattern shows is not learned: its output would mean nothing.
+    unseen = ~np.asarray(train_labels, bool).any(axis=0)
+    if unseen.any():
+        say(f"NOTE: no training pattern is labelled {', '.join(np.asarray(CLASS_NAMES)[unseen])}: "
+            "the model will never predict these classes; label some to learn them")
     model = init_model(lambda: build_cnn(cnn_config, rngs=nnx.Rngs(train_config.seed)))
     result = fit(model, loss_fn, train_batches, valid=valid_batches, config=train_config,
                  checkpoint_dir=model_dir / "checkpoints", best_dir=model_dir / "best",
@@ -374,6 +379,8 @@ def train_classifier(
             probabilities = predict_proba(result.model, rows, mesh=mesh)
         truth = valid_labels.astype(int)
         thresholds = tune_thresholds(probabilities, truth)
+    thresholds[unseen] = 1.0  # never predicted (taxonomy.decide)
+    if len(valid_idx):
         predicted = decide(probabilities, thresholds)
         validation = {
             "loss": result.history[result.best_epoch]["val_loss"] if result.best_epoch >= 0 else None,
@@ -406,6 +413,7 @@ def train_classifier(
         "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
         "resumed_from": result.resumed_from,
         "thresholds": dict(zip(CLASS_NAMES, info["thresholds"])),
+        "never_predicted": [name for name, off in zip(CLASS_NAMES, unseen) if off],
         "validation": validation, "seconds": round(time.perf_counter() - start, 2),
     }
 

@@ -77,7 +77,8 @@ def decide(probabilities: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     probabilities : ndarray of shape (n, 11)
         Sigmoid outputs of the classifier.
     thresholds : ndarray of shape (11,)
-        Per-class decision thresholds in (0, 1).
+        Per-class decision thresholds in (0, 1); 1 (or more) turns a class off (a class
+        no training pattern showed, whose output means nothing).
 
     Returns
     -------
@@ -92,7 +93,7 @@ def decide(probabilities: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     eps = 1e-7
     p, t = np.clip(probabilities, eps, 1 - eps), np.clip(thresholds, eps, 1 - eps)
     margin = np.log(p / (1 - p)) - np.log(t / (1 - t))  # >= 0: predicted
-    predicted = probabilities >= thresholds
+    predicted = (probabilities >= thresholds) & (thresholds < 1)
     empty = CLASS_INDEX["Empty"]
     others = np.array([i for i in range(N_CLASSES) if i != empty])
     for a, b in EXCLUSIVE_PAIRS:

@@ -315,10 +315,19 @@ def test_training_on_too_few_or_uniform_labels_says_so(tmp_path, dask_threads):
     rows = np.stack([multi_hot(["Spherical/Oblate", "Round"])] * 3)
     assert run_cli("label", path, write_label_csv(tmp_path / "l.csv", shots[:3], rows)).exit_code == 0
     result = run_cli("train", path, tmp_path / "m", "--model", "cnn", "--depth", "10", "--width", "4",
-                     "--epochs", "1")
+                     "--epochs", "1", "--json")
     assert result.exit_code == 0, result.output
     assert "too few to hold some out" in result.stderr
     assert "every training pattern is labelled Spherical/Oblate + Round" in result.stderr
+    # The classes no training pattern showed: said before training, and never predicted
+    # (after one step the network's outputs for them are near 0.5, its initial value).
+    unseen = [name for name in CLASS_NAMES if name not in ("Spherical/Oblate", "Round")]
+    assert f"no training pattern is labelled {', '.join(unseen)}" in result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["never_predicted"] == unseen
+    assert run_cli("predict", path, tmp_path / "m", "--cluster", "local-threads").exit_code == 0
+    dataset = store.open_store(path)
+    off = [CLASS_NAMES.index(name) for name in unseen]
+    assert (dataset["prob"].values[:, off] > 0.1).any() and not dataset["predicted"].values[:, off].any()
 
 
 def test_train_without_labels_is_one_error_line(tmp_path, dask_threads):

@@ -39,6 +39,16 @@ def test_exclusive_sub_classes_keep_the_one_further_above_its_threshold_in_log_o
     assert names(predicted[1]) == {"Spherical/Oblate", "Elliptical"}
 
 
+def test_a_threshold_of_one_turns_a_class_off():
+    """A class the network never saw labelled (threshold 1) is not predicted, even where
+    its output saturates; it does not take part in the taxonomy's decisions either."""
+    rows = np.stack([probabilities(Spherical_Oblate=0.9, Round=0.8, Elliptical=1.0),
+                     probabilities(Layered=1.0, Empty=0.9)])
+    predicted = decide(rows, thresholds(Elliptical=1.0, Layered=1.0))
+    assert names(predicted[0]) == {"Spherical/Oblate", "Round"}
+    assert names(predicted[1]) == {"Empty"}
+
+
 def test_super_classes_exclude_each_other_and_sub_classes_imply_them():
     rows = np.stack([probabilities(Spherical_Oblate=0.6, Prolate=0.97, Streak=0.8),
                      probabilities(Bent=0.7),  # Prolate itself below its threshold
