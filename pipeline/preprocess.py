@@ -341,7 +341,7 @@ def preprocess_store(
     _check_positive(asinh_scale=asinh_scale, hot_sigma=hot_sigma, hit_sigma=hit_sigma, stat_shards=stat_shards)
     _check_positive(min_photons=min_photons, search_radius=search_radius, zero_allowed=True)
     if read_noise != "auto":
-        if isinstance(read_noise, str) or isinstance(read_noise, bool):
+        if isinstance(read_noise, (str, bool)):
             raise AirysortError(f"--read-noise {read_noise!r} must be a number of photons rms or 'auto'")
         _check_positive(read_noise=read_noise, zero_allowed=True)
     if isinstance(saturation, (int, float)) and not isinstance(saturation, bool):

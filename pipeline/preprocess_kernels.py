@@ -205,6 +205,7 @@ def saturated(frames: np.ndarray, level: float | None) -> np.ndarray:
         return np.zeros(frames.shape, bool)
     return frames >= level
 
+
 #: Robust standard deviation of a normal distribution from the median of its absolute
 #: values: median(|N(0, σ)|) = 0.67449 σ.
 _HALF_NORMAL_MEDIAN = 0.6744897501960817
@@ -265,7 +266,6 @@ def read_noise_from_spreads(spreads: np.ndarray) -> float:
         return 0.0
     used = spreads[:, 1] > 0
     return float(np.median(spreads[used, 0]) / _HALF_NORMAL_MEDIAN)
-
 
 
 # --------------------------------------------------------------------------------------
