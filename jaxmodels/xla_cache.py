@@ -72,6 +72,16 @@ def use_compilation_cache() -> Path | None:
     except OSError:
         return None
     jax.config.update("jax_compilation_cache_dir", str(directory))
-    if jax.config.jax_compilation_cache_max_size == -1:  # JAX's default: no limit
+    if jax.config.jax_compilation_cache_max_size == -1 and _have_filelock():  # JAX's default: no limit
         jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return directory
+
+
+def _have_filelock() -> bool:
+    """JAX needs ``filelock`` (a dependency of airysort) to keep the cache under a size
+    limit; without it, setting one makes every cache read fail (with a warning)."""
+    try:
+        import filelock  # noqa: F401
+    except ImportError:
+        return False
+    return True

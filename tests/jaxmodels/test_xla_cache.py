@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from jaxmodels.xla_cache import machine_key
+from jaxmodels.xla_cache import MAX_BYTES, machine_key
 
 CPUINFO = """processor\t: 0
 vendor_id\t: GenuineIntel
@@ -41,6 +41,7 @@ jax.monitoring.register_event_listener(
 print(use_compilation_cache())
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 print(float(jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((64, 64))).sum()), len(hits))
+print(jax.config.jax_compilation_cache_max_size)
 """
 
 
@@ -64,13 +65,14 @@ def test_compiled_programs_are_kept_per_machine_unless_the_user_says_otherwise(t
     users = tmp_path / "mine"
     env = {"default": {}, "off": {"AIRYSORT_XLA_CACHE": "off"},
            "user directory": {"JAX_COMPILATION_CACHE_DIR": str(users)}}[setting]
-    directory, value, hits = run_program(tmp_path, **env)
+    directory, value, hits, max_size = run_program(tmp_path, **env)
     assert hits == "0"
     if setting == "default":
         assert directory == str(ours) and entries(ours)
+        assert int(max_size) == MAX_BYTES  # JAX evicts beyond it (with filelock, a dependency)
         # A second process finds the program there: a hit, nothing new written.
         before = entries(ours)
-        again, same_value, hits = run_program(tmp_path)
+        again, same_value, hits, _ = run_program(tmp_path)
         assert (again, same_value) == (directory, value) and int(hits) > 0 and entries(ours) == before
     else:
         assert directory == "None" and entries(ours) == []
