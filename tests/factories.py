@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import h5py
@@ -20,6 +21,16 @@ def repo_env(**overrides: str) -> dict[str, str]:
     machine without pip access), then ``overrides``."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, "PYTHONPATH": path, **overrides}
+
+
+def cli_with_ctrl_c(*args: str) -> list[str]:
+    """The command line of ``airysort ARGS...`` in a subprocess where Ctrl-C (SIGINT) acts as
+    in a terminal. A test run started in the background inherits SIGINT ignored, and Python
+    then keeps it ignored in every subprocess (``train`` rightly leaves an ignored SIGINT
+    alone), so the signal is given its default handler before the CLI starts."""
+    start = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "sys.argv[0] = 'airysort'; runpy.run_module('pipeline.cli.main', run_name='__main__')")
+    return [sys.executable, "-c", start, *map(str, args)]
 
 
 def write_stacked_cxi(path: Path, frames: np.ndarray, *, labels: np.ndarray | None = None, mask: np.ndarray | None = None,

@@ -23,7 +23,7 @@ from pipeline.cli.main import app
 from pipeline.errors import AirysortError
 from pipeline.ingest import ingest
 from pipeline.taxonomy import CLASS_NAMES, decide, multi_hot
-from tests.factories import repo_env
+from tests.factories import cli_with_ctrl_c, repo_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -282,8 +282,8 @@ def test_ctrl_c_in_training_checkpoints_the_step_it_finished(tmp_path, dask_thre
     truth = make_ring_store(path, n=40, client=dask_threads)
     shots = store.open_store(path)["shot_id"].values.astype(object)
     assert run_cli("label", path, write_label_csv(tmp_path / "l.csv", shots, truth)).exit_code == 0
-    command = [sys.executable, "-m", "pipeline.cli.main", "train", str(path), str(tmp_path / "m"), "--model", "cnn",
-               "--depth", "10", "--width", "4", "--patience", "0"]
+    command = cli_with_ctrl_c("train", path, tmp_path / "m", "--model", "cnn", "--depth", "10", "--width", "4",
+                              "--patience", "0")
     process = subprocess.Popen([*command, "--epochs", "1000"], cwd=REPO, env=repo_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines = []
