@@ -140,7 +140,7 @@ def _sample_picks(raw, n_shards: int) -> np.ndarray:
     do not depend on where the run happens to end."""
     sizes = raw.chunks[0]
     usable = len(sizes) - 1 if len(sizes) > 1 and sizes[-1] < sizes[0] else len(sizes)
-    return np.unique(np.linspace(0, usable - 1, min(n_shards, usable)).round().astype(int))
+    return kernels.evenly_spaced(usable, n_shards)
 
 
 def background_median(sample, *, hit_settings: kernels.HitSettings) -> tuple[np.ndarray | None, int]:

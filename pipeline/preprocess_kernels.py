@@ -206,6 +206,11 @@ def saturated(frames: np.ndarray, level: float | None) -> np.ndarray:
     return frames >= level
 
 
+def evenly_spaced(n: int, k: int) -> np.ndarray:
+    """At most ``k`` distinct indices of ``range(n)`` spread evenly, first and last included."""
+    return np.unique(np.linspace(0, n - 1, min(k, n)).round().astype(int))
+
+
 #: Robust standard deviation of a normal distribution from the median of its absolute
 #: values: median(|N(0, σ)|) = 0.67449 σ.
 _HALF_NORMAL_MEDIAN = 0.6744897501960817
@@ -245,8 +250,7 @@ def negative_spread_block(
         Median of ``|x|`` over the negative values (NaN when there are none), the number
         of negative values and the number of values looked at.
     """
-    picks = np.unique(np.linspace(0, frames.shape[0] - 1, min(max_frames, frames.shape[0])).round().astype(int))
-    values = np.asarray(frames[picks], np.float32)[:, np.asarray(valid, bool)]
+    values = np.asarray(frames[evenly_spaced(frames.shape[0], max_frames)], np.float32)[:, np.asarray(valid, bool)]
     if dark is not None:
         values -= np.asarray(dark, np.float32)[np.asarray(valid, bool)]
     negative = values[values < 0]

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 def progress_bar(description: str) -> Progress | LogProgress:
     """A rich progress bar on stderr, or :class:`LogProgress` lines when stderr is not a
     terminal (a bar's redrawing would fill a log file; silence would leave a batch job
-    without news for the whole stage). Each task names the unit it counts:
+    without news for the whole stage). Each task names the unit it counts, in both:
     ``add_task(description, total=n, unit="shards")``."""
     from rich.console import Console
 
@@ -48,7 +48,7 @@ class LogProgress:
     def __exit__(self, *exc: Any) -> None:
         return None
 
-    def add_task(self, description: str, total: float | None = None, *, unit: str = "", **_: Any) -> int:
+    def add_task(self, description: str, total: float | None = None, *, unit: str, **_: Any) -> int:
         task = len(self._tasks)
         now = self.clock()
         self._tasks[task] = {"description": description, "total": total, "unit": unit, "done": 0.0, "start": now,
@@ -73,7 +73,7 @@ class LogProgress:
         elapsed = now - state["start"]
         total, done = state["total"], state["done"]
         line = f"{state['description']}: {done:g}" + (f"/{total:g}" if total is not None else "")
-        line += (f" {state['unit']}" if state["unit"] else "") + f", {elapsed:.0f} s"
+        line += f" {state['unit']}, {elapsed:.0f} s"
         if total and 0 < done < total:
             line += f", about {elapsed * (total - done) / done:.0f} s left"
         print(line, file=sys.stderr, flush=True)
