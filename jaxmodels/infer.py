@@ -82,8 +82,18 @@ def tune_thresholds(
     """Per-class decision threshold that maximises F1 on held-out patterns.
 
     Class-weighted training shifts probabilities away from calibrated values, so
-    0.5 is not the best cut for rare classes. A class without positive examples in
-    ``labels`` keeps ``default``; ties go to the threshold closest to ``default``.
+    0.5 is not the best cut for rare classes. Ties go to the threshold closest to
+    ``default``. Small validation sets need two guards, because the F1-best cut
+    can be worse than no cut at all:
+
+    - a class with positive examples keeps ``default`` when no candidate beats the F1
+      of calling every pattern positive (a network that has not learned the class
+      would otherwise be set to call everything positive);
+    - a class without positive examples cannot be tuned and keeps ``default``, unless
+      most patterns (all without it) would be called positive there, the mark of an
+      output that has not learned the class (an undertrained, class-weighted network
+      gives ~0.6 everywhere): then the threshold goes above all of them (up to the
+      largest candidate).
 
     Parameters
     ----------
@@ -97,15 +107,21 @@ def tune_thresholds(
     -------
     ndarray of float32, shape (n_classes,)
     """
-    candidates = np.round(np.arange(0.05, 0.951, 0.05), 2) if candidates is None else candidates
+    candidates = np.round(np.arange(0.05, 0.951, 0.05), 2) if candidates is None else np.asarray(candidates)
     # Try the thresholds nearest to the default first so that ties keep it.
-    candidates = np.asarray(sorted(candidates, key=lambda t: abs(t - default)))
+    nearest_first = np.asarray(sorted(candidates, key=lambda t: abs(t - default)))
     probabilities, labels = np.asarray(probabilities), np.asarray(labels)
     thresholds = np.full(labels.shape[1], default, np.float32)
     for c in range(labels.shape[1]):
-        if labels[:, c].sum() == 0:
+        positives = int(labels[:, c].sum())
+        if positives == 0:
+            if len(labels) and np.median(probabilities[:, c]) >= default:
+                above = candidates[candidates > probabilities[:, c].max()]
+                thresholds[c] = above.min() if above.size else candidates.max()
             continue
         scores = [f1_score(labels[:, c], probabilities[:, c] >= t, zero_division=0.0)
-                  for t in candidates]
-        thresholds[c] = candidates[int(np.argmax(scores))]
+                  for t in nearest_first]
+        every_pattern_positive = 2 * positives / (positives + len(labels))
+        if max(scores) > every_pattern_positive:
+            thresholds[c] = nearest_first[int(np.argmax(scores))]
     return thresholds

@@ -174,18 +174,38 @@ def _input_array(store_path: str | Path, variable: str, *, warn: bool = True):
 
 
 def _split(labelled: np.ndarray, labels: np.ndarray, fraction: float, seed: int):
-    """Train/validation split of the labelled patterns, stratified by coarse group
-    when every group has at least two members."""
+    """Train/validation split of the labelled patterns, stratified so that every class
+    with a few examples has some in both parts (see :func:`_strata`)."""
     from sklearn.model_selection import train_test_split
 
     if fraction <= 0 or len(labelled) < 4:
         return labelled, labelled[:0]
-    groups = coarse_group(labels)
-    _, counts = np.unique(groups, return_counts=True)
-    stratify = groups if counts.min() >= 2 and len(counts) <= fraction * len(labelled) else None
+    stratify = None
+    for strata in (_strata(labels), coarse_group(labels)):
+        _, counts = np.unique(strata, return_counts=True)
+        if counts.min() >= 2 and len(counts) <= fraction * len(labelled):
+            stratify = strata
+            break
     train, valid = train_test_split(labelled, test_size=fraction, random_state=seed,
                                     stratify=stratify)
     return np.sort(train), np.sort(valid)
+
+
+def _strata(labels: np.ndarray) -> np.ndarray:
+    """Each pattern's rarest class (by count in ``labels``), for a multi-label stratified split.
+
+    Stratifying by coarse group alone can leave a sub-class such as NewtonRings out of
+    validation altogether (45 training examples, none of 120 validation patterns, in one
+    run), and its threshold then cannot be tuned. A class seen once joins its pattern's
+    next rarest class; patterns with no class form one stratum.
+    """
+    labels = np.asarray(labels, bool)
+    counts = labels.sum(axis=0)
+    strata = np.full(len(labels), -1)
+    for c in np.argsort(-counts, kind="stable"):  # commonest first: the rarest write last
+        if counts[c] >= 2:
+            strata[labels[:, c]] = c
+    return strata
 
 
 def train_classifier(
@@ -379,6 +399,11 @@ def train_classifier(
             probabilities = predict_proba(result.model, rows, mesh=mesh)
         truth = valid_labels.astype(int)
         thresholds = tune_thresholds(probabilities, truth)
+        untuned = ~truth.astype(bool).any(axis=0) & ~unseen
+        if untuned.any():
+            say("NOTE: no validation pattern is labelled " + ", ".join(
+                f"{name} (threshold {t:.2f})" for name, t in zip(np.asarray(CLASS_NAMES)[untuned], thresholds[untuned]))
+                + ": these thresholds are not tuned; label more patterns of these classes")
     thresholds[unseen] = 1.0  # never predicted (taxonomy.decide)
     if len(valid_idx):
         predicted = decide(probabilities, thresholds)

@@ -431,3 +431,40 @@ def test_a_ccf_model_refuses_correlations_made_on_other_rings():
         check_preprocessing(info, attrs(r_min=14.0, r_max=30.0), input="ccf", store_path="s.zarr", model_dir="m")
     with pytest.raises(AirysortError, match=r"'airysort correlate s.zarr --n-phi 128' first"):
         check_preprocessing(info, attrs(n_phi=64), input="ccf", store_path="s.zarr", model_dir="m")
+
+
+def test_the_validation_split_holds_every_class_with_a_few_examples():
+    """Stratifying by coarse group alone left all of a sub-class in training (one real run:
+    NewtonRings 45 / 0), so its threshold could not be tuned."""
+    from pipeline.classify import _split
+
+    rng = np.random.default_rng(0)
+    names = rng.choice(["Round", "Round+NewtonRings", "Elliptical", "Empty", "Round+Layered"],
+                       size=800, p=[0.8, 0.06, 0.1, 0.035, 0.005])
+    labels = np.stack([multi_hot(name.split("+")) for name in names])
+    labelled = np.arange(800)
+    for seed in range(20):
+        train, valid = _split(labelled, labels, 0.15, seed)
+        assert len(valid) == 120 and not set(train) & set(valid)
+        for c in np.flatnonzero(labels.sum(axis=0) >= 20):  # 15 % of each in validation
+            share = labels[valid, c].sum() / labels[:, c].sum()
+            assert abs(share - 0.15) <= 0.03, (CLASS_NAMES[c], share, seed)
+
+
+def test_a_class_without_validation_examples_is_named_and_its_threshold_left_untuned(tmp_path, dask_threads):
+    from pipeline.classify import _split
+
+    path = tmp_path / "s.zarr"
+    make_ring_store(path, n=24, client=dask_threads)
+    shots = store.open_store(path)["shot_id"].values.astype(object)
+    rows = np.stack([multi_hot(["Spherical/Oblate", "Round"])] * 16 + [multi_hot(["Empty"])] * 4)
+    # One NewtonRings example, on a pattern the default split (fraction 0.15, seed 0) trains on.
+    train, _ = _split(np.arange(20), rows, 0.15, 0)
+    rows[train[0], CLASS_NAMES.index("NewtonRings")] = 1
+    assert _split(np.arange(20), rows, 0.15, 0)[0].tolist() == train.tolist()
+    assert run_cli("label", path, write_label_csv(tmp_path / "l.csv", shots[:20], rows)).exit_code == 0
+    result = run_cli("train", path, tmp_path / "m", "--model", "cnn", "--depth", "10", "--width", "4",
+                     "--epochs", "1", "--json")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"no validation pattern is labelled NewtonRings \(threshold 0\.\d\d\)", result.stderr), result.stderr
+    assert "NewtonRings" not in json.loads(result.stdout.strip().splitlines()[-1])["never_predicted"]
