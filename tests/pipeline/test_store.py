@@ -39,6 +39,10 @@ def test_schema_matches_interface(filled_store):
     assert ds.raw.dtype == np.uint16 and ds.mask.dtype == bool and ds.label.dtype == np.int8
     assert ds.attrs["wavelength"] == 13.5e-9
     assert ds.raw.chunks[0] == (256, 256, 88)  # one Dask chunk per shard
+    # Per-pattern coordinates and labels, stored in long chunks, are read one stored chunk
+    # per task: in 256-pattern pieces every piece decoded its whole stored chunk again.
+    for name in ("shot_id", "source_file", "frame", "pulse_energy", "label"):
+        assert ds[name].data.chunks[0] == (600,), name
     raw_array = zarr.open_array(path / "raw")
     assert raw_array.shards == (store.PATTERN_CHUNK, 6, 5)
     assert "Blosc" in type(raw_array.compressors[0]).__name__
