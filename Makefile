@@ -27,7 +27,7 @@ demo: $(VENV)/.installed
 
 # The self-contained benchmarks; cnn_accuracy.py and cross_simulator.py need a store or a model.
 bench: $(VENV)/.installed-test
-	for b in ingest preprocess cluster cnn train_input simulate watch; do $(BIN)/python benchmarks/$$b.py || exit 1; done
+	for b in ingest preprocess cluster summary cnn train_input simulate watch; do $(BIN)/python benchmarks/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) demo-output
