@@ -272,7 +272,7 @@ def train_classifier(
     from jaxmodels.checkpoint import init_model
     from jaxmodels.configs import CNNConfig, TrainConfig, to_dict
     from jaxmodels.data import PatternBatches
-    from jaxmodels.infer import predict_proba, tune_thresholds
+    from jaxmodels.infer import predict_proba, tune_thresholds, weighted_prior
     from jaxmodels.losses import classifier_loss_fn, positive_weights
     from jaxmodels.parallel import (
         first_process_only,
@@ -392,13 +392,13 @@ def train_classifier(
                  resume=resume, mesh=mesh, log=say)
 
     validation: dict[str, Any] = {}
-    thresholds = np.full(N_CLASSES, 0.5, np.float32)
+    thresholds = weighted_prior(pos_weight).astype(np.float32)
     if len(valid_idx):
         rows = valid_batches.rows()  # kept from training, or read shard by shard
         with jax.default_matmul_precision(train_config.precision):
             probabilities = predict_proba(result.model, rows, mesh=mesh)
         truth = valid_labels.astype(int)
-        thresholds = tune_thresholds(probabilities, truth)
+        thresholds = tune_thresholds(probabilities, truth, prior=weighted_prior(pos_weight))
         untuned = ~truth.astype(bool).any(axis=0) & ~unseen
         if untuned.any():
             say("NOTE: no validation pattern is labelled " + ", ".join(
