@@ -392,13 +392,15 @@ def train_classifier(
                  resume=resume, mesh=mesh, log=say)
 
     validation: dict[str, Any] = {}
-    thresholds = weighted_prior(pos_weight).astype(np.float32)
+    # Without validation, each class is cut where its weighting puts a calibrated 0.5.
+    prior = weighted_prior(pos_weight)
+    thresholds = prior.astype(np.float32)
     if len(valid_idx):
         rows = valid_batches.rows()  # kept from training, or read shard by shard
         with jax.default_matmul_precision(train_config.precision):
             probabilities = predict_proba(result.model, rows, mesh=mesh)
         truth = valid_labels.astype(int)
-        thresholds = tune_thresholds(probabilities, truth, prior=weighted_prior(pos_weight))
+        thresholds = tune_thresholds(probabilities, truth, prior=prior)
         untuned = ~truth.astype(bool).any(axis=0) & ~unseen
         if untuned.any():
             say("NOTE: no validation pattern is labelled " + ", ".join(
