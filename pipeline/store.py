@@ -243,7 +243,7 @@ def n_committed(path: str | os.PathLike) -> int:
 
 def open_store(path: str | os.PathLike, *, warn: bool = True) -> xr.Dataset:
     """Open the store lazily: every variable dask-backed, one chunk per shard (per stored
-    chunk for the per-pattern coordinates and ``label``).
+    chunk for the unsharded per-pattern coordinates and ``label``).
 
     Patterns of an interrupted ingest are hidden until ``airysort ingest`` completes it,
     and variables that an interrupted or failed command left half-written
@@ -253,38 +253,22 @@ def open_store(path: str | os.PathLike, *, warn: bool = True) -> xr.Dataset:
     them itself).
     """
     path = _check_store(path)
-    # Shard-sized chunks from the start: rechunking xarray's default (the 8-frame inner
-    # chunks) built graphs that took a second per 100,000 patterns. Small per-pattern
-    # arrays are stored in longer chunks; reading them in 256-pattern pieces is cheap.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The specified chunks separate the stored chunks")
-        dataset = xr.open_zarr(path, consolidated=False, chunks={"pattern": PATTERN_CHUNK})
-    # Sharded frame arrays (raw, image, ccf) are opened by xarray in their small inner
-    # chunks (8 frames): rechunked, that is 32 read tasks per shard whose pieces are sent
-    # to one worker and concatenated (a copy of every shard; on 2048 frames it doubled the
-    # workers' CPU time of reading). Read each shard in one task instead (same values:
-    # these arrays are not CF-encoded).
+    # Every variable in its stored chunks: the per-pattern coordinates and labels in their
+    # long ones (COORD_CHUNK), which commands read whole (``.values``) and none combines
+    # chunk by chunk with the frame arrays. In 256-pattern pieces every piece decoded its
+    # whole stored chunk: 83 s instead of 0.3 s for 10^6 shot ids.
+    dataset = xr.open_zarr(path, consolidated=False, chunks={})
+    # Sharded arrays are opened by xarray in their inner chunks (8 frames for raw, image,
+    # ccf). Rechunking those built graphs that took a second per 100,000 patterns, and
+    # sent 32 pieces per shard to one worker to be concatenated (a copy of every shard; on
+    # 2048 frames it doubled the workers' CPU time of reading). Read each shard in one
+    # task instead (same values: these arrays are not CF-encoded).
     group = zarr.open_group(path, mode="r", use_consolidated=False)
     for name, variable in dataset.data_vars.items():
         array = group[name]
         if variable.dims[:1] == ("pattern",) and array.shards is not None and array.dtype == variable.dtype:
             data = da.from_zarr(array, chunks=(PATTERN_CHUNK, *array.shape[1:]))
             dataset[name] = variable.copy(data=data)
-    # Per-pattern coordinates and labels are stored in long chunks (COORD_CHUNK) and keep
-    # them as Dask chunks: read in 256-pattern pieces, every piece decoded its whole stored
-    # chunk, 256x the work (83 s instead of 0.3 s for 10^6 shot ids). Commands read them
-    # whole (``.values``); none combines them chunk by chunk with the frame arrays.
-    long_chunked = [name for name in dataset.variables
-                    if dataset[name].dims[:1] == ("pattern",) and name != "pattern" and name in group
-                    and group[name].shards is None and group[name].chunks[0] > PATTERN_CHUNK]
-    if long_chunked:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The specified chunks separate the stored chunks")
-            whole = xr.open_zarr(path, consolidated=False, chunks={"pattern": COORD_CHUNK},
-                                 drop_variables=[name for name in dataset.variables if name not in long_chunked])
-        stored = {name: whole[name].variable for name in long_chunked}
-        dataset = dataset.assign_coords({k: v for k, v in stored.items() if k in dataset.coords})
-        dataset = dataset.assign({k: v for k, v in stored.items() if k not in dataset.coords})
     committed = n_committed(path)
     if committed < dataset.sizes.get("pattern", 0):
         dataset = dataset.isel(pattern=slice(0, committed))
