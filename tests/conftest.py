@@ -24,6 +24,13 @@ _XLA_CACHE = tempfile.mkdtemp(prefix="airysort-tests-xla-cache-")
 atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
 
+# XLA's CPU backend without LLVM's optimisation passes, for this process and the subprocesses
+# (tests/factories.py ``xla_flags`` keeps it where a test sets its own flags). The tests check
+# what programs compute, not how fast: compiling a small network's training step takes half
+# the time (12 s -> 6 s for the test VAE) and the values are the same (the tests pass either
+# way); the benchmarks run at XLA's default.
+os.environ["XLA_FLAGS"] = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0") if f)
+
 
 @pytest.fixture(scope="session")
 def dask_threads():

@@ -23,6 +23,12 @@ def repo_env(**overrides: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, **overrides}
 
 
+def xla_flags(*flags: str) -> str:
+    """``XLA_FLAGS`` for a test's subprocess: ``flags`` and the suite's unoptimised CPU
+    compilation (tests/conftest.py)."""
+    return " ".join((*flags, "--xla_backend_optimization_level=0"))
+
+
 def cli_with_ctrl_c(*args: str) -> list[str]:
     """The command line of ``airysort ARGS...`` in a subprocess where Ctrl-C (SIGINT) acts as
     in a terminal. A test run started in the background inherits SIGINT ignored, and Python

@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 
 from jaxmodels import parallel
-from tests.factories import repo_env
+from tests.factories import repo_env, xla_flags
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,7 +54,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_four_cpu_devices_train_like_one():
-    env = repo_env(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = repo_env(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"))
     run = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -23,7 +23,7 @@ from pipeline.cli.main import app
 from pipeline.errors import AirysortError
 from pipeline.ingest import ingest
 from pipeline.taxonomy import CLASS_NAMES, decide, multi_hot
-from tests.factories import cli_with_ctrl_c, repo_env
+from tests.factories import cli_with_ctrl_c, repo_env, xla_flags
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -402,7 +402,7 @@ def test_a_model_trained_without_validation_predicts(ring_store, tmp_path):
     model_dir = tmp_path / "model"
     # A process of its own, as a user runs it: JAX starts there with one device per core
     # (here forced to 2), so training replicates the model over a mesh.
-    env = repo_env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = repo_env(XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"))
     train = subprocess.run([sys.executable, "-m", "pipeline.cli.main", "train", str(path), str(model_dir),
                             "--model", "cnn", "--depth", "10", "--width", "4", "--batch-size", "16",
                             "--epochs", "1", "--validation-fraction", "0", "--json"],

@@ -15,7 +15,7 @@ from pipeline.dask_cluster import dask_client
 from pipeline.embed import latent_figures, load_vae, train_vae
 from pipeline.errors import AirysortError
 from pipeline.taxonomy import multi_hot
-from tests.factories import repo_env
+from tests.factories import repo_env, xla_flags
 
 N_PATTERNS = 300  # two shards of 256: the embed oracle sees an uneven last chunk
 SIZE = 16
@@ -218,12 +218,12 @@ def test_vae_trains_as_two_srun_tasks_like_one_process(vae_store, tmp_path):
     options = ["--model", "vae", "--epochs", "1", "--batch-size", "32", "--seed", "0", "--json"]
     base = {k: v for k, v in repo_env(JAX_PLATFORMS="cpu").items() if not k.startswith("SLURM_") and k != "XLA_FLAGS"}
     one = subprocess.run([*command, str(tmp_path / "one"), *options], capture_output=True, text=True, timeout=600,
-                         cwd=root, env={**base, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+                         cwd=root, env={**base, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=2")})
     assert one.returncode == 0, one.stderr[-3000:]
     job = str(random.randrange(10_000, 1_000_000))  # JAX's coordinator port derives from it
     tasks = [subprocess.Popen(
         [*command, str(tmp_path / "two"), *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        cwd=root, env={**base, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "SLURM_JOB_ID": job,
+        cwd=root, env={**base, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=1"), "SLURM_JOB_ID": job,
                        "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2", "SLURM_PROCID": str(rank),
                        "SLURM_LOCALID": str(rank)}) for rank in (0, 1)]
     outputs = [task.communicate(timeout=600) for task in tasks]

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from pipeline import store
-from tests.factories import random_frames, random_labels, write_stacked_cxi
+from tests.factories import random_frames, random_labels, write_stacked_cxi, xla_flags
 
 pytestmark = pytest.mark.slurm
 
@@ -238,7 +238,7 @@ def test_train_gpu_sbatch_two_tasks_train_the_cnn_like_one_process(slurm, ring_s
     one = subprocess.run(
         [*AIRYSORT, "train", str(ring_store), str(tmp_path / "one"), "--model", "cnn", *options, "--json"],
         capture_output=True, text=True, timeout=400,
-        env={**slurm.env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+        env={**slurm.env, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=4")},
     )
     assert one.returncode == 0, one.stderr[-3000:]
 
@@ -248,7 +248,7 @@ def test_train_gpu_sbatch_two_tasks_train_the_cnn_like_one_process(slurm, ring_s
     job = slurm.run(
         "sbatch", "--wait", f"--partition={slurm.partition}", "--nodes=1", "--ntasks-per-node=2",
         "--gpus-per-node=0", "--cpus-per-task=1", "--mem=6G", "--time=10", f"--output={tmp_path}/train.out",
-        f"--export=ALL,XLA_FLAGS=--xla_force_host_platform_device_count=2,AIRYSORT_VENV={venv}",
+        f"--export=ALL,XLA_FLAGS={xla_flags('--xla_force_host_platform_device_count=2')},AIRYSORT_VENV={venv}",
         str(SBATCH_SCRIPT), str(ring_store), str(tmp_path / "two"), *options,
         timeout=500, check=False,
     )
