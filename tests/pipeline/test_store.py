@@ -93,6 +93,42 @@ def test_write_variables_from_a_start_pattern(filled_store, dask_threads):
                               command="embed", parameters={}, start=900)
 
 
+def test_small_rows_are_stored_in_long_shards_one_write_task_each(filled_store, dask_threads, capsys):
+    """Per-pattern numbers and short vectors (``prob``, ``hit``) go into COORD_CHUNK-pattern
+    shards of PATTERN_CHUNK-pattern inner chunks, written from 256-pattern blocks (as
+    ``predict`` makes them) by one task per shard; a region write into a partly filled long
+    shard keeps the patterns before it. (Images keep PATTERN_CHUNK-pattern shards, whatever
+    their size: test_write_variables_region_per_shard.)"""
+    import dask.array as da
+
+    path, _ = filled_store
+    n = store.COORD_CHUNK + 3000  # one full long shard and a partial one
+    store.resize_patterns(path, n)
+    values = np.random.default_rng(0).random((n, len(CLASS_NAMES))).astype(np.float32)
+    blocks = da.from_array(values, chunks=(store.PATTERN_CHUNK, -1))
+    store.write_variables(path, {"prob": xr.DataArray(blocks, dims=("pattern", "class")),
+                                 "hit": xr.DataArray(blocks[:, 0] > 0.5, dims=("pattern",))},
+                          command="test", parameters={})
+    assert "writing prob, hit: 0/4 shards" in capsys.readouterr().err  # 2 variables x 2 shards
+    for name in ("prob", "hit"):
+        array = zarr.open_array(path / name, mode="r")
+        assert (array.shards[0], array.chunks[0]) == (store.COORD_CHUNK, store.PATTERN_CHUNK)
+    ds = store.open_store(path)
+    assert ds.prob.data.chunks[0] == (store.COORD_CHUNK, 3000)
+    np.testing.assert_array_equal(ds.prob.values, values)
+    np.testing.assert_array_equal(ds.hit.values, values[:, 0] > 0.5)
+    # New patterns from inside the first long shard on: two tasks, one per shard.
+    start = store.COORD_CHUNK - 100
+    store.resize_patterns(path, n + 50)
+    tail = np.full((n + 50 - start, len(CLASS_NAMES)), 7.0, np.float32)
+    store.write_variables(path, {"prob": xr.DataArray(da.from_array(tail, chunks=(64, -1)), dims=("pattern", "class"))},
+                          command="test", parameters={}, start=start)
+    assert "writing prob: 0/2 shards" in capsys.readouterr().err
+    written = zarr.open_array(path / "prob", mode="r")[:]
+    np.testing.assert_array_equal(written[:start], values[:start])
+    np.testing.assert_array_equal(written[start:], 7.0)
+
+
 def test_read_pattern_values_from_a_start_or_at_chosen_patterns(filled_store):
     path, raw = filled_store
     labels = (np.arange(600 * len(CLASS_NAMES)).reshape(600, -1) % 2).astype(np.int8)
