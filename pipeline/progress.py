@@ -115,20 +115,45 @@ def compute_with_progress(collection: Any, description: str, *, unit: str = "chu
 
 def parallel_keys(graph: dict, keys: Any) -> list:
     """The tasks a computation of ``keys`` fans out to: below the chain of single tasks
-    that finalise a result (e.g. a store's finalize → one task per chunk written)."""
+    that finalise a result (e.g. a store's finalize → one task per chunk written), and
+    below a write that gathers many blocks into one long shard, those blocks
+    (:func:`_gathered_blocks`)."""
     from dask.core import flatten, get_dependencies
 
     frontier = list(flatten(keys))
     while True:
         # One finalising task, or one per variable written (``finalize-…``): go below them.
         single = len(frontier) == 1
-        finalising = all(str(key[0] if isinstance(key, tuple) else key).startswith("finalize") for key in frontier)
+        finalising = all(_name(key).startswith("finalize") for key in frontier)
         if not (single or finalising):
-            return frontier
+            break
         below = set().union(*(get_dependencies(graph, key) for key in frontier))
         if not below:
-            return frontier
+            break
         frontier = sorted(below, key=str)
+    return [piece for key in frontier for piece in _gathered_blocks(graph, key)]
+
+
+def _name(key: Any) -> str:
+    return str(key[0] if isinstance(key, tuple) else key)
+
+
+def _gathered_blocks(graph: dict, key: Any) -> list:
+    """The blocks that the task ``key`` concatenates, below its chain of single
+    dependencies (a write of a 65,536-pattern shard of ``prob`` waits for 256 blocks of
+    ``predict``: a bar counting shard writes would stand still for most of the stage), or
+    ``[key]`` when it concatenates nothing (a write of one block). A concatenation is a
+    ``rechunk-merge`` task or one that depends on several blocks of one array (a block
+    computed from several inputs depends on keys of different names)."""
+    from dask.core import get_dependencies
+
+    below, task = [key], key
+    while len(below) == 1:
+        task = below[0]
+        below = sorted(get_dependencies(graph, task), key=str)
+    if len(below) > 1 and ("rechunk-merge" in _name(task) or len({_name(block) for block in below}) == 1):
+        return below
+    return [key]
 
 
 class StageClock:
