@@ -2,8 +2,10 @@
 
 :func:`predict_proba` runs a trained model over an in-memory block of patterns (one
 store shard in a Dask task, see ``pipeline/classify.py``) in fixed-size batches so
-that one compiled program serves every block; :func:`tune_thresholds` picks the
-per-class decision threshold that maximises F1 on validation patterns.
+that one compiled program serves every block; :func:`tune_thresholds` picks each
+class's decision threshold from validation patterns: the F1-best cut, shrunk in log-odds
+towards the cut that the class weighting implies (:func:`weighted_prior`) the fewer
+validation positives the class has.
 """
 
 from __future__ import annotations

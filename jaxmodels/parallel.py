@@ -234,6 +234,8 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
         return jax.device_put(tree, sharding)
 
     def place(leaf):
+        if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
+            return jax.device_put(leaf, sharding)  # typed keys have no NumPy form
         host = np.asarray(leaf)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
