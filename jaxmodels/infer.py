@@ -14,6 +14,7 @@ import numpy as np
 import jax
 from flax import nnx
 from jax.experimental import multihost_utils
+from scipy.special import expit
 from sklearn.metrics import f1_score
 
 from jaxmodels.parallel import make_data_mesh, round_batch_size, shard_batch
@@ -24,12 +25,26 @@ def _probabilities(model: nnx.Module, x: jax.Array) -> jax.Array:
     return jax.nn.sigmoid(model(x))
 
 
+@nnx.jit
+def _logits(model: nnx.Module, x: jax.Array) -> jax.Array:
+    return model(x)
+
+
+def square_symmetries(patterns: np.ndarray) -> list[np.ndarray]:
+    """The 8 images of each pattern under the symmetries of the square: rotations by 0,
+    90, 180 and 270 degrees, each also mirrored. Exact pixel permutations (no
+    interpolation) of (n, H, W) images with H = W."""
+    rotations = [np.rot90(patterns, k, axes=(1, 2)) for k in range(4)]
+    return [np.ascontiguousarray(view) for r in rotations for view in (r, r[:, :, ::-1])]
+
+
 def predict_proba(
     model: nnx.Module,
     patterns: np.ndarray,
     *,
     batch_size: int = 64,
     mesh: jax.sharding.Mesh | None = None,
+    symmetrise: bool = False,
 ) -> np.ndarray:
     """Class probabilities of every pattern.
 
@@ -44,6 +59,12 @@ def predict_proba(
         program compiles once. Rounded up to a multiple of the device count.
     mesh : jax.sharding.Mesh, optional
         Devices to spread each batch over (default: all).
+    symmetrise : bool, default=False
+        Average the logits over the 8 :func:`square_symmetries` of each image (test-time
+        augmentation; 8 times the work). The classes do not depend on the droplet's
+        orientation, and the network, trained on randomly rotated and mirrored images,
+        gives each view a slightly different answer. Images only: a rotated ``ccf`` row
+        means nothing.
 
     Returns
     -------
@@ -53,9 +74,17 @@ def predict_proba(
     mesh = make_data_mesh() if mesh is None else mesh
     batch_size = round_batch_size(batch_size, mesh)
     model.eval()
-    # One walk of the model's graph for all batches, not one per call (see train.fit).
-    probabilities_of = nnx.cached_partial(_probabilities, model)
     patterns = np.asarray(patterns, dtype=np.float32)
+    if not symmetrise:
+        return _batched(_probabilities, model, patterns, batch_size, mesh)
+    logits = [_batched(_logits, model, view, batch_size, mesh) for view in square_symmetries(patterns)]
+    return expit(np.mean(logits, axis=0)).astype(np.float32)
+
+
+def _batched(function, model: nnx.Module, patterns: np.ndarray, batch_size: int, mesh) -> np.ndarray:
+    """``function(model, batch)`` over ``patterns`` in zero-padded batches of ``batch_size``."""
+    # One walk of the model's graph for all batches, not one per call (see train.fit).
+    function_of = nnx.cached_partial(function, model)
     n = len(patterns)
     outputs = []
     for start in range(0, n, batch_size):
@@ -63,12 +92,12 @@ def predict_proba(
         padded = np.zeros((batch_size, *patterns.shape[1:], 1), np.float32)
         padded[: len(chunk), ..., 0] = chunk
         if jax.process_count() == 1:
-            outputs.append(np.asarray(probabilities_of(shard_batch({"x": padded}, mesh)["x"]))[: len(chunk)])
+            outputs.append(np.asarray(function_of(shard_batch({"x": padded}, mesh)["x"]))[: len(chunk)])
         else:  # every process holds all patterns: feed its share, gather the whole batch
             share = batch_size // jax.process_count()
             mine = padded[jax.process_index() * share : (jax.process_index() + 1) * share]
-            probabilities = probabilities_of(shard_batch({"x": mine}, mesh)["x"])
-            outputs.append(np.asarray(multihost_utils.process_allgather(probabilities, tiled=True))[: len(chunk)])
+            values = function_of(shard_batch({"x": mine}, mesh)["x"])
+            outputs.append(np.asarray(multihost_utils.process_allgather(values, tiled=True))[: len(chunk)])
     if not outputs:
         return np.zeros((0, model.classifier.out_features), np.float32)
     return np.concatenate(outputs).astype(np.float32)

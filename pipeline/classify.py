@@ -505,13 +505,13 @@ def _stderr(message: str) -> None:
 # -------------------------------------------------------------------------- prediction
 
 
-def _predict_block(block: np.ndarray, *, model_dir: str, batch_size: int) -> np.ndarray:
+def _predict_block(block: np.ndarray, *, model_dir: str, batch_size: int, symmetrise: bool) -> np.ndarray:
     """Dask block function: inputs (n, H, W) → probabilities (n, 11) float32."""
     from jaxmodels.infer import predict_proba
 
     model, info = load_classifier(model_dir)
     with trained_precision(info):
-        return predict_proba(model, block, batch_size=batch_size)
+        return predict_proba(model, block, batch_size=batch_size, symmetrise=symmetrise)
 
 
 def predict_store(
@@ -519,6 +519,7 @@ def predict_store(
     model_dir: str | Path,
     *,
     batch_size: int = 64,
+    symmetrise: bool = False,
     cluster: str = "local",
     start: int = 0,
 ) -> dict[str, Any]:
@@ -538,6 +539,9 @@ def predict_store(
         Directory from :func:`train_classifier`.
     batch_size : int, default=64
         Patterns per forward pass.
+    symmetrise : bool, default=False
+        Average over the 8 rotations and mirrors of each image
+        (:func:`jaxmodels.infer.predict_proba`); image input only.
     cluster : str, default="local"
         Dask cluster (``--cluster``).
     start : int, default=0
@@ -558,6 +562,10 @@ def predict_store(
     started = time.perf_counter()
     model_dir = Path(model_dir).absolute()
     info = finished_classifier_info(model_dir)
+    if symmetrise and info["input"] != "image":
+        raise AirysortError(
+            f"--symmetrise rotates and mirrors images; {str(model_dir)!r} classifies {info['input']!r}, "
+            "whose rows a rotation does not map onto each other")
     # Classifying new patterns (watch, start > 0) extends results that cover the old ones.
     dataset, _ = _input_array(store_path, info["input"], warn=not start)
     inputs = dataset[info["input"]].data
@@ -572,7 +580,7 @@ def predict_store(
     inputs = inputs[start:].rechunk(
         {0: store.region_chunks(start, n_total) if start else store.PATTERN_CHUNK, 1: -1, 2: -1})
     prob = inputs.map_blocks(
-        _predict_block, model_dir=str(model_dir), batch_size=batch_size,
+        _predict_block, model_dir=str(model_dir), batch_size=batch_size, symmetrise=symmetrise,
         drop_axis=2, chunks=(inputs.chunks[0], (N_CLASSES,)),
         dtype=np.float32, meta=np.zeros((0, 0), np.float32),
     )
@@ -591,7 +599,7 @@ def predict_store(
             store_path, variables, command="predict",
             parameters={"model_dir": str(model_dir), "model_id": info["model_id"],
                         "thresholds": dict(zip(CLASS_NAMES, info["thresholds"])),
-                        "input": info["input"], "batch_size": batch_size},
+                        "input": info["input"], "batch_size": batch_size, "symmetrise": symmetrise},
             description="predict: classifying patterns",
             start=start,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -411,7 +412,21 @@ def test_a_model_trained_without_validation_predicts(ring_store, tmp_path):
     assert json.loads(train.stdout.strip().splitlines()[-1])["n_valid"] == 0
     result = run_cli("predict", path, model_dir, "--cluster", "local-threads", "--json")
     assert result.exit_code == 0, result.output
-    assert np.isfinite(store.open_store(path)["prob"].values).all()
+    plain = store.open_store(path)["prob"].values
+    assert np.isfinite(plain).all()
+    # Test-time augmentation over the image's rotations and mirrors, recorded in provenance.
+    assert run_cli("predict", path, model_dir, "--symmetrise", "--cluster", "local-threads").exit_code == 0
+    dataset = store.open_store(path)
+    assert store.last_parameters(dataset.attrs, "predict")["symmetrise"] is True
+    symmetrised = dataset["prob"].values
+    assert np.isfinite(symmetrised).all() and not np.allclose(symmetrised, plain)
+    # A model on correlations refuses it: rotating a ccf row means nothing.
+    ccf_model = tmp_path / "ccf-model"
+    shutil.copytree(model_dir, ccf_model)
+    info = json.loads((ccf_model / "model.json").read_text())
+    (ccf_model / "model.json").write_text(json.dumps({**info, "input": "ccf"}))
+    refused = run_cli("predict", path, ccf_model, "--symmetrise", "--cluster", "local-threads")
+    assert refused.exit_code != 0 and "--symmetrise rotates and mirrors images" in refused.output
 
 
 def test_a_ccf_model_refuses_correlations_made_on_other_rings():
