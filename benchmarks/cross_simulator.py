@@ -20,8 +20,8 @@ the same detector geometry. This script makes such patterns and scores the model
    degrees of the detector plane also Streak; two spheres (the second 0.4-0.75 times
    the first's radius) are DoubleRings; no particle is Empty.
 3. ``airysort ingest``, ``preprocess --size IMAGE_SIZE`` (``--image-size``, default 128: it must
-   match the model's training images), ``predict``
-   with the model, and per-class and micro/macro F1 against those labels (macro over
+   match the model's training images), ``predict`` (``--symmetrise``: averaged over the
+   image's rotations and mirrors) with the model, and per-class and micro/macro F1 against those labels (macro over
    classes with at least ``--min-support`` patterns).
 
 Needs sasmodels (a test dependency). Capped cylinders take about 1.5 s per 512² frame
@@ -199,6 +199,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=128, help="preprocess --size the model was trained on")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--min-support", type=int, default=30)
+    parser.add_argument("--symmetrise", action="store_true", help="predict --symmetrise (test-time augmentation)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
 
@@ -212,7 +213,7 @@ def main() -> None:
     if not store.is_store(peer_store):
         airysort("ingest", peer_store, peer)
         airysort("preprocess", peer_store, "--size", args.image_size)
-    airysort("predict", peer_store, args.model)
+    airysort("predict", peer_store, args.model, *(["--symmetrise"] if args.symmetrise else []))
 
     dataset = store.open_store(peer_store)
     y_true, y_pred = np.asarray(dataset["label"].values), np.asarray(dataset["predicted"].values)
@@ -221,8 +222,8 @@ def main() -> None:
     print_class_table(scores["per_class"])
     print(f"micro F1 {scores['micro_f1']:.3f}; macro F1 over {int(scores['supported'].sum())} classes with "
           f">= {args.min_support} patterns {scores['macro_f1_supported']:.3f}")
-    (args.work / "scores.json").write_text(json.dumps({
-        "model": str(args.model), "n": int(len(y_true)), "micro_f1": scores["micro_f1"],
+    (args.work / f"scores{'-symmetrised' if args.symmetrise else ''}.json").write_text(json.dumps({
+        "model": str(args.model), "n": int(len(y_true)), "symmetrise": args.symmetrise, "micro_f1": scores["micro_f1"],
         "macro_f1_supported": scores["macro_f1_supported"], "per_class": scores["per_class"]}, indent=2))
 
 
