@@ -9,7 +9,7 @@ The simulated file carries ground-truth labels, which ``ingest`` puts into ``lab
 This script saves them as ``WORK/truth.csv`` (once), hides them (``label`` = -1
 everywhere), labels a random ``fraction`` of the patterns through ``airysort label``,
 trains with ``airysort train --model cnn``, classifies every pattern with
-``airysort predict`` and scores ``predicted`` against the truth on the patterns that
+``airysort predict`` (``--symmetrise`` passed on) and scores ``predicted`` against the truth on the patterns that
 were NOT labelled: per-class precision, recall, F1 and support, micro F1, and macro
 F1 over the classes with at least ``--min-support`` (30) test patterns. Targets:
 macro F1 >= 0.90 and micro F1 >= 0.95 with 20 % labelled.
@@ -87,6 +87,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="directory for CSVs and the model")
     parser.add_argument("--seed", type=int, default=0, help="seed of the labelled subset")
     parser.add_argument("--min-support", type=int, default=30)
+    parser.add_argument("--symmetrise", action="store_true",
+                        help="predict --symmetrise (the logits averaged over each image's rotations and mirrors)")
     parser.add_argument("--train-option", action="append", default=[],
                         help="extra 'airysort train' option, e.g. --train-option=--width=16")
     parser.add_argument("--cluster", default="local",
@@ -124,7 +126,8 @@ def main() -> None:
                        "--cluster", args.cluster, *args.train_option)
     train_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    airysort("predict", args.store, args.work / "model", "--cluster", args.cluster)
+    airysort("predict", args.store, args.work / "model", "--cluster", args.cluster,
+             *(["--symmetrise"] if args.symmetrise else []))
     predict_seconds = time.perf_counter() - start
 
     predicted = np.asarray(store.open_store(args.store)["predicted"].values)
