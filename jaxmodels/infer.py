@@ -14,7 +14,7 @@ import numpy as np
 import jax
 from flax import nnx
 from jax.experimental import multihost_utils
-from scipy.special import expit
+from scipy.special import expit, logit
 from sklearn.metrics import f1_score
 
 from jaxmodels.parallel import make_data_mesh, round_batch_size, shard_batch
@@ -164,8 +164,8 @@ def tune_thresholds(
         every_pattern_positive = 2 * positives / (positives + len(labels))
         if max(scores) > every_pattern_positive:
             tuned = nearest_first[int(np.argmax(scores))]
-            log_odds = (positives * _logit(tuned) + prior_strength * _logit(prior[c])) / (positives + prior_strength)
-            thresholds[c] = 1.0 / (1.0 + np.exp(-log_odds))
+            tuned_odds, prior_odds = logit(np.clip([tuned, prior[c]], 1e-6, 1 - 1e-6))
+            thresholds[c] = expit((positives * tuned_odds + prior_strength * prior_odds) / (positives + prior_strength))
     return thresholds
 
 
@@ -176,8 +176,3 @@ def weighted_prior(pos_weight: np.ndarray) -> np.ndarray:
     for a class in 92 % of the patterns)."""
     pos_weight = np.asarray(pos_weight, np.float64)
     return pos_weight / (1.0 + pos_weight)
-
-
-def _logit(p: float) -> float:
-    p = min(max(float(p), 1e-6), 1 - 1e-6)
-    return float(np.log(p / (1 - p)))

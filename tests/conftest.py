@@ -9,6 +9,8 @@ import tempfile
 
 import pytest
 
+from tests.factories import UNOPTIMISED_XLA
+
 # Full float32 in matrix products and convolutions on every backend, for this process and
 # the subprocesses tests start. On NVIDIA GPUs JAX's default precision rounds their inputs to
 # TensorFloat-32 (10-bit mantissa), so the tests' checks of determinism (a resumed run
@@ -29,7 +31,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
 # what programs compute, not how fast: compiling a small network's training step takes half
 # the time (12 s -> 6 s for the test VAE) and the values are the same (the tests pass either
 # way); the benchmarks run at XLA's default.
-os.environ["XLA_FLAGS"] = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0") if f)
+os.environ["XLA_FLAGS"] = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), UNOPTIMISED_XLA) if f)
 
 
 @pytest.fixture(scope="session")

@@ -23,10 +23,13 @@ def repo_env(**overrides: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, **overrides}
 
 
+#: The suite compiles XLA's CPU programs without LLVM optimisation (tests/conftest.py).
+UNOPTIMISED_XLA = "--xla_backend_optimization_level=0"
+
+
 def xla_flags(*flags: str) -> str:
-    """``XLA_FLAGS`` for a test's subprocess: ``flags`` and the suite's unoptimised CPU
-    compilation (tests/conftest.py)."""
-    return " ".join((*flags, "--xla_backend_optimization_level=0"))
+    """``XLA_FLAGS`` for a test's subprocess: ``flags`` and :data:`UNOPTIMISED_XLA`."""
+    return " ".join((*flags, UNOPTIMISED_XLA))
 
 
 def cli_with_ctrl_c(*args: str) -> list[str]:
