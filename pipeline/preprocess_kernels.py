@@ -661,8 +661,7 @@ def refine_centres(
     guess, search_radius, window
         As in :func:`refine_centre`, the guess shared by all frames.
     which : ndarray of bool, shape (n,), optional
-        Refine only these frames: only their windows are copied (``frames[which]``
-        would copy them whole).
+        Refine only these frames (``frames[which]`` would copy them whole).
     log_scaled : bool, default=False
         The frames are already ``log(1 + max(counts, 0))`` (the log scaling's output at
         the valid pixels), which spares computing that logarithm again.
@@ -675,15 +674,16 @@ def refine_centres(
     """
     frames = np.asarray(frames)
     _, ny, nx = frames.shape
-    picked = slice(None) if which is None else np.asarray(which, bool)
-    n_frames = frames.shape[0] if which is None else int(picked.sum())
-    centres = np.tile(np.asarray(guess, np.float64), (n_frames, 1))
+    chosen = np.arange(frames.shape[0]) if which is None else np.flatnonzero(np.asarray(which, bool))
+    centres = np.tile(np.asarray(guess, np.float64), (chosen.size, 1))
     gy, gx = int(round(guess[0])), int(round(guess[1]))
     half = int(min(window, gy, gx, ny - 1 - gy, nx - 1 - gx))
-    if half < 4 or n_frames == 0:
+    if half < 4 or chosen.size == 0:
         return centres
     rows, cols = slice(gy - half, gy + half + 1), slice(gx - half, gx + half + 1)
-    valid = ~np.broadcast_to(bad, frames.shape)[:, rows, cols][picked]
+    bad = np.asarray(bad, bool)
+    # One validity window for all frames when they share the mask, else one per frame.
+    valid = ~(bad[rows, cols][None] if bad.ndim == 2 else bad[:, rows, cols][chosen])
     side = 2 * half + 1
     # s = 2 (c - window origin); the guess sits at s = 2 * half = side - 1.
     reach = int(np.ceil(2 * search_radius))
@@ -695,36 +695,68 @@ def refine_centres(
     # float32 FFTs (4x faster than float64 here). D is unchanged when f shifts by a
     # constant on the valid pixels, so f is taken relative to its valid mean: the two
     # convolutions then stay small and their difference loses no float32 digits.
-    windows = frames[:, rows, cols][picked]
-    logs = windows if log_scaled else log1p_of_positive_part(windows)
-    counts = np.maximum(valid.sum(axis=(1, 2)), 1)
-    means = np.where(valid, logs, 0).sum(axis=(1, 2), dtype=np.float64) / counts
-    values = np.where(valid, logs - means[:, None, None].astype(np.float32), np.float32(0))
-    spectra = scipy.fft.rfft2(np.stack([values, values * values]), (n, n))
+    terms = np.zeros((2, chosen.size, side, n), np.float32)  # rows zero-padded to n for the FFT
+    weight = valid.astype(np.float32)
+    if log_scaled:  # the windows are read in place
+        _centring_terms(frames, chosen, rows.start, cols.start, weight, terms)
+    else:
+        logs = log1p_of_positive_part(frames[:, rows, cols][chosen])
+        _centring_terms(logs, np.arange(chosen.size), 0, 0, weight, terms)
+    # The 2-D transforms axis by axis: the zero padding is implicit in each 1-D transform,
+    # and the inverse is taken only at rows lo..hi.
+    spectra = scipy.fft.fft(scipy.fft.rfft(terms, axis=-1), n, axis=-2)
     spectrum_w, overlap = _mask_terms_block(valid, n)
-    difference = scipy.fft.irfft2(2 * (spectra[1] * spectrum_w - spectra[0] * spectra[0]), (n, n))
-    d = difference[:, lo : hi + 1, lo : hi + 1]
+    product = spectra[0] * spectra[0]
+    product -= spectra[1] * spectrum_w
+    product *= -2
+    rows_at_lags = scipy.fft.ifft(product, axis=-2)[:, lo : hi + 1]
+    d = scipy.fft.irfft(rows_at_lags, n, axis=-1)[:, :, lo : hi + 1]
     p = overlap[:, lo : hi + 1, lo : hi + 1]
     middle = overlap[:, side - 1, side - 1]
     enough = p > 0.25 * middle[:, None, None]
     score = np.where(enough, d / np.maximum(p, 1e-12), np.inf)
     usable = enough.any(axis=(1, 2)) & (middle >= 16)
-    for i in np.flatnonzero(usable):  # a few scalar steps per frame: the parabola fit
-        iy, ix = np.unravel_index(np.argmin(score[i]), score[i].shape)
-        sy = iy + _parabola_offset(score[i, iy - 1 : iy + 2, ix] if 0 < iy < score.shape[1] - 1 else None)
-        sx = ix + _parabola_offset(score[i, iy, ix - 1 : ix + 2] if 0 < ix < score.shape[2] - 1 else None)
-        centres[i] = (gy - half + (lo + sy) / 2, gx - half + (lo + sx) / 2)
-    return centres
+    iy, ix = np.unravel_index(np.argmin(score.reshape(score.shape[0], -1), axis=1), score.shape[1:])
+    sy = iy + _parabola_offsets(score.transpose(0, 2, 1), ix, iy)
+    sx = ix + _parabola_offsets(score, iy, ix)
+    refined = np.stack([gy - half + (lo + sy) / 2, gx - half + (lo + sx) / 2], axis=1)
+    return np.where(np.broadcast_to(usable, chosen.shape)[:, None], refined, centres)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _centring_terms(logs, index, row0, col0, valid, out):  # pragma: no cover - compiled
+    """``out[0, i] = f``, ``out[1, i] = f²`` (the first ``side`` columns of each row) with ``f``
+    the log window of frame ``index[i]`` (rows and columns from ``row0``, ``col0``; ``valid``'s
+    shape) less its mean over the valid pixels, and 0 at the others; ``valid`` float32 1/0
+    (k, side, side), k = 1 (shared) or one per frame. Branch-free, so the loops vectorise."""
+    side = valid.shape[1]
+    for i in range(index.size):
+        window = logs[index[i], row0 : row0 + side, col0 : col0 + side]
+        weight = valid[0] if valid.shape[0] == 1 else valid[i]
+        total = 0.0
+        count = 0.0
+        for r in range(side):
+            for c in range(side):
+                total += window[r, c] * weight[r, c]
+                count += weight[r, c]
+        mean = np.float32(total / max(count, 1.0))
+        for r in range(side):
+            for c in range(side):
+                value = (window[r, c] - mean) * weight[r, c]
+                out[0, i, r, c] = value
+                out[1, i, r, c] = value * value
 
 
 def _mask_terms_block(valid: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """FFT of each frame's window validity and its autoconvolution, ``(k, ...)``.
+    """FFT of each validity window and its autoconvolution, ``(k, ...)`` as ``valid``.
 
     Frames share the run mask unless a pixel saturates, so the terms are computed once
     per distinct window (and cached across blocks).
     """
     keys = [np.packbits(v).tobytes() for v in valid]
     terms = {key: _mask_terms(key, valid.shape[1], n) for key in dict.fromkeys(keys)}
+    if len(keys) == 1:
+        return terms[keys[0]][0][None], terms[keys[0]][1][None]
     spectrum_w = np.stack([terms[key][0] for key in keys])
     overlap = np.stack([terms[key][1] for key in keys])
     return spectrum_w, overlap
@@ -743,15 +775,19 @@ def _mask_terms(packed_valid: bytes, side: int, n: int) -> tuple[np.ndarray, np.
     return spectrum_w, overlap
 
 
-def _parabola_offset(three: np.ndarray | None) -> float:
-    """Offset in [-0.5, 0.5] of the vertex of the parabola through three samples."""
-    if three is None or not np.all(np.isfinite(three)):
-        return 0.0
-    left, middle, right = three
-    curvature = left - 2 * middle + right
-    if curvature <= 0:
-        return 0.0
-    return float(np.clip(0.5 * (left - right) / curvature, -0.5, 0.5))
+def _parabola_offsets(score: np.ndarray, at: np.ndarray, along: np.ndarray) -> np.ndarray:
+    """Per frame, the offset in [-0.5, 0.5] of the vertex of the parabola through
+    ``score[i, at[i], along[i] - 1 : along[i] + 2]``; 0 at the edge, where a sample is not
+    finite, or where the three do not curve upwards."""
+    frames = np.arange(score.shape[0])
+    inside = (along > 0) & (along < score.shape[2] - 1)
+    left, middle, right = (score[frames, at, np.clip(along + step, 0, score.shape[2] - 1)].astype(np.float64)
+                           for step in (-1, 0, 1))
+    with np.errstate(invalid="ignore", divide="ignore"):  # inf and nan rows are left out below
+        curvature = left - 2 * middle + right
+        offset = np.clip(0.5 * (left - right) / curvature, -0.5, 0.5)
+    fit = inside & np.isfinite(left) & np.isfinite(middle) & np.isfinite(right) & (curvature > 0)
+    return np.where(fit, offset, 0.0)
 
 
 # --------------------------------------------------------------------------------------
