@@ -16,7 +16,8 @@ in interleaved rounds (best round of each kept, fair on a shared machine), as im
 The JAX side runs as ``airysort train`` does (``jaxmodels.parallel.use_every_cpu_core``):
 on a CPU, XLA's own convolution kernels on one device, or one device per core where the
 installed XLA lacks them; each batch is sharded over all devices. PyTorch uses one
-thread per core.
+thread per core. Like the ``airysort`` command, the script first restarts itself with
+glibc's huge-page tunable (:mod:`pipeline.allocator`), which then applies to both sides.
 PyTorch is not a dependency of airysort: install it only for this benchmark
 (``pip install torch==2.13.0``); without it the PyTorch column is skipped with a message. On a GPU both sides run there (the
 card is named in the table).
@@ -198,7 +199,11 @@ def main() -> None:
     args = parser.parse_args()
     options = dict(size=args.size, width=args.width, batch=args.batch)
     from jaxmodels.parallel import use_every_cpu_core
+    from pipeline.allocator import restart_with_huge_pages
 
+    # What the airysort command does first: both frameworks then run with huge pages
+    # (GLIBC_TUNABLES=glibc.malloc.hugetlb=0 in the environment compares without them).
+    restart_with_huge_pages()
     use_every_cpu_core()  # what airysort train does, before JAX starts
 
     jax_side = bench_jax(**options)
@@ -224,6 +229,7 @@ def main() -> None:
           f"{os.cpu_count()} CPU cores")
     print(f"airysort device: {jax_result['device']}; JIT compilation {jax_result['compile']:.1f} s "
           "(once per run, not in the rates)")
+    print(f"GLIBC_TUNABLES (both sides): {os.environ.get('GLIBC_TUNABLES', 'not set')}")
     header = f"{'':<22}{'airysort (JAX)':>16}"
     if torch_result is not None:
         header += f"{'PyTorch':>12}{'ratio':>8}"

@@ -6,6 +6,7 @@ import logging
 
 import typer
 
+from pipeline.allocator import restart_with_huge_pages
 from pipeline.cli import demo, info, ingest, report, sort
 from pipeline.cli import cluster, evaluate
 from pipeline.cli import correlate, preprocess
@@ -69,6 +70,7 @@ app.command("watch")(watch.command)
 
 
 def main() -> None:
+    restart_with_huge_pages()  # first: the process starts again where it helps
     app()
 
 
