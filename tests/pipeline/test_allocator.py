@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from pipeline import allocator
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.factories import repo_env
 
 
 @pytest.mark.parametrize(
@@ -45,6 +42,15 @@ def test_the_kernels_huge_page_mode_is_read_from_sysfs(tmp_path, monkeypatch):
     assert allocator.transparent_huge_pages() is None
 
 
+def _environ_without_the_tunable() -> tuple[dict[str, str], bool]:
+    """A subprocess environment as a user's shell gives it (no tunable, never restarted),
+    and whether the command restarts in it on this machine."""
+    environ = {k: v for k, v in repo_env().items() if k not in ("GLIBC_TUNABLES", allocator.RESTARTED)}
+    helps = allocator.environ_with_huge_pages(
+        environ, glibc=allocator.glibc_version(), thp_mode=allocator.transparent_huge_pages()) is not None
+    return environ, helps
+
+
 def test_the_process_restarts_once_with_the_tunable_and_its_arguments():
     # What the airysort entry point does first, in a real process: the lines before the
     # restart run twice (same process id), the rest once, with the tunable in effect.
@@ -55,12 +61,9 @@ def test_the_process_restarts_once_with_the_tunable_and_its_arguments():
         "restart_with_huge_pages()\n"
         "print('after', os.getpid(), os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])\n"
     )
-    environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", allocator.RESTARTED)}
-    environ["PYTHONPATH"] = str(ROOT)
+    environ, helps = _environ_without_the_tunable()
     lines = subprocess.run([sys.executable, "-c", script, "one", "two"], env=environ, capture_output=True, text=True,
                            check=True).stdout.splitlines()
-    helps = allocator.environ_with_huge_pages(
-        environ, glibc=allocator.glibc_version(), thp_mode=allocator.transparent_huge_pages()) is not None
     pid = lines[0].split()[1]
     if helps:
         assert lines == [f"before {pid} None ['one', 'two']",
@@ -73,13 +76,10 @@ def test_the_process_restarts_once_with_the_tunable_and_its_arguments():
 def test_the_airysort_entry_point_runs_with_the_tunable():
     # The console script's main(), in a real process; at its exit the process reports the
     # environment it ran with (an exec runs no exit handlers, so only the last one does).
-    environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", allocator.RESTARTED)}
-    environ["PYTHONPATH"] = str(ROOT)
+    environ, helps = _environ_without_the_tunable()
     script = ("import atexit, os, sys; atexit.register(lambda: print('ran with', os.environ.get('GLIBC_TUNABLES'))); "
               "sys.argv = ['airysort', '--version']; from pipeline.cli.main import main; main()")
     lines = subprocess.run([sys.executable, "-c", script], env=environ, capture_output=True, text=True,
                            check=True).stdout.splitlines()
-    helps = allocator.environ_with_huge_pages(
-        environ, glibc=allocator.glibc_version(), thp_mode=allocator.transparent_huge_pages()) is not None
     assert lines[0].startswith("airysort ")
     assert lines[1:] == [f"ran with {'glibc.malloc.hugetlb=1' if helps else None}"]
