@@ -25,6 +25,7 @@ FRACTION=${FRACTION:-0.2}
 WORK=${WORK:-/tmp/airysort-gpu}
 STAGES=${STAGES:-throughput tests accuracy}
 TEST_SECONDS=${TEST_SECONDS:-240}
+TEST_WORKERS=${TEST_WORKERS:-4}
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -43,8 +44,12 @@ fi
 if [[ " $STAGES " == *" tests "* ]]; then
   # Tests that force CPU devices (the mesh tests) still do so in their subprocesses.
   stamp "tests on the card (at most $TEST_SECONDS s)"
-  timeout "$TEST_SECONDS" $PYTHON -m pytest -q -p no:cacheprovider tests/jaxmodels \
-    tests/pipeline/test_classify.py tests/pipeline/test_embed.py 2>&1 | tee "$OUT/tests.txt" | tail -15
+  # pytest-xdist, where installed, spreads them over TEST_WORKERS processes sharing the card.
+  workers=()
+  $PYTHON -c "import xdist" 2>/dev/null && workers=(-n "$TEST_WORKERS")
+  timeout "$TEST_SECONDS" $PYTHON -m pytest -q -p no:cacheprovider "${workers[@]}" tests/jaxmodels \
+    tests/pipeline/test_classify.py tests/pipeline/test_embed.py tests/pipeline/test_allocator.py \
+    2>&1 | tee "$OUT/tests.txt" | tail -25
 fi
 [[ " $STAGES " == *" accuracy "* ]] || { stamp "done"; exit 0; }
 
