@@ -5,7 +5,8 @@
 # default device, then the accuracy benchmark
 # (benchmarks/cnn_accuracy.py) trained on the card on the README's `lcls` beamtime
 # (4000 patterns of 512², seed 7, 20 % labelled) at each width in WIDTHS, with the
-# README's training options otherwise.
+# README's training options otherwise. The `predict` stage (not run by default) times
+# `airysort predict` over N_PREDICT patterns on each kind of local cluster.
 #
 #   bash benchmarks/gpu.sh                                   # on the GPU machine
 #   N=200 EPOCHS=1 WIDTHS=8 STAGES=accuracy bash benchmarks/gpu.sh   # rehearsal on a CPU
@@ -26,6 +27,7 @@ WORK=${WORK:-/tmp/airysort-gpu}
 STAGES=${STAGES:-throughput tests accuracy}
 TEST_SECONDS=${TEST_SECONDS:-240}
 TEST_WORKERS=${TEST_WORKERS:-4}
+N_PREDICT=${N_PREDICT:-40000}
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -50,6 +52,32 @@ if [[ " $STAGES " == *" tests "* ]]; then
   timeout "$TEST_SECONDS" $PYTHON -m pytest -q -p no:cacheprovider "${workers[@]}" tests/jaxmodels \
     tests/pipeline/test_classify.py tests/pipeline/test_embed.py tests/pipeline/test_allocator.py \
     2>&1 | tee "$OUT/tests.txt" | tail -25
+fi
+if [[ " $STAGES " == *" predict "* ]]; then
+  # What classifying a whole beamtime costs end to end on the card: read `image`
+  # from the store, infer, write `prob` and `predicted`, once on each kind of local
+  # cluster. The classifier is trained for one epoch only: the rate, not the
+  # accuracy, is measured.
+  stamp "predict: $N_PREDICT lcls patterns of 128², each local cluster"
+  pstore=$WORK/predict.zarr
+  if [ ! -d "$pstore" ]; then
+    (export JAX_PLATFORMS=cpu
+     $PYTHON -m pipeline.cli.main simulate "$WORK/predict.cxi" --n "$N_PREDICT" --profile lcls \
+       --size 128 --seed 9 && $PYTHON -m pipeline.cli.main ingest "$pstore" "$WORK/predict.cxi" \
+       && $PYTHON -m pipeline.cli.main preprocess "$pstore" --size 128) || exit 1
+  fi
+  stamp "predict: train a width-16 ResNet-18 for one epoch on the file's labels"
+  $PYTHON -m pipeline.cli.main train "$pstore" "$WORK/predict-model" --model cnn --fresh \
+    --depth 18 --width 16 --epochs 1 2>&1 | tail -3
+  for cluster in local local-threads; do
+    stamp "predict --cluster $cluster"
+    t0=$(date +%s%N)
+    $PYTHON -m pipeline.cli.main predict "$pstore" "$WORK/predict-model" --cluster "$cluster" \
+      2>&1 | tail -2
+    ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+    echo "predict --cluster $cluster: $N_PREDICT patterns in $ms ms," \
+      "$(( N_PREDICT * 1000 / ms )) patterns/s (start-up included)" | tee -a "$OUT/predict.txt"
+  done
 fi
 [[ " $STAGES " == *" accuracy "* ]] || { stamp "done"; exit 0; }
 
