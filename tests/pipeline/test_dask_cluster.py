@@ -66,6 +66,56 @@ def test_local_cluster_workers_get_the_worker_environment():
                        "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
 
 
+def test_a_closing_worker_does_not_log_its_failed_heartbeat(caplog):
+    """The heartbeat a worker had sent when the cluster began to close fails; distributed
+    logs that with a traceback (distributed issue 7105), after commands that succeeded.
+    Only that message, and only while the worker closes, is dropped."""
+    import logging
+
+    from distributed.core import Status
+
+    from pipeline.dask_cluster import HEARTBEAT_FAILURE, quiet_heartbeat_while_closing
+
+    class Worker:
+        status = Status.running
+
+    worker = Worker()
+    quiet_heartbeat_while_closing(worker)
+    logger = logging.getLogger("distributed.worker")
+
+    def logged(message: str) -> bool:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="distributed.worker"):
+            logger.error(message + ".")
+        return [r.getMessage() for r in caplog.records] == [message + "."]
+
+    assert logged(HEARTBEAT_FAILURE)  # a running worker's failure is news
+    worker.status = Status.closing
+    assert not logged(HEARTBEAT_FAILURE)
+    assert logged("Failed to connect to the scheduler")  # any other message still shows
+    worker.status = Status.closed
+    assert not logged(HEARTBEAT_FAILURE)
+    del worker  # watched weakly: a worker gone is forgotten
+    import gc
+
+    gc.collect()
+    assert logged(HEARTBEAT_FAILURE)
+
+
+def _watched(dask_worker) -> bool:
+    from pipeline.dask_cluster import _watched_workers
+
+    return dask_worker in _watched_workers
+
+
+@pytest.mark.parametrize("processes", [True, False], ids=["processes", "threads"])
+def test_workers_of_a_cluster_airysort_starts_drop_the_closing_heartbeat_failure(tmp_path, processes):
+    config = tmp_path / "mine.yaml"
+    config.write_text(f"type: local\ncluster:\n  n_workers: 1\n  processes: {str(processes).lower()}\n")
+    with dask_client(str(config), reuse=False) as client:
+        assert list(client.run(_watched).values()) == [True]
+
+
 def test_named_config_is_found_and_unknown_name_lists_choices():
     assert load_cluster_config("slurm")["type"] == "slurm"
     with pytest.raises(AirysortError, match="unknown cluster 'nowhere'.*slurm"):
