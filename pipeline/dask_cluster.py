@@ -395,8 +395,8 @@ def quiet_heartbeat_while_closing(worker) -> None:
     When a cluster closes, a heartbeat already on its way from a closing worker finds the
     scheduler's end of the connection closed, and the worker logs the failure with a
     traceback (distributed issue 7105). At the end of a successful command that read as
-    if it had failed: on a 16-core machine, after one `ingest` in four. The same failure
-    from a worker that is running still shows.
+    if it had failed (seen after an `ingest` on a 16-core machine; the more workers, the
+    likelier). The same failure from a worker that is running still shows.
     """
     _watched_workers.add(worker)
     worker_logger = logging.getLogger("distributed.worker")
