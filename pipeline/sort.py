@@ -55,21 +55,28 @@ def class_thresholds(dataset: xr.Dataset) -> np.ndarray:
 
 
 def _index_columns(dataset: xr.Dataset) -> dict[str, np.ndarray]:
-    """The per-pattern columns of every index list, read once per ``sort``."""
-    return {"shot_id": np.asarray(dataset["shot_id"].values).astype(object),
-            "source_file": np.asarray(dataset["source_file"].values).astype(object),
-            "frame": np.asarray(dataset["frame"].values)}
+    """The per-pattern columns of every index list, read once per ``sort`` and kept in
+    the store's dtypes (NumPy strings, not a Python object per pattern: 190 against
+    30 MiB at 10⁶ patterns)."""
+    return {name: np.asarray(dataset[name].values) for name in ("shot_id", "source_file", "frame")}
+
+
+#: Rows of an index list turned into Python objects at a time.
+ROWS_PER_WRITE = 65_536
 
 
 def _write_index(path: Path, columns: dict[str, np.ndarray], patterns: np.ndarray,
                  probability: np.ndarray | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    shown = [""] * len(patterns) if probability is None else [f"{value:.4f}" for value in probability]
     with open(path, "w", newline="") as stream:
         writer = csv.writer(stream)
         writer.writerow(["pattern", "shot_id", "source_file", "frame", "probability"])
-        writer.writerows(zip(patterns.tolist(), columns["shot_id"][patterns], columns["source_file"][patterns],
-                             columns["frame"][patterns].tolist(), shown))
+        for start in range(0, len(patterns), ROWS_PER_WRITE):
+            rows = patterns[start : start + ROWS_PER_WRITE]
+            shown = ([""] * len(rows) if probability is None
+                     else [f"{value:.4f}" for value in probability[start : start + ROWS_PER_WRITE]])
+            writer.writerows(zip(rows.tolist(), *(columns[name][rows].tolist()
+                                                  for name in ("shot_id", "source_file", "frame")), shown))
 
 
 def _gallery(path: Path, dataset: xr.Dataset, picks: list[tuple[int, str]], title: str) -> str:

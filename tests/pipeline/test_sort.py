@@ -42,7 +42,10 @@ def read_csv(path):
         return list(csv.DictReader(stream))
 
 
-def test_sort_lists_exactly_the_members(tmp_path, dask_threads):
+@pytest.mark.parametrize("rows_per_write", [None, 7], ids=["default", "7-rows-at-a-time"])
+def test_sort_lists_exactly_the_members(tmp_path, dask_threads, monkeypatch, rows_per_write):
+    if rows_per_write:  # lists longer than the rows written at a time
+        monkeypatch.setattr("pipeline.sort.ROWS_PER_WRITE", rows_per_write)
     path, prob, predicted, clusters = classified_store(tmp_path)
     summary = sort_store(path, tmp_path / "out")
     for c, name in enumerate(CLASS_NAMES):
@@ -52,6 +55,7 @@ def test_sort_lists_exactly_the_members(tmp_path, dask_threads):
         probabilities = [float(r["probability"]) for r in rows]
         assert probabilities == sorted(probabilities, reverse=True)  # most confident first
         assert all(r["shot_id"] == f"shot{int(r['pattern'])}" and r["frame"] == r["pattern"] for r in rows)
+        assert [r["probability"] for r in rows] == [f"{prob[p, c]:.4f}" for p in patterns]
         assert summary["classes"][name] == len(rows)
         assert (tmp_path / "out" / "classes" / f"{name.replace('/', '-')}.png").stat().st_size > 1000
     for k in range(3):
