@@ -28,6 +28,7 @@ import datetime as dt
 import fcntl
 import json
 import os
+import shutil
 import socket
 import sys
 import warnings
@@ -55,6 +56,8 @@ COORD_CHUNK = 65536
 SMALL_ROW_BYTES = 1024
 LOCK_FILE = ".airysort-writer.lock"
 PENDING_DIR = ".ingest-pending"
+#: Where :func:`create_store` builds a new store before moving it into place.
+STAGING_DIR = ".airysort-creating"
 PATTERN_COORDS = ("shot_id", "source_file", "frame", "pulse_energy")
 
 
@@ -214,7 +217,21 @@ def create_store(
         "label": {"chunks": (COORD_CHUNK, len(CLASS_NAMES))},
         **{name: {"chunks": (COORD_CHUNK,)} for name in ("pattern", *PATTERN_COORDS)},
     }
-    dataset.to_zarr(path, mode="a", zarr_format=3, encoding=encoding, consolidated=False)
+    # Zarr writes the root metadata first: a process killed while creating the store
+    # left a store without `raw`. The store is built aside and moved in with the root
+    # metadata last, so that until then there is no store, and leftovers of such a kill
+    # (this function's own arrays only, never other files) are cleared first.
+    staging = path / STAGING_DIR
+    shutil.rmtree(staging, ignore_errors=True)
+    for name in dataset.variables:
+        if (path / str(name) / "zarr.json").exists():
+            shutil.rmtree(path / str(name))
+    dataset.to_zarr(staging, mode="w", zarr_format=3, encoding=encoding, consolidated=False)
+    for entry in staging.iterdir():
+        if entry.name != "zarr.json":
+            entry.rename(path / entry.name)
+    (staging / "zarr.json").rename(path / "zarr.json")
+    staging.rmdir()
 
 
 def pattern_shard(row_shape: tuple[int, ...], dtype: np.dtype) -> int:

@@ -290,8 +290,9 @@ def test_sigkill_at_any_point_then_rerun_gives_identical_store(tmp_path):
     killed_with_journal = 0
     # "journal": right when the plan is journaled; "revised": right when the bad frames
     # found while writing have been dropped from it (the second, partial pass).
-    marks = {"journal": store.PENDING_DIR, "revised": f"{store.PENDING_DIR}/plan-1.npz"}
-    for delay in (0.3, 1.5, 2.5, "journal", "revised", 4.0):
+    marks = {"creating": store.STAGING_DIR, "journal": store.PENDING_DIR,
+             "revised": f"{store.PENDING_DIR}/plan-1.npz"}
+    for delay in (0.3, 1.5, 2.5, "creating", "journal", "revised", 4.0):
         path = tmp_path / f"killed-{delay}.zarr"
         process = run_ingest(path, inputs)
         if delay in marks:
@@ -311,3 +312,30 @@ def test_sigkill_at_any_point_then_rerun_gives_identical_store(tmp_path):
             np.testing.assert_array_equal(got[0][name], array, err_msg=f"{name} after kill at {delay}")
         assert got[1] == expected[1] and got[2] == expected[2]
     assert killed_with_journal >= 1, "no kill landed while frames were being written"
+
+
+def test_a_store_killed_while_being_created_is_created_again(tmp_path, dask_threads):
+    """What a kill during store creation leaves (a half-built store aside, and some of its
+    arrays already moved in, but no root metadata) is no store: the next ingest builds the
+    same store as an uninterrupted one, and other files in the directory stay."""
+    inputs = [write_stacked_cxi(tmp_path / "run.cxi", random_frames(40, shape=(16, 16)), labels=random_labels(40))]
+    reference = tmp_path / "reference.zarr"
+    ingest(reference, inputs, log=lambda line: None)
+
+    scratch = tmp_path / "scratch.zarr"
+    store.create_store(scratch, frame_shape=(16, 16), dtype=np.uint16)
+    path = tmp_path / "killed.zarr"
+    (path / store.STAGING_DIR).mkdir(parents=True)
+    (path / store.STAGING_DIR / "zarr.json").write_text("{}")
+    for name in ("raw", "mask", "shot_id"):
+        (scratch / name).rename(path / name)
+    (path / "notes.txt").write_text("the user's own file")
+    assert not store.is_store(path)
+
+    ingest(path, inputs, log=lambda line: None)
+    got, expected = snapshot(path), snapshot(reference)
+    for name, array in expected[0].items():
+        np.testing.assert_array_equal(got[0][name], array, err_msg=name)
+    assert got[1:] == expected[1:]
+    assert not (path / store.STAGING_DIR).exists()
+    assert (path / "notes.txt").read_text() == "the user's own file"
