@@ -428,6 +428,8 @@ def ingest(
     if path.is_file():
         raise AirysortError(f"{str(path)!r} is a file, not a store; the store comes first: "
                             "airysort ingest STORE.zarr FILES...")
+    if store.is_store(path):  # another program's Zarr store is refused before anything is written
+        store.check_store(path)
     inputs = [str(p) for p in dict.fromkeys(str(p) for p in inputs)]  # drop repeats, keep order
     parameters = {"inputs": [str(Path(p).resolve()) for p in inputs], "dataset": dataset, "force": force,
                   "labels": labels}

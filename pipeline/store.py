@@ -83,13 +83,23 @@ def is_store(path: str | os.PathLike) -> bool:
     return (Path(path) / "zarr.json").exists()
 
 
-def _check_store(path: str | os.PathLike) -> Path:
+def check_store(path: str | os.PathLike) -> Path:
+    """``path`` as a Path if it holds an airysort store, else one clear error (a missing
+    path, a directory without a store, or another program's Zarr store)."""
     path = Path(path)
     if not is_store(path):
         hint = "create it with 'airysort ingest STORE.zarr FILES...'"
         if path.exists():
             raise AirysortError(f"{str(path)!r} exists but is not an airysort Zarr store; {hint}")
         raise AirysortError(f"store {str(path)!r} does not exist; {hint}")
+    try:
+        attributes = json.loads((path / "zarr.json").read_text()).get("attributes") or {}
+    except (ValueError, AttributeError):
+        attributes = {}
+    if "airysort_store_version" not in attributes:
+        raise AirysortError(f"{str(path)!r} is a Zarr store, but not one airysort made (its root has no "
+                            "'airysort_store_version' attribute); airysort ingest makes a new one: "
+                            "airysort ingest NEW.zarr FILES...")
     return path
 
 
@@ -293,7 +303,7 @@ def open_store(path: str | os.PathLike, *, warn: bool = True) -> xr.Dataset:
     the store (:func:`partial_variables`), get a warning line on stderr (``info`` lists
     them itself).
     """
-    path = _check_store(path)
+    path = check_store(path)
     # Every variable in its stored chunks: the per-pattern coordinates and labels in their
     # long ones (COORD_CHUNK), which commands read whole (``.values``) and none combines
     # chunk by chunk with the frame arrays. In 256-pattern pieces every piece decoded its
@@ -356,7 +366,7 @@ def _warn_once(line: str) -> None:
 
 
 def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
-    return dict(zarr.open_group(_check_store(path), mode="r", use_consolidated=False).attrs)
+    return dict(zarr.open_group(check_store(path), mode="r", use_consolidated=False).attrs)
 
 
 def update_attrs(path: str | os.PathLike, **attrs: Any) -> None:
@@ -473,7 +483,7 @@ def write_variables(
     """
     from pipeline.progress import compute_with_progress
 
-    path = _check_store(path)
+    path = check_store(path)
     _require_client()  # before anything is replaced
     n_patterns = n_committed(path)
     if start:
@@ -683,7 +693,7 @@ def _write_region(path: Path, variables: Mapping[str, xr.DataArray], *, start: i
 def write_frame_variables(path: str | os.PathLike, variables: Mapping[str, xr.DataArray]) -> None:
     """Write small variables without a ``pattern`` dimension (e.g. a run's mask, (y, x)),
     replacing those of the same name and keeping the store's attributes."""
-    path = _check_store(path)
+    path = check_store(path)
     group = zarr.open_group(path, mode="r+", use_consolidated=False)
     for name in variables:
         if name in group:
@@ -702,7 +712,7 @@ def read_pattern_values(path: str | os.PathLike, name: str, *, start: int = 0,
     few scattered ``patterns`` of a frame variable (gallery tiles): only the inner chunks
     that hold them are read, where the Dask-backed dataset reads whole shards.
     """
-    array = zarr.open_group(_check_store(path), mode="r", use_consolidated=False)[name]
+    array = zarr.open_group(check_store(path), mode="r", use_consolidated=False)[name]
     if patterns is None:
         return array[start:]
     patterns = np.asarray(patterns, np.int64).reshape(-1)

@@ -341,3 +341,16 @@ def test_a_store_killed_while_being_created_is_created_again(tmp_path, dask_thre
     assert got[1:] == expected[1:]
     assert not (path / store.STAGING_DIR).exists()
     assert (path / "notes.txt").read_text() == "the user's own file"
+
+
+def test_another_programs_zarr_store_is_refused_in_one_line_and_left_alone(tmp_path):
+    other = tmp_path / "other.zarr"
+    zarr.open_group(other, mode="w").create_array("x", data=np.arange(5))
+    before = sorted(p.relative_to(other) for p in other.rglob("*"))
+    cxi = write_stacked_cxi(tmp_path / "a.cxi", random_frames(5, shape=(16, 16)))
+    for command in (["ingest", str(other), str(cxi), "--cluster", "local-threads"], ["info", str(other)]):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 1, result.output
+        assert "is a Zarr store, but not one airysort made" in result.output
+        assert "Traceback" not in result.output
+    assert sorted(p.relative_to(other) for p in other.rglob("*")) == before  # no lock file either
