@@ -54,11 +54,15 @@ def class_thresholds(dataset: xr.Dataset) -> np.ndarray:
     return thresholds
 
 
+#: The store's per-pattern columns in every index list, between ``pattern`` and ``probability``.
+INDEX_COLUMNS = ("shot_id", "source_file", "frame")
+
+
 def _index_columns(dataset: xr.Dataset) -> dict[str, np.ndarray]:
     """The per-pattern columns of every index list, read once per ``sort`` and kept in
     the store's dtypes (NumPy strings, not a Python object per pattern: 190 against
     30 MiB at 10⁶ patterns)."""
-    return {name: np.asarray(dataset[name].values) for name in ("shot_id", "source_file", "frame")}
+    return {name: np.asarray(dataset[name].values) for name in INDEX_COLUMNS}
 
 
 #: Rows of an index list turned into Python objects at a time.
@@ -70,13 +74,12 @@ def _write_index(path: Path, columns: dict[str, np.ndarray], patterns: np.ndarra
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as stream:
         writer = csv.writer(stream)
-        writer.writerow(["pattern", "shot_id", "source_file", "frame", "probability"])
+        writer.writerow(["pattern", *INDEX_COLUMNS, "probability"])
         for start in range(0, len(patterns), ROWS_PER_WRITE):
             rows = patterns[start : start + ROWS_PER_WRITE]
             shown = ([""] * len(rows) if probability is None
                      else [f"{value:.4f}" for value in probability[start : start + ROWS_PER_WRITE]])
-            writer.writerows(zip(rows.tolist(), *(columns[name][rows].tolist()
-                                                  for name in ("shot_id", "source_file", "frame")), shown))
+            writer.writerows(zip(rows.tolist(), *(columns[name][rows].tolist() for name in INDEX_COLUMNS), shown))
 
 
 def _gallery(path: Path, dataset: xr.Dataset, picks: list[tuple[int, str]], title: str) -> str:
