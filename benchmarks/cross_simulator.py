@@ -55,6 +55,9 @@ R_E = 2.8179403e-6
 HELIUM_ELECTRONS = 2 * 0.145 / 4.0026 * 6.02214076e23 * 1e-21
 #: Shape groups drawn and their shares.
 KINDS = {"sphere": 0.30, "oblate": 0.20, "prolate": 0.13, "pill": 0.12, "two spheres": 0.12, "empty": 0.13}
+#: Shares that give the coarse groups of taxonomy.md (round, elliptical, prolate, double,
+#: empty) one fifth each, as ``airysort simulate --balanced`` does.
+BALANCED_KINDS = {"sphere": 0.2, "oblate": 0.2, "prolate": 0.1, "pill": 0.1, "two spheres": 0.2, "empty": 0.2}
 
 
 def _sasmodels_intensity(name: str, parameters: dict, qx: np.ndarray, qy: np.ndarray) -> np.ndarray:
@@ -160,12 +163,13 @@ def render(shot: dict, rng, profile, *, mask, hot) -> tuple[np.ndarray, float]:
     return detector.read_out(photons, profile, rng, mask=mask, hot=hot), float(source["pulse_energy"] * energy_ratio)
 
 
-def write_peer_file(path: Path, n: int, *, profile, seed: int) -> dict[str, int]:
-    """Render ``n`` shots into a stacked CXI file with labels; returns the class counts."""
+def write_peer_file(path: Path, n: int, *, profile, seed: int, shares: dict[str, float] = KINDS) -> dict[str, int]:
+    """Render ``n`` shots, of kinds drawn with ``shares``, into a stacked CXI file with
+    labels; returns the class counts."""
     rng = np.random.default_rng(seed)
     mask = detector.static_mask(profile)
     hot = detector.hot_pixels(profile, seed)
-    kinds = list(KINDS)
+    kinds = list(shares)
     ny, nx = profile.frame_shape
     with h5py.File(path, "w") as h5:
         h5.attrs["creator"] = "benchmarks/cross_simulator.py (sasmodels form factors)"
@@ -180,7 +184,7 @@ def write_peer_file(path: Path, n: int, *, profile, seed: int) -> dict[str, int]
         h5["entry_1/experiment_identifier"] = [f"peer-{i:06d}" for i in range(n)]
         started = time.perf_counter()
         for i in range(n):
-            shot, names = draw_shot(kinds[rng.choice(len(kinds), p=list(KINDS.values()))], rng, profile)
+            shot, names = draw_shot(kinds[rng.choice(len(kinds), p=list(shares.values()))], rng, profile)
             data[i], pulse[i] = render(shot, rng, profile, mask=mask, hot=hot)
             labels[i] = multi_hot(names)
             if (i + 1) % 100 == 0:
