@@ -101,18 +101,48 @@ def open_source(path: str | os.PathLike, *, dataset: str | None = None) -> Sourc
     except OSError as error:
         raise SourceError(f"{path}: cannot open as HDF5/CXI ({error})") from None
     with h5:
-        if dataset is not None:
-            return _open_hdf5(path, h5, dataset)
-        for candidate in STACKED_DATA_PATHS:
-            if candidate in h5 and h5[candidate].ndim == 3:
-                return _open_cxi_stacked(path, h5, candidate)
-        entries = _frame_entries(h5)
-        if entries:
-            return _open_cxi_entries(path, h5, entries)
-        raise SourceError(
-            f"{path}: no frames found; expected /entry_1/data_1/data (N, y, x), "
-            "/entry_k/instrument_1/detector_1/data per entry, or pass --dataset PATH"
-        )
+        try:
+            return _open_hdf5_layout(path, h5, dataset)
+        except SourceError:
+            raise
+        except (KeyError, ValueError, TypeError, AttributeError, IndexError, OSError) as error:
+            # Metadata of an unexpected kind (a group where a dataset belongs, text where a
+            # number belongs, a link to a missing file): the file cannot be described, so it
+            # is rejected whole and the other inputs go on.
+            raise SourceError(f"{path}: unreadable metadata ({type(error).__name__}: {error}); "
+                              "--dataset PATH reads the frames alone") from None
+
+
+def _open_hdf5_layout(path: str, h5: h5py.File, dataset: str | None) -> Source:
+    if dataset is not None:
+        return _open_hdf5(path, h5, dataset)
+    for candidate in STACKED_DATA_PATHS:
+        data = _dataset(h5, candidate)
+        if data is not None and data.ndim == 3:
+            return _open_cxi_stacked(path, h5, candidate)
+    entries = _frame_entries(h5)
+    if entries:
+        return _open_cxi_entries(path, h5, entries)
+    shapes = {name: data.shape for name in STACKED_DATA_PATHS if (data := _dataset(h5, name)) is not None}
+    found = "".join(f"; /{name} has shape {shape!r}" for name, shape in shapes.items())
+    raise SourceError(
+        f"{path}: no frames found; expected /entry_1/data_1/data (N, y, x), "
+        f"/entry_k/instrument_1/detector_1/data per entry, or pass --dataset PATH{found}"
+    )
+
+
+def _dataset(h5: h5py.File, name: str) -> h5py.Dataset | None:
+    """The dataset at ``name``, or None where there is none (or a group, or a dangling link)."""
+    try:
+        item = h5.get(name)
+    except (KeyError, OSError):  # a soft or external link whose target is missing
+        return None
+    return item if isinstance(item, h5py.Dataset) else None
+
+
+def _check_frame_shape(path: str, where: str, frame_shape: tuple[int, ...]) -> None:
+    if 0 in frame_shape:
+        raise SourceError(f"{path}: {where} holds frames of shape {frame_shape!r}; a frame needs pixels")
 
 
 def _open_npy(path: str) -> Source:
@@ -127,22 +157,25 @@ def _open_npy(path: str) -> Source:
 
 
 def _open_hdf5(path: str, h5: h5py.File, dataset: str) -> Source:
-    if dataset not in h5 or not isinstance(h5[dataset], h5py.Dataset):
-        raise SourceError(f"{path}: dataset {dataset!r} not found")
-    data = h5[dataset]
+    data = _dataset(h5, dataset)
+    if data is None:
+        what = "is a group, not a dataset" if isinstance(h5.get(dataset, getlink=True), h5py.HardLink) else "not found"
+        raise SourceError(f"{path}: dataset {dataset!r} {what}")
     if data.ndim not in (2, 3):
         raise SourceError(f"{path}: dataset {dataset!r} has shape {data.shape!r}; expected (N, y, x) or (y, x)")
+    _check_frame_shape(path, dataset, tuple(data.shape[-2:]))
     n_frames = 1 if data.ndim == 2 else data.shape[0]
     return Source(path, "hdf5", n_frames, tuple(data.shape[-2:]), data.dtype, dataset=dataset)
 
 
 def _open_cxi_stacked(path: str, h5: h5py.File, data_path: str) -> Source:
     data = h5[data_path]
+    _check_frame_shape(path, data_path, tuple(data.shape[1:]))
     n_frames = data.shape[0]
     detector, source = h5.get(f"entry_1/{DETECTOR}"), h5.get(f"entry_1/{SOURCE}")
     shot_ids = _optional(h5, "entry_1/experiment_identifier", n_frames)
     pulse = _optional(h5, f"entry_1/{SOURCE}/pulse_energy", n_frames)
-    labels = _optional(h5, "entry_1/result_1/labels", n_frames)
+    labels, warnings = _checked_labels(_optional(h5, "entry_1/result_1/labels", n_frames), path)
     return Source(
         path,
         "cxi-stacked",
@@ -154,7 +187,8 @@ def _open_cxi_stacked(path: str, h5: h5py.File, data_path: str) -> Source:
         mask=_mask(detector, tuple(data.shape[1:])),
         shot_ids=None if shot_ids is None else np.array([_as_str(s) for s in shot_ids], dtype=object),
         pulse_energy=None if pulse is None else np.asarray(pulse, np.float64),
-        labels=_checked_labels(labels, path),
+        labels=labels,
+        warnings=warnings,
     )
 
 
@@ -178,6 +212,7 @@ def _open_cxi_entries(path: str, h5: h5py.File, entries: list[str]) -> Source:
     first = h5[f"{first_entry}/{DETECTOR}/data"]
     if first.ndim != 2:
         raise SourceError(f"{path}: {first_entry}/{DETECTOR}/data has shape {first.shape!r}; expected (y, x)")
+    _check_frame_shape(path, f"{first_entry}/{DETECTOR}/data", tuple(first.shape))
     shot_ids, pulse, labels, warnings = [], [], [], []
     for frame, entry in enumerate(entries):
         group = h5.get(entry, {})
@@ -191,7 +226,8 @@ def _open_cxi_entries(path: str, h5: h5py.File, entries: list[str]) -> Source:
                             "stored as unlabelled")
             row = None
         labels.append(row if row is not None else np.full(N_CLASSES, -1))
-    has_labels = any((row >= 0).all() for row in labels)
+    checked, label_warnings = _checked_labels(np.stack(labels), path) if any(
+        not (np.asarray(row) == -1).all() for row in labels) else (None, [])
     return Source(
         path,
         "cxi-entries",
@@ -204,8 +240,8 @@ def _open_cxi_entries(path: str, h5: h5py.File, entries: list[str]) -> Source:
         shot_ids=None if all(s is None for s in shot_ids) else np.array(
             [s if s is not None else f"{Path(path).name}:{frame}" for frame, s in enumerate(shot_ids)], dtype=object),
         pulse_energy=np.asarray(pulse, np.float64),
-        labels=_checked_labels(np.stack(labels), path) if has_labels else None,
-        warnings=warnings,
+        labels=checked,
+        warnings=warnings + label_warnings,
     )
 
 
@@ -254,13 +290,27 @@ def _mask(detector, frame_shape: tuple[int, ...]) -> np.ndarray | None:
     return mask != 0  # CXI: any set bit flags the pixel
 
 
-def _checked_labels(labels: np.ndarray | None, path: str) -> np.ndarray | None:
+def _checked_labels(labels: np.ndarray | None, path: str) -> tuple[np.ndarray | None, list[str]]:
+    """Labels as int8 multi-hot rows, -1 where a row is not exactly 0/1 (unlabelled), and
+    a warning for each kind of row or array that could not be used. Values are checked
+    before the cast: 0.7, 1.9, NaN or 257 would otherwise turn into valid labels."""
     if labels is None:
-        return None
+        return None, []
     labels = np.asarray(labels)
     if labels.ndim != 2 or labels.shape[1] != N_CLASSES:
-        return None
-    labels = labels.astype(np.int8)
-    bad = ~np.isin(labels, (0, 1)).all(axis=1)
-    labels[bad] = -1  # a row that is not multi-hot 0/1 is treated as unlabelled
-    return labels
+        return None, [f"{path}: labels have shape {labels.shape!r}, not (frames, {N_CLASSES}); "
+                      "the frames are stored as unlabelled"]
+    if labels.dtype.kind not in "biuf":
+        return None, [f"{path}: labels are of type {labels.dtype}, not numbers 0 or 1; "
+                      "the frames are stored as unlabelled"]
+    multi_hot = np.isin(labels, (0, 1)).all(axis=1)
+    checked = np.full(labels.shape, -1, np.int8)
+    checked[multi_hot] = labels[multi_hot].astype(np.int8)
+    # Rows of -1 are frames without labels (one-frame-per-entry files fill them in).
+    bad = np.flatnonzero(~multi_hot & ~(labels == -1).all(axis=1))
+    warnings = []
+    if bad.size:
+        shown = ", ".join(map(str, bad[:5])) + (", ..." if bad.size > 5 else "")
+        warnings.append(f"{path}: {bad.size} frame(s) have labels other than 0 and 1 (frame {shown}); "
+                        "they are stored as unlabelled")
+    return checked, warnings

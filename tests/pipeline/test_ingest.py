@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from pipeline import store
 from pipeline.cli.main import app
+from pipeline.errors import AirysortError
 from pipeline.ingest import Reject, ingest, reject_lines
 from pipeline.taxonomy import CLASS_NAMES
 from tests.factories import random_frames, random_labels, repo_env, write_entries_cxi, write_stacked_cxi
@@ -155,6 +156,48 @@ class TestRejects:
         ds = store.open_store(path)
         np.testing.assert_array_equal(ds.raw.values[:20], good)
         np.testing.assert_array_equal(ds.raw.values[20:23], floats[[0, 1, 3]].astype(np.uint16))
+
+    def test_files_with_malformed_metadata_are_rejected_whole_and_the_others_ingested(self, tmp_path, dask_threads):
+        """A group where the frames belong, a link to a missing file, text where a number
+        belongs, frames without pixels: each file is rejected with its reason, no traceback."""
+        good = random_frames(5)
+        broken = {
+            "group.cxi": lambda h5: h5.create_group("entry_1/data_1/data"),
+            "link.cxi": lambda h5: h5.__setitem__("entry_1/data_1/data", h5py.ExternalLink(str(tmp_path / "gone.h5"), "/d")),
+            "text.cxi": lambda h5: (h5.__setitem__("entry_1/data_1/data", random_frames(2)),
+                                    h5.__setitem__("entry_1/instrument_1/detector_1/distance", "0.7 m")),
+            "empty_frames.cxi": lambda h5: h5.__setitem__("entry_1/data_1/data", np.zeros((3, 0, 0), np.uint16)),
+        }
+        for name, build in broken.items():
+            with h5py.File(tmp_path / name, "w") as h5:
+                build(h5)
+        lines = []
+        result = ingest(tmp_path / "s.zarr", [write_stacked_cxi(tmp_path / "good.cxi", good),
+                                              *(tmp_path / name for name in broken)], log=lines.append)
+        reasons = {os.path.basename(r["file"]): r["reason"] for r in store.read_attrs(tmp_path / "s.zarr")["rejects"]}
+        assert result["ingested"] == 5 and set(reasons) == set(broken)
+        assert "no frames found" in reasons["group.cxi"] and "no frames found" in reasons["link.cxi"]
+        assert "unreadable metadata" in reasons["text.cxi"] and "0.7 m" in reasons["text.cxi"]
+        assert "shape (0, 0)" in reasons["empty_frames.cxi"]
+        np.testing.assert_array_equal(store.open_store(tmp_path / "s.zarr").raw.values, good)
+        # --dataset names a group: said so.
+        with pytest.raises(AirysortError, match="nothing to ingest"):
+            ingest(tmp_path / "t.zarr", [tmp_path / "group.cxi"], dataset="/entry_1/data_1/data", log=lines.append)
+        assert "dataset '/entry_1/data_1/data' is a group, not a dataset" in lines[-1]
+
+    def test_labels_other_than_zero_or_one_are_stored_as_unlabelled_with_a_warning(self, tmp_path, dask_threads):
+        labels = random_labels(5).astype(np.float32)
+        labels[0, 0], labels[1, :] = 1.9, 0.7  # an int8 cast would make these valid labels
+        labels[2, 3], labels[3, 0] = np.nan, 257  # 257 wraps round to 1 in int8
+        source = write_stacked_cxi(tmp_path / "a.cxi", random_frames(5))
+        with h5py.File(source, "r+") as h5:
+            h5["entry_1/result_1/labels"] = labels
+        lines = []
+        ingest(tmp_path / "s.zarr", [source], log=lines.append)
+        stored = np.asarray(store.open_store(tmp_path / "s.zarr").label.values)
+        assert (stored[:4] == -1).all() and (stored[4] == labels[4]).all()
+        assert any(line.startswith("WARNING: ") and "4 frame(s) have labels other than 0 and 1 (frame 0, 1, 2, 3)"
+                   in line for line in lines)
 
     def test_reject_lines_join_consecutive_frames_of_one_file_and_reason(self):
         rejects = [Reject("a.cxi", 0, "shape"), Reject("a.cxi", 1, "shape"), Reject("a.cxi", 2, "shape"),
