@@ -33,6 +33,7 @@ from pipeline.model_dir import (
     input_preprocessing,
     read_model_info,
     trained_precision,
+    trained_weights,
     write_model_info,
 )
 from pipeline.taxonomy import CLASS_NAMES, N_CLASSES, coarse_group, decide
@@ -119,6 +120,7 @@ def finished_classifier_info(model_dir: str | Path) -> dict[str, Any]:
         raise AirysortError(
             f"training of {str(model_dir)!r} has not finished; run 'airysort train' again to resume it"
         )
+    trained_weights(model_dir)
     return info
 
 

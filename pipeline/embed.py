@@ -32,6 +32,7 @@ from pipeline.model_dir import (
     input_preprocessing,
     read_model_info,
     trained_precision,
+    trained_weights,
     write_model_info,
 )
 
@@ -93,12 +94,7 @@ def _load_vae_cached(model_dir: str, stamp: float):
 
     info = read_model_info(model_dir, kind="vae")
     config = VAEConfig.from_dict(info["vae"])
-    best = Path(model_dir) / "best"
-    if not best.exists():
-        raise AirysortError(
-            f"{str(model_dir)!r} has no trained weights (best/ missing); training was "
-            "interrupted before its first epoch ended: run 'airysort train' again to resume"
-        )
+    best = trained_weights(model_dir)
     return load_model(best, lambda: build_vae(config)), config
 
 

@@ -25,10 +25,29 @@ def read_model_info(model_dir: str | Path, *, kind: str) -> dict[str, Any]:
     train = f"train one with 'airysort train STORE MODEL_DIR --model {kind}'"
     if not path.exists():
         raise AirysortError(f"{str(model_dir)!r} holds no trained model ({MODEL_FILE} missing); {train}")
-    info = json.loads(path.read_text())
-    if info.get("model") != kind:
-        raise AirysortError(f"{str(model_dir)!r} holds a {info.get('model')!r} model, not {KIND_NAMES[kind]}; {train}")
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise AirysortError(f"{str(path)!r} is damaged ({error}); copy the model directory again, or "
+                            f"train with --fresh") from None
+    if not isinstance(info, dict) or info.get("model") != kind:
+        kind_found = info.get("model") if isinstance(info, dict) else None
+        raise AirysortError(f"{str(model_dir)!r} holds a {kind_found!r} model, not {KIND_NAMES[kind]}; {train}")
     return info
+
+
+def trained_weights(model_dir: str | Path) -> Path:
+    """``best/``, the trained weights of a model directory, or an AirysortError saying why
+    there are none. Checked before a command writes anything: the weights are otherwise
+    first read inside the Dask tasks, after the store's old results were marked as being
+    replaced."""
+    best = Path(model_dir) / "best"
+    if not best.is_dir() or not any(best.iterdir()):
+        raise AirysortError(
+            f"{str(model_dir)!r} has no trained weights ({best.name}/ missing or empty): training was "
+            "interrupted before its first epoch ended (run 'airysort train' again to resume), or the "
+            "directory was copied in part (copy all of it)")
+    return best
 
 
 def write_model_info(model_dir: Path, info: dict[str, Any]) -> None:

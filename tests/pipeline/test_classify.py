@@ -427,6 +427,18 @@ def test_a_model_trained_without_validation_predicts(ring_store, tmp_path):
     (ccf_model / "model.json").write_text(json.dumps({**info, "input": "ccf"}))
     refused = run_cli("predict", path, ccf_model, "--symmetrise", "--cluster", "local-threads")
     assert refused.exit_code != 0 and "--symmetrise rotates and mirrors images" in refused.output
+    # A model directory copied in part, or with a damaged model.json: one error line, and
+    # the predictions already in the store stay whole and usable.
+    partial, damaged = tmp_path / "partial", tmp_path / "damaged"
+    shutil.copytree(model_dir, partial, ignore=shutil.ignore_patterns("best"))
+    shutil.copytree(model_dir, damaged)
+    (damaged / "model.json").write_text("{garbage")
+    for broken, message in ((partial, "has no trained weights (best/ missing or empty)"), (damaged, "is damaged")):
+        refused = run_cli("predict", path, broken, "--cluster", "local-threads")
+        assert refused.exit_code == 1 and message in refused.stderr and "Traceback" not in refused.output
+        dataset = store.open_store(path)
+        np.testing.assert_array_equal(dataset["prob"].values, symmetrised)
+        assert not store.incomplete_variables(dataset.attrs)
 
 
 def test_a_ccf_model_refuses_correlations_made_on_other_rings():
