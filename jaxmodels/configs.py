@@ -136,6 +136,8 @@ class TrainConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size!r}")
+        if not 0 <= self.seed < 2**32:  # what NumPy and scikit-learn accept as a seed
+            raise ValueError(f"seed must be an integer from 0 to 2**32 - 1, got {self.seed!r}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
         if self.schedule not in ("cosine", "step", "constant"):

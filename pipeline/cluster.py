@@ -20,7 +20,7 @@ import dask.array as da
 import numpy as np
 
 from pipeline import cluster_kernels as kernels
-from pipeline.errors import AirysortError
+from pipeline.errors import AirysortError, check_seed
 
 METHODS = ("gmm", "spectral")
 #: Rows per Dask block in the clustering passes: the store's 256-pattern chunks are
@@ -259,6 +259,7 @@ def cluster_store(
     _check_options(
         method=method, k=k, k_range=k_range, sample_size=sample_size, n_landmarks=n_landmarks, gamma=gamma
     )
+    seed = check_seed(seed)
     start = time.perf_counter()
     parameters = {
         "method": method, "k": k, "k_range": list(k_range), "sample_size": sample_size,

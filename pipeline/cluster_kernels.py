@@ -118,8 +118,10 @@ def fit_gmm(
             f"{sample.shape!r} with {np.size(sample) - np.isfinite(sample).sum()} non-finite "
             "values; re-run `airysort embed` on the store"
         )
-    candidates = [k] if k is not None else list(range(k_range[0], k_range[1] + 1))
-    _check_k_values(candidates, n_rows=len(sample))
+    # A searched range stops at the sample size, as the eigengap's does at its spectrum:
+    # the default 2-12 must not fail a store of a few patterns.
+    candidates = [k] if k is not None else list(range(k_range[0], min(k_range[1], len(sample)) + 1))
+    _check_k_values(candidates or list(range(k_range[0], k_range[1] + 1)), n_rows=len(sample))
     options = {"covariance_type": "full", "reg_covar": 1e-5, "random_state": seed}
     best, bic, previous = None, {}, None
     for n_components in range(1, max(candidates) + 1):

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.errors import AirysortError
+from pipeline.errors import AirysortError, check_seed
 from pipeline.model_dir import (
     MODEL_FILE,
     check_preprocessing,
@@ -470,6 +470,7 @@ def latent_figures(
         )
     if method not in ("pca", "tsne"):
         raise AirysortError(f"method must be 'pca' or 'tsne', got {method!r}")
+    seed = check_seed(seed)
     read_model_info(model_dir, kind="vae")  # a wrong model dir first: embedding with it would fail too
     dataset = store.open_store(store_path)
     if "latent" not in dataset:

@@ -1,8 +1,9 @@
 """Exceptions that carry a message meant for the user (printed as one ``ERROR:`` line), and
-the grouping that keeps a run of like problems to one line."""
+the grouping that keeps a run of like problems to one line, and the check of seeds."""
 
 from __future__ import annotations
 
+import operator
 from typing import Callable, Hashable, Iterable, TypeVar
 
 Item = TypeVar("Item")
@@ -14,6 +15,18 @@ class AirysortError(Exception):
 
 class StoreLockedError(AirysortError):
     """Another airysort process is writing to the store."""
+
+
+def check_seed(seed, option: str = "--seed") -> int:
+    """``seed`` as an int, or an AirysortError unless it is an integer from 0 to 2**32 - 1
+    (what NumPy's generators and scikit-learn accept)."""
+    try:
+        value = operator.index(seed)
+    except TypeError:
+        value = None
+    if isinstance(seed, bool) or value is None or not 0 <= value < 2**32:
+        raise AirysortError(f"{option} {seed!r} must be an integer from 0 to 2**32 - 1")
+    return value
 
 
 def consecutive_runs(

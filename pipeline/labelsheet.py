@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import store
-from pipeline.errors import AirysortError
+from pipeline.errors import AirysortError, check_seed
 from pipeline.gallery import contact_sheet, display_images
 from pipeline.taxonomy import CLASS_NAMES, N_CLASSES
 
@@ -83,6 +83,7 @@ def make_label_sheet(
     """
     if n < 1:
         raise AirysortError(f"--n must be at least 1, got {n!r}")
+    seed = check_seed(seed)
     csv_path = Path(out_dir) / "labels_to_fill.csv"
     if csv_path.exists():
         raise AirysortError(

@@ -16,7 +16,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from pipeline.errors import AirysortError
+from pipeline.errors import AirysortError, check_seed
 from pipeline.simulate import labels as rules
 from pipeline.simulate.optics import HC
 from pipeline.simulate.profile import Profile, load_profile
@@ -213,6 +213,7 @@ def simulate_beamtime(
     if layout not in LAYOUTS:
         raise AirysortError(f"layout {layout!r} is unknown; use one of {', '.join(LAYOUTS)}")
     _check_n(n)
+    seed = check_seed(seed)
     prof = resolve_profile(profile, size=size, like=like)
     path = Path(path)
     if path.parent and not path.parent.exists():

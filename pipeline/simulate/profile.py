@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pipeline.errors import AirysortError
+from pipeline.errors import AirysortError, check_seed
 
 PROFILE_NAMES = ("fermi", "lcls")
 _REQUIRED = {
@@ -99,8 +99,8 @@ class Profile:
     def with_detector_seed(self, seed: int | None) -> Profile:
         """The same profile with its hot pixels drawn from ``seed`` (None: from each
         beamtime's seed), so that several beamtimes share one detector."""
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
-            raise AirysortError(f"detector seed {seed!r} must be an integer >= 0")
+        if seed is not None:
+            check_seed(seed, "detector seed")
         return dataclasses.replace(self, detector={**self.detector, "hot_pixel_seed": seed})
 
     def at_size(self, size: int | None) -> Profile:

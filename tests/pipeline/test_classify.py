@@ -241,7 +241,11 @@ def test_resuming_refuses_what_it_would_silently_change_and_keeps_a_finished_mod
         assert result.exit_code == 1 and message in result.stderr and "--fresh" in result.stderr, result.output
     result = run_cli("train", path, model_dir, "--fresh", "--depth", "50")
     assert result.exit_code == 1 and "depth" in result.stderr
+    result = run_cli("train", path, model_dir, "--fresh", "--seed", "-1")
+    assert result.exit_code == 1 and "seed must be an integer from 0 to 2**32 - 1, got -1" in result.stderr
     assert json.loads((model_dir / "model.json").read_text())["model_id"] == trained["model_id"]  # untouched
+    result = run_cli("train", path, tmp_path / "new", *options, "--seed", "-1")
+    assert result.exit_code == 1 and not (tmp_path / "new" / "model.json").exists()
 
     other = tmp_path / "other.zarr"
     other_truth = make_ring_store(other, n=40, client=dask_threads)

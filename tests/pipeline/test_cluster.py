@@ -150,6 +150,10 @@ class TestClusterCommand:
         result = CliRunner().invoke(app, ["cluster", str(tmp_path / "none.zarr"), "--k-min", "5", "--k-max", "3"])
         assert result.exit_code == 1 and "k range" in result.stderr
 
+    def test_a_negative_seed_is_rejected_before_work(self, tmp_path):
+        result = CliRunner().invoke(app, ["cluster", str(tmp_path / "none.zarr"), "--seed", "-1"])
+        assert result.exit_code == 1 and "--seed -1 must be an integer from 0 to 2**32 - 1" in result.stderr
+
 
 def test_seed_style_comparison_table(store_path):
     """Both clusterings of one store, then the comparison of ``airysort evaluate``."""

@@ -113,6 +113,13 @@ class TestGaussianMixture:
         with pytest.raises(AirysortError, match="impossible for 4 sampled"):
             kernels.fit_gmm(np.random.default_rng(0).normal(size=(4, 2)), k=7)
 
+    def test_the_default_k_range_stops_at_the_number_of_rows(self):
+        rows = np.random.default_rng(0).normal(size=(3, 2))
+        gmm, bic = kernels.fit_gmm(rows)  # k_range 2-12 searched as 2-3
+        assert sorted(bic) == [2, 3] and gmm.n_components in (2, 3)
+        with pytest.raises(AirysortError, match="impossible for 3 sampled"):
+            kernels.fit_gmm(rows, k_range=(5, 8))
+
 
 class TestImageFeatures:
     def test_downsample_averages_cells_and_drops_the_remainder(self):

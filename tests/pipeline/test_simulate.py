@@ -245,6 +245,10 @@ class TestBeamtime:
             simulate_beamtime(tmp_path / "x.cxi", 2, layout="sideways")
         with pytest.raises(AirysortError, match="at least 1"):
             simulate_beamtime(tmp_path / "x.cxi", 0)
+        for seed in (-1, 2**32, 1.5):  # what NumPy's generators refuse, before any work
+            with pytest.raises(AirysortError, match="from 0 to 2\\*\\*32 - 1"):
+                simulate_beamtime(tmp_path / "x.cxi", 2, seed=seed)
+        assert not (tmp_path / "x.cxi").exists()
 
 
 class TestCommandLine:
@@ -320,7 +324,7 @@ class TestCommandLine:
         assert attrs["a"]["detector_seed"] == attrs["b"]["detector_seed"] == 5 and "detector_seed" not in attrs["c"]
         refused = runner.invoke(app, ["simulate", str(tmp_path / "x.cxi"), "--n", "1", "--detector-seed", "-1",
                                       "--cluster", "local-threads"])
-        assert refused.exit_code == 1 and "detector seed -1 must be an integer >= 0" in refused.output
+        assert refused.exit_code == 1 and "detector seed -1 must be an integer from 0 to 2**32 - 1" in refused.output
 
     def test_bad_profile_is_one_error_line(self, tmp_path):
         result = runner.invoke(app, ["simulate", str(tmp_path / "x.cxi"), "--n", "2", "--profile", "nope",
