@@ -35,6 +35,7 @@ import signal
 import sys
 import sysconfig
 import threading
+import time
 import warnings
 import weakref
 from pathlib import Path
@@ -56,6 +57,10 @@ JOBQUEUE_CLASSES = {
 
 #: How long connecting to a running scheduler (``--cluster tcp://...``) may take.
 SCHEDULER_TIMEOUT = "20s"
+
+#: Seconds a batch cluster's first job submission may take before a command goes on
+#: without knowing whether it worked.
+SUBMIT_WAIT = 60.0
 
 #: The cluster-configs/ of an installed (not editable) airysort.
 INSTALLED_CONFIGS = Path(sysconfig.get_path("data")) / "share" / "airysort" / "cluster-configs"
@@ -354,14 +359,17 @@ def dask_client(spec: str = "local", *, reuse: bool = True) -> Iterator[Any]:
         config = load_cluster_config(spec)
     if config["type"] in JOBQUEUE_CLASSES:
         _check_submit_command(config)
-    with make_cluster(config) as cluster:
+    with make_cluster(config) as cluster, _submit_failures_watched(config) as failures:
         if config["type"] != "local":
             # Always adapt, with fixed bounds when only ``jobs`` is given: a worker job that
             # ends early (scancel, walltime, preemption, node failure) is then resubmitted.
             # A plain ``scale(jobs=n)`` never replaces it and the run limps on with fewer.
             jobs = int(config.get("jobs", 1))
+            adapt = config.get("adapt") or {"minimum_jobs": jobs, "maximum_jobs": jobs}
             with _options_checked(config, "adapt()", "adapt"):
-                cluster.adapt(**(config.get("adapt") or {"minimum_jobs": jobs, "maximum_jobs": jobs}))
+                cluster.adapt(**adapt)
+            if any(adapt.get(key) for key in ("minimum_jobs", "minimum", "minimum_cores", "minimum_memory")):
+                _wait_for_first_submission(cluster, failures, config)  # (else no job is due yet)
         with Client(cluster) as client:
             _register_worker_setup(client)
             # The port is only known now (8787 may be taken); docs/hpc.md shows the tunnel.
@@ -371,6 +379,88 @@ def dask_client(spec: str = "local", *, reuse: bool = True) -> Iterator[Any]:
             except KeyboardInterrupt:
                 _quiet_cancelled_tasks(client)
                 raise
+
+
+class _SubmitFailures(logging.Filter):
+    """Keeps dask-jobqueue's failed job submissions (``sbatch``, ``qsub``, ``bsub`` exiting
+    non-zero) out of the log: each comes with a traceback, again at every adapt interval,
+    for ever (a wrong account or partition). They are collected in ``failures``; once
+    ``one_line`` is set, each is let through as one line instead."""
+
+    def __init__(self, submit: str) -> None:
+        super().__init__()
+        self.submit, self.failures, self.one_line = submit, [], False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        text = str(error)
+        if not (isinstance(error, RuntimeError) and text.startswith("Command exited with non-zero exit code")
+                and f"\n{self.submit} " in text):
+            return True
+        self.failures.append(text)
+        if not self.one_line:
+            return False
+        record.msg, record.args, record.exc_info, record.exc_text = (
+            f"{_submit_problem(text, self.submit)}; the batch cluster submits the job again", (), None, None)
+        return True
+
+
+def _submit_problem(failure: str, submit: str) -> str:
+    """'sbatch failed (exit 1): <its last error line>' from dask-jobqueue's message."""
+    code = re.search(r"Exit code: (\S+)", failure)
+    stderr = failure.split("stderr:", 1)[-1].strip().splitlines()
+    return f"{submit} failed (exit {code[1] if code else '?'}): {stderr[-1] if stderr else 'no message'}"
+
+
+#: Loggers through which a failed submission reaches the user (the event loop's callback).
+SUBMIT_FAILURE_LOGGERS = ("tornado.application", "asyncio", "distributed.deploy.adaptive_core")
+
+
+@contextlib.contextmanager
+def _submit_failures_watched(config: dict[str, Any]) -> Iterator[_SubmitFailures | None]:
+    """A :class:`_SubmitFailures` on the loggers for the life of a batch cluster (None for
+    a local one)."""
+    if config["type"] not in JOBQUEUE_CLASSES:
+        yield None
+        return
+    import dask_jobqueue
+
+    watcher = _SubmitFailures(getattr(dask_jobqueue, JOBQUEUE_CLASSES[config["type"]]).job_cls.submit_command)
+    for name in SUBMIT_FAILURE_LOGGERS:
+        logging.getLogger(name).addFilter(watcher)
+    try:
+        yield watcher
+    finally:
+        for name in SUBMIT_FAILURE_LOGGERS:
+            logging.getLogger(name).removeFilter(watcher)
+
+
+def _wait_for_first_submission(cluster, failures: _SubmitFailures | None, config: dict[str, Any]) -> None:
+    """Until a worker job has a job id, or its submission failed (an AirysortError with the
+    batch system's message), or :data:`SUBMIT_WAIT` passed. Without it, a submit command
+    that always fails left the command waiting for workers for ever."""
+    if failures is None:
+        return
+    deadline = time.monotonic() + SUBMIT_WAIT
+    try:
+        while time.monotonic() < deadline and not failures.failures:
+            if any(getattr(job, "job_id", None) for job in list(cluster.workers.values())):
+                return
+            time.sleep(0.1)
+        if failures.failures:
+            from distributed.core import Status
+
+            # A job whose start raised stays "created", which closing the cluster asserts
+            # against (distributed's SpecCluster._close): it failed.
+            for job in list(cluster.workers.values()):
+                if getattr(job, "job_id", None) is None and job.status == Status.created:
+                    job.status = Status.failed
+            where = config.get("_path", config["type"])
+            raise AirysortError(f"{_submit_problem(failures.failures[0], failures.submit)}, so no worker can "
+                                f"start; check the job settings of --cluster {where} (account, partition or "
+                                "queue, resources)")
+    finally:
+        failures.one_line = True
 
 
 #: What a worker logs when a heartbeat to the scheduler fails.

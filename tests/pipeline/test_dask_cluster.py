@@ -312,3 +312,23 @@ def test_site_and_user_prologue_lines_reach_the_job_script():
         assert "source env.sh" in own.job_script() and "module load hdf5" not in own.job_script()
         none = make_cluster({"type": "slurm", "cluster": {**options, "job_script_prologue": []}})
         assert "module load hdf5" not in none.job_script()  # an empty list given replaces it too
+
+
+def test_a_batch_system_that_refuses_every_job_is_one_error_line(tmp_path):
+    """sbatch exiting non-zero (a wrong account or partition) ended in a traceback at every
+    adapt interval and a command that waited for workers for ever."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: Invalid account or account/partition "
+                                 "combination specified' >&2\nexit 1\n")
+    (fake / "sbatch").chmod(0o755)
+    env = repo_env(PATH=f"{fake}{os.pathsep}{os.environ['PATH']}")
+    run = subprocess.run([sys.executable, "-m", "pipeline.cli.main", "correlate", str(tmp_path / "s.zarr"),
+                          "--cluster", "slurm"], capture_output=True, text=True, timeout=120, env=env,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert run.returncode == 1, run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("ERROR")]
+    assert errors == [line for line in run.stderr.splitlines() if "sbatch" in line or "Traceback" in line]
+    assert len(errors) == 1 and errors[0].startswith(
+        "ERROR: sbatch failed (exit 1): sbatch: error: Invalid account or account/partition combination specified, "
+        "so no worker can start; check the job settings of --cluster "), run.stderr
