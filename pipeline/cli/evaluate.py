@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.cli.common import JsonOption, emit, say, user_errors
+from pipeline.cli.common import ClusterOption, JsonOption, emit, note_unused_cluster, say, user_errors
 
 
 @user_errors
@@ -17,10 +17,12 @@ def command(
         Optional[Path],
         typer.Option(help="Label CSV (shot_id + 11 class columns) to score against instead of the store's label."),
     ] = None,
+    cluster: ClusterOption = "local",
     json: JsonOption = False,
 ) -> None:
     """Per-class precision/recall/F1 of 'predicted' and homogeneity/completeness/ARI/NMI of
     every clustering against the coarse groups."""
+    note_unused_cluster(cluster, "evaluate", "reads per-pattern tables in this process")
     from pipeline.evaluate import evaluate_store, format_report
 
     result = evaluate_store(store, truth_csv=truth)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli.common import JsonOption, emit, say, user_errors
+from pipeline.cli.common import ClusterOption, JsonOption, emit, note_unused_cluster, say, user_errors
 
 
 @user_errors
@@ -19,11 +19,13 @@ def command(
                                                         "contact sheets and a CSV to fill in, into the directory LABELS.")] = False,
     n: Annotated[int, typer.Option("--n", help="With --sheet: how many patterns to pick.")] = 96,
     seed: Annotated[int, typer.Option(help="With --sheet: random seed.")] = 0,
+    cluster: ClusterOption = "local",
     json: JsonOption = False,
 ) -> None:
     """Import a researcher's labels for a subset of patterns into 'label'. Rows that cannot
     be used are reported one per line and counted (exit status 1 when no row could be).
     With --sheet, prepare the labelling."""
+    note_unused_cluster(cluster, "label", "reads per-pattern tables in this process")
     if sheet:
         from pipeline.labelsheet import make_label_sheet
 

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli.common import JsonOption, emit, user_errors
+from pipeline.cli.common import ClusterOption, JsonOption, emit, note_unused_cluster, user_errors
 
 
 class ColorBy(str, Enum):
@@ -34,9 +34,11 @@ def command(
     points: Annotated[int, typer.Option(help="Patterns drawn at random for the map.")] = 3000,
     steps: Annotated[int, typer.Option(help="Images per factor in the traversal.")] = 7,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    cluster: ClusterOption = "local",
     json: JsonOption = False,
 ) -> None:
     """Latent traversal grid and 2-D latent map, as PNGs."""
+    note_unused_cluster(cluster, "latent", "decodes and plots in this process")
     from pipeline.embed import latent_figures
 
     paths = latent_figures(

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.cli.common import JsonOption, emit, user_errors
+from pipeline.cli.common import ClusterOption, JsonOption, emit, note_unused_cluster, user_errors
 
 
 @user_errors
@@ -19,9 +19,11 @@ def command(
     benchmark_dir: Annotated[Optional[Path], typer.Option(help="Benchmark figures/tables (default OUT_DIR/benchmarks).")] = None,
     truth: Annotated[Optional[Path], typer.Option(help="Label CSV to score against (as evaluate --truth).")] = None,
     title: Annotated[str, typer.Option(help="Report title.")] = "airysort report",
+    cluster: ClusterOption = "local",
     json: JsonOption = False,
 ) -> None:
     """Self-contained HTML report with figures and tables."""
+    note_unused_cluster(cluster, "report", "reads per-pattern tables and a few images in this process")
     from pipeline.report import write_report
 
     result = write_report(store, out_dir, explain_dir=explain_dir, latent_dir=latent_dir, benchmark_dir=benchmark_dir,

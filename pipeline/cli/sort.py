@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.cli.common import JsonOption, emit, say, user_errors
+from pipeline.cli.common import ClusterOption, JsonOption, emit, note_unused_cluster, say, user_errors
 
 
 @user_errors
@@ -16,9 +16,11 @@ def command(
     out_dir: Annotated[Path, typer.Argument(help="Directory for index lists and galleries.")],
     export: Annotated[Optional[str], typer.Option(help="Also copy the raw frames of this class to a CXI file.")] = None,
     export_to: Annotated[Optional[Path], typer.Option(help="CXI file for --export (default OUT_DIR/<class>.cxi).")] = None,
+    cluster: ClusterOption = "local",
     json: JsonOption = False,
 ) -> None:
     """Per-class and per-cluster index lists (CSV) and galleries (PNG)."""
+    note_unused_cluster(cluster, "sort", "reads per-pattern tables and a few images in this process")
     from pipeline.errors import AirysortError
     from pipeline.sort import export_patterns, safe_name, sort_store
     from pipeline.taxonomy import CLASS_NAMES

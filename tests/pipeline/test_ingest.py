@@ -278,6 +278,12 @@ class TestCommandLine:
         assert summary["variables"]["raw"]["shards"] == [256, 24, 32]
         human = runner.invoke(app, ["info", store_path])
         assert "patterns   12 from 1 file(s); 1 rejected" in human.stderr
+        # A script that passes --cluster to every command: the commands that need no
+        # cluster take it too, and say so.
+        for command in (["info", store_path], ["evaluate", store_path], ["label", store_path, str(tmp_path)]):
+            result = runner.invoke(app, [*command, "--cluster", "slurm"])
+            assert "No such option" not in result.output
+            assert f"note: --cluster slurm is not used by {command[0]}, which " in result.stderr
         # Nothing stored and something rejected: exit status 1, the counts still printed.
         failed = runner.invoke(app, ["ingest", store_path, str(tmp_path / "typo.cxi"), "--json"])
         assert failed.exit_code == 1
