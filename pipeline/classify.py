@@ -652,7 +652,9 @@ def explain_patterns(
 
     from jaxmodels.gradcam import explain_resnet
     from jaxmodels.infer import predict_proba
+    from pipeline import store
 
+    out_dir = store.check_output_dir(out_dir, store_path)
     model, info = load_classifier(model_dir)
     dataset, source = _input_array(store_path, info["input"])
     _check_input_shape(source.shape[1:], info, store_path=store_path, model_dir=model_dir)
@@ -665,7 +667,6 @@ def explain_patterns(
             "'airysort info' or from a 'sort' index list"
         )
     indices = list(dict.fromkeys(int(i) for i in indices))  # a repeated index once
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     thresholds = np.asarray(info["thresholds"])
     shot_ids = np.asarray(dataset["shot_id"].values).astype(object)

@@ -471,6 +471,7 @@ def latent_figures(
     if method not in ("pca", "tsne"):
         raise AirysortError(f"method must be 'pca' or 'tsne', got {method!r}")
     seed = check_seed(seed)
+    out_dir = store.check_output_dir(out_dir, store_path)
     read_model_info(model_dir, kind="vae")  # a wrong model dir first: embedding with it would fail too
     dataset = store.open_store(store_path)
     if "latent" not in dataset:
@@ -498,7 +499,6 @@ def latent_figures(
         groups = np.array([f"cluster {v}" for v in values])
         legend = color_by.replace("_", " ")
 
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     images, spread = traversal_grid(
         functools.partial(decode_latents, model), latents, n_steps=n_steps

@@ -48,7 +48,8 @@ def read_label_csv(path: str | Path) -> LabelSheet:
     (missing, empty, a header without ``shot_id`` first or without every class)."""
     path = Path(path)
     if not path.is_file():
-        raise AirysortError(f"label file {str(path)!r} does not exist")
+        what = "is a directory, not a CSV file" if path.is_dir() else "does not exist"
+        raise AirysortError(f"label file {str(path)!r} {what}")
     sheet = LabelSheet()
     with open(path, newline="", encoding="utf-8-sig") as handle:  # Excel writes a BOM
         reader = csv.reader(handle)

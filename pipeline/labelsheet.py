@@ -84,7 +84,7 @@ def make_label_sheet(
     if n < 1:
         raise AirysortError(f"--n must be at least 1, got {n!r}")
     seed = check_seed(seed)
-    csv_path = Path(out_dir) / "labels_to_fill.csv"
+    csv_path = store.check_output_dir(out_dir, path) / "labels_to_fill.csv"
     if csv_path.exists():
         raise AirysortError(
             f"{str(csv_path)!r} exists and may hold labels filled in already; import it with "

@@ -247,6 +247,8 @@ def load_dark(dark: str | os.PathLike | np.ndarray | None, shape: tuple[int, int
             dark = np.load(path)
         except ValueError as error:
             raise AirysortError(f"dark frame {str(path)!r} is not a readable .npy file ({error})") from None
+    if np.asarray(dark).dtype.kind not in "biuf":
+        raise AirysortError(f"dark frame holds {np.asarray(dark).dtype} values, not numbers; give counts per pixel")
     dark = np.asarray(dark, np.float32)
     if dark.shape != tuple(shape):
         raise AirysortError(f"dark frame has shape {dark.shape!r} but frames are {tuple(shape)!r}; give one frame (y, x)")
@@ -349,7 +351,10 @@ def preprocess_store(
     dataset = store.open_store(path)
     n_patterns = dataset.sizes["pattern"]
     if n_patterns == 0:
-        raise AirysortError(f"store {str(path)!r} holds no patterns; ingest some first")
+        pending = (Path(path) / store.PENDING_DIR).exists()
+        raise AirysortError(f"store {str(path)!r} holds no patterns; " + (
+            "an interrupted ingest is pending: run the same 'airysort ingest' again to complete it"
+            if pending else "ingest some first"))
     raw = dataset["raw"].data  # one read task per shard (store.open_store)
     shape = tuple(raw.shape[1:])
     file_mask = dataset["mask"].values.astype(bool)

@@ -278,7 +278,7 @@ def write_report(
                         ("--benchmark-dir", benchmark_dir)):
         if given is not None and not Path(given).is_dir():
             raise AirysortError(f"{name} {str(given)!r} is not a directory")
-    out = Path(out_dir)
+    out = store.check_output_dir(out_dir, path)
     out.mkdir(parents=True, exist_ok=True)
     dataset = store.open_store(path)
     info = store_info(path)

@@ -104,7 +104,7 @@ def sort_store(path: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str,
         ``classes`` {name: count}, ``clusters`` {method: {cluster: count}}, ``out_dir``.
     """
     dataset = store.open_store(path)
-    out = Path(out_dir)
+    out = store.check_output_dir(out_dir, path)
     cluster_vars = sorted(v for v in dataset.data_vars if re.fullmatch(r"cluster_[a-z]+", str(v)))
     if "predicted" not in dataset and not cluster_vars:
         raise AirysortError(

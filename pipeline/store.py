@@ -103,6 +103,19 @@ def check_store(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_output_dir(out_dir: str | os.PathLike, store_path: str | os.PathLike) -> Path:
+    """``out_dir`` as a Path, where a command may write its files; else one clear error: an
+    existing file in its place, or a directory inside the store (its files would sit among
+    the store's arrays, and Zarr would warn about them at every open)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise AirysortError(f"{str(out)!r} is a file, not a directory; give a directory for the output")
+    resolved, root = out.resolve(), Path(store_path).resolve()
+    if resolved == root or root in resolved.parents:
+        raise AirysortError(f"{str(out)!r} is inside the store {str(store_path)!r}; give a directory outside it")
+    return out
+
+
 # --------------------------------------------------------------------------- locking
 
 

@@ -214,6 +214,8 @@ def simulate_beamtime(
         raise AirysortError(f"layout {layout!r} is unknown; use one of {', '.join(LAYOUTS)}")
     _check_n(n)
     seed = check_seed(seed)
+    if Path(path).is_dir():  # found only after the simulation, when the file is moved into place
+        raise AirysortError(f"{str(path)!r} is a directory; give the CXI file to write, e.g. {str(Path(path) / 'beam.cxi')!r}")
     prof = resolve_profile(profile, size=size, like=like)
     path = Path(path)
     if path.parent and not path.parent.exists():

@@ -129,6 +129,8 @@ class TestLabel:
         csv.write_text("shot_id," + ",".join(CLASS_NAMES) + ",Round\n")  # which Round counts?
         result = run_cli("label", path, csv)
         assert result.exit_code == 1 and "has the column(s) ['Round'] more than once" in result.stderr
+        result = run_cli("label", path, tmp_path)
+        assert result.exit_code == 1 and "is a directory, not a CSV file" in result.stderr
 
 
 def test_label_train_killed_resume_predict_explain(ring_store, tmp_path):

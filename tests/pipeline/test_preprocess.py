@@ -318,6 +318,10 @@ class TestCommand:
                                       "--cluster", "local-threads"])
         assert outcome.exit_code == 1
         assert "ERROR: dark frame has shape (3, 3) but frames are (256, 256)" in outcome.output
+        np.save(tmp_path / "text.npy", np.full((256, 256), "a"))
+        outcome = runner.invoke(app, ["preprocess", str(path), "--dark", str(tmp_path / "text.npy"),
+                                      "--cluster", "local-threads"])
+        assert outcome.exit_code == 1 and "ERROR: dark frame holds <U1 values, not numbers" in outcome.output
         outcome = runner.invoke(app, ["preprocess", str(tmp_path / "nothing.zarr"), "--cluster", "local-threads"])
         assert outcome.exit_code == 1 and "does not exist" in outcome.output
         # Numbers that would give empty or NaN images are refused before any work.

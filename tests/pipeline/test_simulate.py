@@ -249,6 +249,8 @@ class TestBeamtime:
             with pytest.raises(AirysortError, match="from 0 to 2\\*\\*32 - 1"):
                 simulate_beamtime(tmp_path / "x.cxi", 2, seed=seed)
         assert not (tmp_path / "x.cxi").exists()
+        with pytest.raises(AirysortError, match="is a directory; give the CXI file to write"):
+            simulate_beamtime(tmp_path, 2)  # before simulating, not when the result is moved there
 
 
 class TestCommandLine:

@@ -101,6 +101,14 @@ def test_sort_command_and_clear_error(tmp_path, dask_threads):
     ingest(bare, [write_stacked_cxi(tmp_path / "b.cxi", random_frames(3))], log=lambda line: None)
     result = runner.invoke(app, ["sort", str(bare), str(tmp_path / "o2")])
     assert result.exit_code == 1 and "run 'airysort predict' or 'airysort cluster' first" in result.stderr
+    # Output in the store's place, inside it, or where a file is: refused before writing.
+    (tmp_path / "plain").write_text("x")
+    for out, message in ((path, "is inside the store"), (path / "classes", "is inside the store"),
+                         (tmp_path / "plain", "is a file, not a directory")):
+        for command in ("sort", "report"):
+            result = runner.invoke(app, [command, str(path), str(out)])
+            assert result.exit_code == 1 and message in result.stderr, result.output
+    assert not (path / "classes").exists() and not (path / "report.html").exists()
 
 
 def test_patterns_ingested_after_the_results_are_in_no_class_or_cluster(tmp_path, dask_threads):
