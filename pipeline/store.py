@@ -132,6 +132,7 @@ def write_lock(path: str | os.PathLike, command: str) -> Iterator[None]:
     if key in _HELD_LOCKS:
         yield
         return
+    created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
     lock_path = path / LOCK_FILE
     handle = open(lock_path, "a+")
@@ -156,6 +157,12 @@ def write_lock(path: str | os.PathLike, command: str) -> Iterator[None]:
         _HELD_LOCKS.discard(key)
         handle.seek(0)
         handle.truncate()
+        if created and [entry.name for entry in path.iterdir()] == [LOCK_FILE]:
+            # Nothing was written (every input rejected): leave no directory behind, which
+            # later commands would take for a broken store. Removed while still locked.
+            with contextlib.suppress(OSError):
+                lock_path.unlink()
+                path.rmdir()
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
 

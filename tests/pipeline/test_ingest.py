@@ -184,6 +184,7 @@ class TestRejects:
         with pytest.raises(AirysortError, match="nothing to ingest"):
             ingest(tmp_path / "t.zarr", [tmp_path / "group.cxi"], dataset="/entry_1/data_1/data", log=lines.append)
         assert "dataset '/entry_1/data_1/data' is a group, not a dataset" in lines[-1]
+        assert not (tmp_path / "t.zarr").exists()  # no lock-only directory left to look like a broken store
 
     def test_labels_other_than_zero_or_one_are_stored_as_unlabelled_with_a_warning(self, tmp_path, dask_threads):
         labels = random_labels(5).astype(np.float32)
