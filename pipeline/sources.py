@@ -91,7 +91,13 @@ def open_source(path: str | os.PathLike, *, dataset: str | None = None) -> Sourc
         When the file cannot be opened or holds no usable frame stack; the message names
         the file and says what was expected.
     """
-    path = str(path)
+    source = _open_any(str(path), dataset)
+    if source.n_frames == 0:
+        raise SourceError(f"{source.path}: holds no frames (an empty stack of {source.frame_shape!r} frames)")
+    return source
+
+
+def _open_any(path: str, dataset: str | None) -> Source:
     if not os.path.exists(path):
         raise SourceError(f"{path}: no such file")
     if path.endswith(".npy"):

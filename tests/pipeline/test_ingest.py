@@ -167,6 +167,7 @@ class TestRejects:
             "text.cxi": lambda h5: (h5.__setitem__("entry_1/data_1/data", random_frames(2)),
                                     h5.__setitem__("entry_1/instrument_1/detector_1/distance", "0.7 m")),
             "empty_frames.cxi": lambda h5: h5.__setitem__("entry_1/data_1/data", np.zeros((3, 0, 0), np.uint16)),
+            "no_frames.cxi": lambda h5: h5.__setitem__("entry_1/data_1/data", np.zeros((0, 24, 32), np.uint16)),
         }
         for name, build in broken.items():
             with h5py.File(tmp_path / name, "w") as h5:
@@ -179,6 +180,7 @@ class TestRejects:
         assert "no frames found" in reasons["group.cxi"] and "no frames found" in reasons["link.cxi"]
         assert "unreadable metadata" in reasons["text.cxi"] and "0.7 m" in reasons["text.cxi"]
         assert "shape (0, 0)" in reasons["empty_frames.cxi"]
+        assert reasons["no_frames.cxi"] == "holds no frames (an empty stack of (24, 32) frames)"
         np.testing.assert_array_equal(store.open_store(tmp_path / "s.zarr").raw.values, good)
         # --dataset names a group: said so.
         with pytest.raises(AirysortError, match="nothing to ingest"):
