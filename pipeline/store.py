@@ -168,6 +168,21 @@ def write_lock(path: str | os.PathLike, command: str) -> Iterator[None]:
 
 
 _HELD_LOCKS: set[str] = set()
+
+
+def lock_holder(path: str | os.PathLike) -> str | None:
+    """Who holds the store's writer lock ("airysort preprocess (pid ...)"), or None when
+    nobody does (a lock file left by a killed writer holds no lock)."""
+    lock_path = Path(path) / LOCK_FILE
+    if str(Path(path).resolve()) in _HELD_LOCKS or not lock_path.exists():
+        return None
+    with open(lock_path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle.read().strip() or "another process"
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
 # zarr lists the lock file and the pending-ingest journal as unknown objects; they are ours.
 warnings.filterwarnings("ignore", message=r"Object at \.(airysort|ingest)", category=UserWarning)
 
@@ -359,9 +374,14 @@ def _warn_about_variables(path: Path, dataset: xr.Dataset, incomplete: dict, com
     """:func:`open_store`'s warning lines: incomplete, out-of-date and partial variables."""
     if incomplete:
         first = incomplete[min(incomplete)]
-        _warn_once(f"WARNING: {', '.join(map(repr, sorted(incomplete)))} in {str(path)!r} were left incomplete by "
-                   f"an interrupted or failed '{first['command']}' (started {first['since']}) and are not used; "
-                   "run that command again")
+        names = ", ".join(map(repr, sorted(incomplete)))
+        writer = lock_holder(path)
+        if writer is not None:
+            _warn_once(f"WARNING: {names} in {str(path)!r} are being written by {writer} and are not used "
+                       "until it finishes")
+        else:
+            _warn_once(f"WARNING: {names} in {str(path)!r} were left incomplete by an interrupted or failed "
+                       f"'{first['command']}' (started {first['since']}) and are not used; run that command again")
     stale = {k: v for k, v in stale_variables(dataset.attrs).items() if k in dataset and k not in incomplete}
     by_input: dict[tuple[str, str, str], list[str]] = {}
     for name, mark in sorted(stale.items()):

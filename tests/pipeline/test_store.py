@@ -247,12 +247,17 @@ def test_second_writer_is_refused(filled_store):
 
     path, _ = filled_store
     code = f"from pipeline import store\nwith store.write_lock({str(path)!r}, 'preprocess'): pass\n"
+    holder = f"from pipeline import store\nprint(store.lock_holder({str(path)!r}))"
     with store.write_lock(path, "ingest"):
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        # Readers are told the writer is at work, not that it was interrupted.
+        seen = subprocess.run([sys.executable, "-c", holder], capture_output=True, text=True).stdout
     assert result.returncode != 0
     assert "is being written by airysort ingest (pid" in result.stderr
+    assert seen.startswith("airysort ingest (pid")
     # once released, the lock can be taken again
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    assert subprocess.run([sys.executable, "-c", holder], capture_output=True, text=True).stdout.strip() == "None"
 
 
 def test_missing_store_has_clear_error(tmp_path):
