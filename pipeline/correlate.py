@@ -119,7 +119,7 @@ def correlate_store(
             f"store {str(path)!r} lacks {', '.join(missing)}; run 'airysort preprocess {path}' first"
         )
     n_patterns = dataset.sizes["pattern"]
-    raw = dataset["raw"].data  # one read task per shard (store.open_store)
+    raw = store.raw_frames(dataset)  # one read task per shard (store.open_store)
     shape = tuple(raw.shape[1:])
     # Straight from Zarr: through the Dask-backed dataset these small reads took seconds.
     centres = np.stack([store.read_pattern_values(path, f"centre_{axis}")[:n_patterns] for axis in "yx"],

@@ -463,7 +463,8 @@ def ingest(
                     log(f"ERROR: {reject.line()}")
                 raise AirysortError(f"nothing to ingest: none of the {len(inputs)} input(s) could be read")
             first = sources[0]
-            store.create_store(path, frame_shape=first.frame_shape, dtype=first.dtype, mask=first.mask, geometry=first.geometry)
+            store.create_store(path, frame_shape=first.frame_shape, dtype=store.raw_dtype(first.dtype), mask=first.mask,
+                               geometry=first.geometry)
 
         group = zarr.open_group(path, mode="r", use_consolidated=False)
         frame_shape, dtype = tuple(group["raw"].shape[1:]), np.dtype(group["raw"].dtype)

@@ -355,7 +355,7 @@ def preprocess_store(
         raise AirysortError(f"store {str(path)!r} holds no patterns; " + (
             "an interrupted ingest is pending: run the same 'airysort ingest' again to complete it"
             if pending else "ingest some first"))
-    raw = dataset["raw"].data  # one read task per shard (store.open_store)
+    raw = store.raw_frames(dataset)  # one read task per shard (store.open_store)
     shape = tuple(raw.shape[1:])
     file_mask = dataset["mask"].values.astype(bool)
     dark_frame = load_dark(dark, shape)
@@ -533,7 +533,7 @@ def preprocess_new(path: str | os.PathLike, *, start: int) -> dict[str, Any]:
     dark = background if parameters["background"] == "dark" else None
     hit_settings, settings = run_settings(
         parameters, run_mask=dataset["preprocess_mask"].values.astype(bool), background=background, dark=dark)
-    outputs = analyse_array(dataset["raw"].data[start:], hit_settings=hit_settings, settings=settings)
+    outputs = analyse_array(store.raw_frames(dataset)[start:], hit_settings=hit_settings, settings=settings)
     _write_outputs(path, outputs, parameters=parameters, start=start)
     hits = store.read_pattern_values(path, "hit", start=start)
     return {"patterns": int(hits.size), "hits": int(hits.sum()), "seconds": round(time.perf_counter() - started, 2)}

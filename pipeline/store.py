@@ -190,6 +190,20 @@ warnings.filterwarnings("ignore", message=r"Object at \.(airysort|ingest)", cate
 # --------------------------------------------------------------------------- creating
 
 
+def raw_dtype(frame_dtype: np.dtype | str) -> np.dtype:
+    """The dtype ``raw`` keeps for frames of ``frame_dtype``: their own, but float32 for
+    half floats, which the compiled preprocessing kernels do not take (widening is exact)."""
+    frame_dtype = np.dtype(frame_dtype)
+    return np.dtype(np.float32) if frame_dtype == np.float16 else frame_dtype
+
+
+def raw_frames(dataset: xr.Dataset):
+    """``raw`` as a Dask array (one read task per shard), half floats of an older store as
+    float32 (:func:`raw_dtype`)."""
+    raw = dataset["raw"].data
+    return raw.astype(raw_dtype(raw.dtype)) if raw.dtype != raw_dtype(raw.dtype) else raw
+
+
 def create_store(
     path: str | os.PathLike,
     *,

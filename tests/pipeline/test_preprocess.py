@@ -310,6 +310,19 @@ class TestCommand:
         with pytest.raises(preprocess.AirysortError, match="'loud' must be a number of photons rms or 'auto'"):
             preprocess.preprocess_store(counts, size=32, read_noise="loud")
 
+    def test_half_float_frames_are_stored_as_float32_and_preprocessed(self, tmp_path, dask_threads):
+        """The compiled kernels take no float16: ingest widens it (exactly); preprocess of a
+        store that an older version left in float16 reads it as float32."""
+        frames, hits, _ = beamtime(3, 2)
+        halves = np.minimum(frames, 2000).astype(np.float16)
+        path = make_store(tmp_path, halves)
+        raw = store.open_store(path)["raw"]
+        assert raw.dtype == np.float32 and np.array_equal(raw.values, halves.astype(np.float32))
+        result = preprocess.preprocess_store(path, size=32)
+        assert result["hits"] == hits.sum()
+        older = store.open_store(path).assign(raw=raw.astype(np.float16))
+        assert store.raw_frames(older).dtype == np.float32
+
     def test_cli_errors(self, tmp_path, dask_threads):
         frames, _, _ = beamtime(2, 2)
         path = make_store(tmp_path, frames)
