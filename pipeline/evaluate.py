@@ -223,7 +223,9 @@ def evaluate_store(path: str | Path, *, truth_csv: str | Path | None = None) -> 
         interface.md; a section is absent when its inputs are. Extra keys: ``truth``
         (``"label"`` or the CSV path), ``classification.scored`` (``"held_out"`` when the
         training patterns are known and excluded, else ``"all_labelled"``),
-        ``classification.excluded_training``, ``classification.groups`` (the predicted
+        ``classification.excluded_training`` (labelled patterns that trained the classifier),
+        ``classification.not_predicted`` (labelled patterns ingested since ``predict``),
+        ``classification.groups`` (the predicted
         coarse groups scored as a clustering of the scored patterns,
         :func:`predicted_group_scores`), ``truth_unmatched_rows`` and ``truth_bad_rows`` (CSV
         only: rows not in the store, and rows left out as `label` would reject them).
@@ -263,19 +265,24 @@ def evaluate_store(path: str | Path, *, truth_csv: str | Path | None = None) -> 
     if "predicted" in dataset:
         trained, split_variable = training_patterns(dataset, external_truth=truth_csv is not None)
         # Not patterns ingested since `predict` (a new array: `known` scores the clusterings).
-        scored = (known if trained is None else known & ~trained) & store.covered(dataset, "predicted")
+        covered = store.covered(dataset, "predicted")
+        scored = (known if trained is None else known & ~trained) & covered
         if scored.any():
             predicted = np.asarray(dataset["predicted"].values)
             result["classification"] = classification_scores(truth[scored], predicted[scored])
             result["classification"]["scored"] = "all_labelled" if trained is None else "held_out"
             result["classification"]["groups"] = predicted_group_scores(truth[scored], predicted[scored])
-            result["classification"]["excluded_training"] = int((known & ~scored).sum())
+            result["classification"]["excluded_training"] = 0 if trained is None else int((known & trained).sum())
+            result["classification"]["not_predicted"] = int((known & ~covered).sum())
             if trained is None and truth_csv is None:
                 result["classification"]["note"] = (
                     "the store does not record which labelled patterns trained the classifier, so "
                     "these scores include them and are optimistic; pass --truth with labels of "
                     "patterns outside the training set for an unbiased estimate"
                 )
+        elif trained is not None and (known & ~trained).any():
+            reason = (f"no pattern with known truth ({result['truth']}) outside the classifier's training set has "
+                      "'predicted' yet (ingested since `predict` ran); run `airysort predict` again")
         else:
             reason = (f"every pattern with known truth ({result['truth']}) was used to train the "
                       f"classifier ({split_variable!r}); pass --truth with labels of other patterns to score it")
@@ -286,15 +293,17 @@ def evaluate_store(path: str | Path, *, truth_csv: str | Path | None = None) -> 
     if clusterings:
         groups = coarse_group(truth)
         result["clustering"] = {}
+        clustered_any = np.zeros_like(known)
         for name in clusterings:
             clusters = np.asarray(dataset[name].values)
             k = int(dataset[name].attrs.get("k", len(np.unique(clusters))))
             clustered = known & (clusters >= 0)  # -1: ingested after `cluster` ran
+            clustered_any |= clustered
             result["clustering"][name.removeprefix("cluster_")] = clustering_scores(
                 groups[clustered], clusters[clustered], k=k
             )
         result["coarse_groups"] = {
-            str(g): int(n) for g, n in zip(*np.unique(groups[known], return_counts=True))
+            str(g): int(n) for g, n in zip(*np.unique(groups[clustered_any], return_counts=True))
         }
     return result
 
@@ -309,6 +318,8 @@ def format_report(result: dict[str, Any]) -> str:
             f"Classification: {classification['n']} {subset} patterns, truth = {result['truth']}"
             + (f" ({classification['excluded_training']} training patterns left out)"
                if classification["excluded_training"] else "")
+            + (f" ({classification['not_predicted']} ingested since `predict` ran, not scored)"
+               if classification.get("not_predicted") else "")
         )
         lines.append(f"{'class':<18}{'precision':>10}{'recall':>8}{'F1':>8}{'support':>9}")
         for name, row in classification["per_class"].items():

@@ -166,6 +166,25 @@ class TestEvaluateCommand:
         assert groups["ari"] == pytest.approx(adjusted_rand_score(true_groups, predicted_groups))
         assert 0.3 < groups["ari"] < 1.0
 
+    def test_patterns_ingested_since_predict_are_counted_apart_from_training_patterns(
+            self, evaluated_store, dask_threads, tmp_path):
+        path = tmp_path / "grown.zarr"
+        shutil.copytree(evaluated_store["path"], path)
+        np.save(tmp_path / "more.npy", np.ones((20, 6, 6), np.uint16))
+        ingest(path, [tmp_path / "more.npy"], client=dask_threads, log=lambda line: None)
+        label = np.concatenate([evaluated_store["label"], evaluated_store["truth"][:20]])
+        store.write_variables(path, {"label": xr.DataArray(label, dims=("pattern", "class"))},
+                              command="label", parameters={})
+        result = run_json("evaluate", str(path))
+        known = (evaluated_store["label"] >= 0).all(axis=1)
+        classification = result["classification"]
+        assert classification["n"] == known.sum()
+        assert classification["excluded_training"] == 0 and classification["not_predicted"] == 20
+        # The groups' counts are those of the patterns the clusterings were scored on.
+        assert sum(result["coarse_groups"].values()) == result["clustering"]["gmm"]["n"] == known.sum()
+        human = CliRunner().invoke(app, ["evaluate", str(path)]).stderr
+        assert "(20 ingested since `predict` ran, not scored)" in human and "training patterns left out" not in human
+
     def test_truth_csv_overrides_store_labels(self, evaluated_store):
         truth = evaluated_store["truth"]
         shot_ids = store.open_store(evaluated_store["path"])["shot_id"].values.tolist()
