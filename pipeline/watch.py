@@ -96,9 +96,9 @@ def process_batch(
     Returns
     -------
     dict
-        ``files``, ``ingested``, ``rejected``, ``preprocessed``, ``hits`` and
-        ``predicted`` (patterns done now), ``counts`` (predicted classes of those
-        patterns), ``patterns`` (in the store), ``seconds`` (per stage: ``ingest``,
+        ``files``, ``ingested``, ``rejected``, ``preprocessed`` and ``predicted``
+        (patterns done now), ``hits`` and ``counts`` (hits and predicted classes among
+        the patterns classified now), ``patterns`` (in the store), ``seconds`` (per stage: ``ingest``,
         ``preprocess``, ``predict``).
     """
     from pipeline import store
@@ -124,20 +124,21 @@ def process_batch(
     attrs = store.read_attrs(store_path)
 
     preprocessed_from = done_until(attrs, "preprocess")
-    hits = 0
     if preprocessed_from == 0:
         look = {**IMAGE_PREPROCESSING, **info.get("preprocessing", {})}
-        result = preprocess_store(store_path, size=int(info["input_shape"][0]), crop=look["crop"],
-                                  scaling=look["scaling"], asinh_scale=look["asinh_scale"])
-        hits = result["hits"]
+        preprocess_store(store_path, size=int(info["input_shape"][0]), crop=look["crop"],
+                         scaling=look["scaling"], asinh_scale=look["asinh_scale"])
     elif preprocessed_from < n_patterns:
-        hits = preprocess_new(store_path, start=preprocessed_from)["hits"]
+        preprocess_new(store_path, start=preprocessed_from)
     clock.lap("preprocess")
 
     predicted_from = done_until(attrs, "predict", model_id=info["model_id"])  # preprocess leaves it as it was
     counts: dict[str, int] = {}
+    hits = 0
     if predicted_from < n_patterns:
         counts = predict_store(store_path, model_dir, start=predicted_from)["counts"]
+        # Of the patterns classified now, also those a killed batch had preprocessed already.
+        hits = int(store.read_pattern_values(store_path, "hit", start=predicted_from).sum())
     clock.lap("predict")
     return {
         "files": len(files),
@@ -196,8 +197,8 @@ def watch(
     Returns
     -------
     dict
-        ``batches``, ``files``, ``ingested``, ``rejected``, ``predicted`` (totals of this
-        watch), ``counts`` (predicted classes of the patterns classified by it) and
+        ``batches``, ``files``, ``ingested``, ``rejected``, ``predicted`` and ``hits`` (totals
+        of this watch), ``counts`` (predicted classes of the patterns classified by it) and
         ``patterns`` (in the store at the end).
     """
     from pipeline import store
@@ -212,7 +213,7 @@ def watch(
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     patterns = tuple(patterns)
     totals: dict[str, Any] = {"batches": 0, "files": 0, "ingested": 0, "rejected": 0, "predicted": 0,
-                              "counts": {}, "patterns": 0}
+                              "hits": 0, "counts": {}, "patterns": 0}
     # (path, size, mtime) of the files handed to ingest, starting with those the store
     # holds: a watch started again does not list every file of the run as skipped.
     taken = ingested_fingerprints(store_path)
@@ -282,7 +283,7 @@ def _sleep(seconds: float, stop: threading.Event) -> bool:
 
 def _add(totals: dict[str, Any], batch: dict[str, Any]) -> None:
     totals["batches"] += 1
-    for key in ("files", "ingested", "rejected", "predicted"):
+    for key in ("files", "ingested", "rejected", "predicted", "hits"):
         totals[key] += batch[key]
     for name, count in batch["counts"].items():
         totals["counts"][name] = totals["counts"].get(name, 0) + count

@@ -118,6 +118,15 @@ def test_a_killed_batch_is_finished_by_the_next(beamtime, tmp_path, dask_threads
     result = watch(daq, run, model_dir, once=True, log=lambda line: None)
     assert result["ingested"] == 0 and result["predicted"] == 20
     assert np.isfinite(store.open_store(run)["prob"].values).all()
+    assert result["hits"] == store.read_pattern_values(run, "hit", start=20).sum() > 0
+
+    # Killed after preprocessing the next file, before classifying it: the batch that
+    # classifies those patterns reports their hits too.
+    ingest(run, [files["run_b"]], client=dask_threads, force=True, log=lambda line: None)
+    preprocess_new(run, start=40)
+    result = watch(daq, run, model_dir, once=True, log=lambda line: None)
+    assert result["ingested"] == 0 and result["predicted"] == 20
+    assert result["hits"] == store.read_pattern_values(run, "hit", start=40).sum() > 0
 
 
 def test_an_unreadable_first_file_does_not_stop_the_watch(beamtime, tmp_path):
