@@ -420,6 +420,11 @@ def preprocess_store(
     if centre_window is None:
         centre_window = min(64, min(shape) // 4)
     radius = kernels.disc_radius(shape, centre0) - search_radius
+    if radius <= 0:
+        raise AirysortError(
+            f"frames of {shape[0]}x{shape[1]} px are too small for --search-radius {search_radius:g}: the "
+            f"centre ({centre0[0]:.1f}, {centre0[1]:.1f}) is {radius + search_radius:.1f} px from the edge; "
+            "give a smaller --search-radius")
     parameters = {
         "size": int(size),
         "crop": float(crop),

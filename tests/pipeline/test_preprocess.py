@@ -335,6 +335,9 @@ class TestCommand:
         outcome = runner.invoke(app, ["preprocess", str(path), "--dark", str(tmp_path / "text.npy"),
                                       "--cluster", "local-threads"])
         assert outcome.exit_code == 1 and "ERROR: dark frame holds <U1 values, not numbers" in outcome.output
+        small = make_store(tmp_path, np.ones((3, 8, 8), np.uint16), name="small.zarr")
+        outcome = runner.invoke(app, ["preprocess", str(small), "--size", "8", "--cluster", "local-threads"])
+        assert outcome.exit_code == 1 and "frames of 8x8 px are too small for --search-radius 8" in outcome.output
         outcome = runner.invoke(app, ["preprocess", str(tmp_path / "nothing.zarr"), "--cluster", "local-threads"])
         assert outcome.exit_code == 1 and "does not exist" in outcome.output
         # Numbers that would give empty or NaN images are refused before any work.
