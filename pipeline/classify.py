@@ -298,7 +298,8 @@ def train_classifier(
     labelled = np.flatnonzero((labels_all >= 0).all(axis=1))
     if len(labelled) < 2:
         raise AirysortError(
-            f"store {str(store_path)!r} has {len(labelled)} labelled pattern(s); import labels "
+            f"store {str(store_path)!r} has {len(labelled)} labelled pattern(s); training needs at least 2 "
+            "(in practice hundreds); import labels "
             "with 'airysort label STORE LABELS.csv' first"
         )
 
