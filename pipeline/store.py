@@ -183,6 +183,8 @@ def lock_holder(path: str | os.PathLike) -> str | None:
             return handle.read().strip() or "another process"
         fcntl.flock(handle, fcntl.LOCK_UN)
     return None
+
+
 # zarr lists the lock file and the pending-ingest journal as unknown objects; they are ours.
 warnings.filterwarnings("ignore", message=r"Object at \.(airysort|ingest)", category=UserWarning)
 
