@@ -351,7 +351,11 @@ def dask_client(spec: str = "local", *, reuse: bool = True) -> Iterator[Any]:
             n_workers=1, threads_per_worker=os.cpu_count() or 1, processes=False, dashboard_address=":0"
         ) as cluster, Client(cluster) as client:
             _register_worker_setup(client)
-            yield client
+            try:
+                yield client
+            except KeyboardInterrupt:
+                _quiet_cancelled_tasks(client)
+                raise
         return
     if spec == "local" and not any((d / "local.yaml").exists() for d in config_directories()):
         config = {"type": "local"}

@@ -202,7 +202,8 @@ def test_ctrl_c_in_a_command_is_one_line_and_status_130(capsys):
     assert capsys.readouterr().err.startswith("ERROR: interrupted; the store keeps what was complete")
 
 
-def test_ctrl_c_leaves_no_worker_warnings_about_cancelled_tasks(tmp_path):
+@pytest.mark.parametrize("spec, seconds", [("local", 60), ("local-threads", 3)])  # (threads cannot be stopped)
+def test_ctrl_c_leaves_no_worker_warnings_about_cancelled_tasks(tmp_path, spec, seconds):
     """Interrupted while workers run tasks: the command's one line is all the user sees,
     not one distributed warning per cancelled task."""
     root = Path(__file__).resolve().parents[2]
@@ -211,8 +212,8 @@ def test_ctrl_c_leaves_no_worker_warnings_about_cancelled_tasks(tmp_path):
         "import time\n"
         "from pipeline.dask_cluster import dask_client\n"
         "if __name__ == '__main__':\n"
-        "    with dask_client('local') as client:\n"
-        "        tasks = [client.submit(time.sleep, 60, pure=False) for _ in range(4)]\n"
+        f"    with dask_client({spec!r}) as client:\n"
+        f"        tasks = [client.submit(time.sleep, {seconds}, pure=False) for _ in range(4)]\n"
         "        while sum(len(v) for v in client.processing().values()) < 2:\n"
         "            time.sleep(0.1)\n"
         "        time.sleep(1.0)  # the tasks are executing now\n"
