@@ -351,11 +351,8 @@ def dask_client(spec: str = "local", *, reuse: bool = True) -> Iterator[Any]:
             n_workers=1, threads_per_worker=os.cpu_count() or 1, processes=False, dashboard_address=":0"
         ) as cluster, Client(cluster) as client:
             _register_worker_setup(client)
-            try:
+            with _cancelled_tasks_quiet_on_ctrl_c(client):
                 yield client
-            except KeyboardInterrupt:
-                _quiet_cancelled_tasks(client)
-                raise
         return
     if spec == "local" and not any((d / "local.yaml").exists() for d in config_directories()):
         config = {"type": "local"}
@@ -378,11 +375,8 @@ def dask_client(spec: str = "local", *, reuse: bool = True) -> Iterator[Any]:
             _register_worker_setup(client)
             # The port is only known now (8787 may be taken); docs/hpc.md shows the tunnel.
             print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr, flush=True)
-            try:
+            with _cancelled_tasks_quiet_on_ctrl_c(client):
                 yield client
-            except KeyboardInterrupt:
-                _quiet_cancelled_tasks(client)
-                raise
 
 
 class _SubmitFailures(logging.Filter):
@@ -439,12 +433,10 @@ def _submit_failures_watched(config: dict[str, Any]) -> Iterator[_SubmitFailures
             logging.getLogger(name).removeFilter(watcher)
 
 
-def _wait_for_first_submission(cluster, failures: _SubmitFailures | None, config: dict[str, Any]) -> None:
+def _wait_for_first_submission(cluster, failures: _SubmitFailures, config: dict[str, Any]) -> None:
     """Until a worker job has a job id, or its submission failed (an AirysortError with the
     batch system's message), or :data:`SUBMIT_WAIT` passed. Without it, a submit command
     that always fails left the command waiting for workers for ever."""
-    if failures is None:
-        return
     deadline = time.monotonic() + SUBMIT_WAIT
     try:
         while time.monotonic() < deadline and not failures.failures:
@@ -525,14 +517,17 @@ def on_cluster(function: Callable) -> Callable:
     return wrapper
 
 
-def _quiet_cancelled_tasks(client) -> None:
+@contextlib.contextmanager
+def _cancelled_tasks_quiet_on_ctrl_c(client) -> Iterator[None]:
     """Ctrl-C: closing the cluster cancels the running tasks, and each worker would log a
     warning per task it was running. The command says it was interrupted; the workers need
-    not (only their state machine's warnings are silenced, and only now)."""
-    import logging
+    not (only their state machine's warnings are silenced, and only then)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        def quiet() -> None:
+            logging.getLogger("distributed.worker.state_machine").setLevel(logging.ERROR)
 
-    def quiet() -> None:
-        logging.getLogger("distributed.worker.state_machine").setLevel(logging.ERROR)
-
-    with contextlib.suppress(Exception):
-        client.run(quiet)
+        with contextlib.suppress(Exception):
+            client.run(quiet)
+        raise

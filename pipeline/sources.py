@@ -232,8 +232,8 @@ def _open_cxi_entries(path: str, h5: h5py.File, entries: list[str]) -> Source:
                             "stored as unlabelled")
             row = None
         labels.append(row if row is not None else np.full(N_CLASSES, -1))
-    checked, label_warnings = _checked_labels(np.stack(labels), path) if any(
-        not (np.asarray(row) == -1).all() for row in labels) else (None, [])
+    labels = np.stack(labels)
+    checked, label_warnings = _checked_labels(labels, path) if (labels != -1).any() else (None, [])
     return Source(
         path,
         "cxi-entries",

@@ -203,7 +203,7 @@ def raw_frames(dataset: xr.Dataset):
     """``raw`` as a Dask array (one read task per shard), half floats of an older store as
     float32 (:func:`raw_dtype`)."""
     raw = dataset["raw"].data
-    return raw.astype(raw_dtype(raw.dtype)) if raw.dtype != raw_dtype(raw.dtype) else raw
+    return raw.astype(raw_dtype(raw.dtype))  # the same array where nothing changes
 
 
 def create_store(
